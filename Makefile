@@ -1,0 +1,35 @@
+# Everything a user runs is installed here: `make demo`, `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint bench bench-cpu clean
+
+$(STAMP): setup.py requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Fetch the real sample scans, pretrain a small model for a few minutes on CPU, leave results in runs/demo.
+demo: $(STAMP)
+	$(PY) -m pcrlv2_fast demo --out runs/demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# Train-step benchmark on this machine's CPU (engine vs eager fp32, one run).
+bench-cpu: $(STAMP)
+	$(PY) benchmarks/benchmark_train_step.py --device cpu
+
+bench: bench-cpu
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,139 @@
+"""One PCRLv2 training step: this engine vs the plain eager fp32 step, side by side in one run.
+
+Both providers run the same official step on the same views (2 global 64x64x32 views, a target and six
+16^3 local views per sample): three forward passes (x1, x2, all local views batched), the objective,
+backward and an SGD step.
+- ``eager_fp32``: the reference network and objective (pcrlv2_fast.reference), fp32, contiguous.
+- ``engine``: NonSkipUNet3D + PCRLv2Loss through ``pretrain_step`` with the engine's settings (bf16 autocast,
+  channels_last_3d, optional torch.compile).
+
+Usage: python benchmarks/benchmark_train_step.py --device cpu [--batch-size 2 --width 32 --steps 3 --compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import environment, median, time_call, write_rows  # noqa: E402
+
+from pcrlv2_fast.losses import PCRLv2Loss  # noqa: E402
+from pcrlv2_fast.models import NonSkipUNet3D  # noqa: E402
+from pcrlv2_fast.reference import ReferencePCRLv23d, reference_step_loss  # noqa: E402
+from pcrlv2_fast.train.loop import pretrain_step  # noqa: E402
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_views(b: int, device: torch.device, gen: torch.Generator):
+    x1 = torch.randn(b, 1, 64, 64, 32, generator=gen).to(device)
+    x2 = torch.randn(b, 1, 64, 64, 32, generator=gen).to(device)
+    gt = torch.rand(b, 1, 64, 64, 32, generator=gen).to(device)
+    local_views = [torch.randn(b, 1, 16, 16, 16, generator=gen).to(device) for _ in range(6)]
+    return x1, x2, gt, local_views
+
+
+def flops_per_sample(width: int) -> float:
+    """Forward+backward FLOPs of one sample (2 global + 6 local views), counted on the meta device."""
+    total = 0.0
+    with torch.device("meta"):
+        model = NonSkipUNet3D(width=width)
+        for shape, n_views, local in (((2, 1, 64, 64, 32), 2, False), ((2, 1, 16, 16, 16), 6, True)):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                rest, feats, masks = model(torch.randn(*shape), local=local)
+                (rest.sum() + sum(m.sum() for m in masks) + sum(p.sum() + q.sum() for p, q in feats)).backward()
+            total += counter.get_total_flops() / shape[0] * n_views
+    return total
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per provider (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
+    p.add_argument("--baseline-precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="eager reference step precision (GPU targets compare against eager AMP)")
+    p.add_argument("--peak-tflops", type=float, help="device peak for the model FLOP utilisation column")
+    p.add_argument("--out", help="result JSON path (default benchmarks/results/train_step-<device>-<date>.json)")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x1, x2, gt, local_views = make_views(args.batch_size, device, gen)
+    loc = torch.cat(local_views)
+    fmt = torch.channels_last_3d if args.channels_last else torch.contiguous_format
+
+    ref = ReferencePCRLv23d(base=args.width).to(device)
+    engine = NonSkipUNet3D(width=args.width).to(device)
+    engine.load_state_dict(ref.state_dict())
+    engine = engine.to(memory_format=fmt)
+    forward = torch.compile(engine) if args.compile else engine
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    eng_opt = torch.optim.SGD(engine.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    amp = PRECISIONS[args.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    loss_fn = PCRLv2Loss(total_epochs=240)
+    ex1, ex2, egt, eloc = (t.contiguous(memory_format=fmt) for t in (x1, x2, gt, loc))
+    base_amp = PRECISIONS[args.baseline_precision]
+
+    def eager_step():
+        ctx = torch.autocast(device.type, dtype=base_amp) if base_amp is not None else torch.autocast(
+            device.type, enabled=False)
+        with ctx:
+            loss = reference_step_loss(ref, x1, x2, gt, local_views, 0, 240, random.Random(0))[0]
+        ref_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        ref_opt.step()
+
+    def engine_step():
+        pretrain_step(forward, loss_fn, eng_opt, scaler, ex1, ex2, egt, eloc, 0, random.Random(0), amp)
+
+    providers = {"eager_" + args.baseline_precision: eager_step, "engine": engine_step}
+    times = {name: [] for name in providers}
+    for name, fn in providers.items():
+        for i in range(args.warmup):
+            t = time_call(fn, device)
+            print(f"{name}: warm-up {i + 1}/{args.warmup} {t:.2f} s", flush=True)
+    for i in range(args.steps):  # interleaved so that drift in machine load hits both providers alike
+        for name, fn in providers.items():
+            times[name].append(time_call(fn, device))
+            print(f"{name}: step {i + 1}/{args.steps} {times[name][-1]:.3f} s", flush=True)
+
+    flops = flops_per_sample(args.width)
+    env = environment(device)
+    base_name = "eager_" + args.baseline_precision
+    base = median(times[base_name])
+    settings = {"batch_size": args.batch_size, "width": args.width, "precision": args.precision,
+                "channels_last": args.channels_last, "compile": args.compile, "steps": args.steps}
+    rows = []
+    for name, ts in times.items():
+        s = median(ts)
+        row = {"benchmark": "train_step", "provider": name, **env, **settings, "s_per_step": s,
+               "samples_per_s": args.batch_size / s, "speedup_vs_" + base_name: base / s,
+               "tflops": flops * args.batch_size / s / 1e12, "gflop_per_sample": flops / 1e9}
+        if args.peak_tflops:
+            row["mfu"] = row["tflops"] / args.peak_tflops
+        rows.append(row)
+    path = write_rows(rows, "train_step", device, args.out)
+    print(f"\n{'provider':<12} {'s/step':>8} {'samples/s':>10} {'TFLOP/s':>8} {'speed-up':>9}")
+    for r in rows:
+        print(f"{r['provider']:<12} {r['s_per_step']:>8.3f} {r['samples_per_s']:>10.3f} {r['tflops']:>8.3f} "
+              f"{r['speedup_vs_' + base_name]:>8.2f}x")
+    print(f"device: {env['device']}, torch {env['torch']}; rows written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Command line: ``pcrlv2-fast <command>`` (also ``python -m pcrlv2_fast <command>``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    # Defaults are None so that only the options given override the chosen preset.
+    p.add_argument("--data", required=True, help="folder of scans (NIfTI, NRRD, MetaImage, DICOM series) or one scan")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, pictures")
+    p.add_argument("--preset", default="official", help="official (default) | demo | tiny")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=int)
+    length.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--channels-last", action="store_const", const=True, help="channels_last_3d memory format")
+    p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUT/checkpoint.pt if present")
+    p.add_argument("--width", type=int, help="base channel count (32 = official)")
+    p.add_argument("--norm", choices=["bn", "gn", "in"])
+    p.add_argument("--act", choices=["relu", "prelu", "elu"])
+    p.add_argument("--all-scales", action="store_const", const=True, help="use all decoder scales every step")
+    p.add_argument("--pairs-per-volume", type=int, help="samples per scan per epoch (official: 16)")
+    p.add_argument("--workers", type=int, help="data loader worker processes")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--modality", choices=["auto", "ct", "mr"])
+    p.add_argument("--spacing", type=float, help="isotropic resampling spacing in mm (official: 1)")
+    p.add_argument("--save-every", type=int, help="also checkpoint every N steps")
+    p.add_argument("--no-pictures", dest="pictures", action="store_const", const=False)
+
+
+def _pretrain_config(args: argparse.Namespace):
+    from .train import PretrainConfig
+
+    fields = set(PretrainConfig.__dataclass_fields__)
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return PretrainConfig.from_name(args.preset, **overrides)
+
+
+def _print_summary(summary: dict) -> None:
+    print("\nresults:")
+    for name, path in summary["files"].items():
+        print(f"  {name:<12} {path}")
+    sps = summary["samples_per_s"]
+    print(f"throughput: {sps:.2f} samples/s ({summary['precision']}, {summary['device']})" if sps else "")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from .train import pretrain
+
+    _print_summary(pretrain(_pretrain_config(args)))
+    return 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from .samples import describe_samples, fetch_samples
+
+    folder = fetch_samples(cache_dir=args.cache, sdist=args.from_sdist, progress=not args.print_dir)
+    if args.print_dir:
+        print(folder)
+    else:
+        print(describe_samples(folder))
+        print(f"\nsample scans in {folder}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .samples import fetch_samples
+    from .train import PretrainConfig, pretrain
+
+    folder = fetch_samples(cache_dir=args.cache)
+    overrides = {"steps": args.steps} if args.steps else {}
+    cfg = PretrainConfig.from_name("demo", data=str(folder / "ct"), out=args.out, **overrides)
+    print(f"demo: pretraining a width-{cfg.width} PCRLv2 network on the sample CTs in {folder / 'ct'} "
+          f"for {cfg.steps} steps ({cfg.precision}, batch {cfg.batch_size})")
+    summary = pretrain(cfg)
+    _print_summary(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="pcrlv2-fast", description="Fast PCRLv2 3D self-supervised pretraining")
+    parser.add_argument("--version", action="version", version=f"pcrlv2_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain PCRLv2 on a folder of scans")
+    _add_pretrain_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("samples", help="download and verify the real sample CT/MR scans")
+    p.add_argument("--cache", type=Path, help="cache root (default $PCRLV2_CACHE or ~/.cache/pcrlv2_fast)")
+    p.add_argument("--from-sdist", type=Path, help="extract from a local pyradiomics-3.0.1.tar.gz instead")
+    p.add_argument("--print-dir", action="store_true", help="only print the samples folder")
+    p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser("demo", help="fetch the samples and pretrain a small model for a few minutes")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cache", type=Path)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import CheckpointError
+    from .data import ScanError
+    from .samples import SampleDownloadError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ScanError, CheckpointError, SampleDownloadError, ValueError) as exc:
+        if os.environ.get("PCRLV2_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+import json
+
+import pytest
+import torch
+
+from pcrlv2_fast import load_pretrained
+from pcrlv2_fast.cli import main as cli_main
+from pcrlv2_fast.models import NonSkipUNet3D
+from pcrlv2_fast.reference import ReferencePCRLv23d, reference_step_loss
+from pcrlv2_fast.train import PretrainConfig, Pretrainer, pretrain
+from pcrlv2_fast.train.loop import epoch_order, local_batch, lr_at_epoch, step_rng
+
+
+def tiny(tmp_path, name="run", **kw):
+    return PretrainConfig.from_name("tiny", data="unused", out=str(tmp_path / name), **kw)
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_schedule_and_order_helpers():
+    assert lr_at_epoch(0.1, 0, 4) == pytest.approx(0.1)
+    assert lr_at_epoch(0.1, 2, 4) == pytest.approx(0.05)
+    assert sorted(epoch_order(0, 1, 10).tolist()) == list(range(10))
+    assert (epoch_order(0, 1, 10) == epoch_order(0, 1, 10)).all()
+    assert step_rng(3, 7).random() == step_rng(3, 7).random() != step_rng(3, 8).random()
+    loc = torch.arange(2 * 3).reshape(2, 3, 1, 1, 1, 1).float()  # batch 2, 3 views
+    assert local_batch(loc).flatten().tolist() == [0, 3, 1, 4, 2, 5]  # view-major like torch.cat(local_views)
+
+
+def test_tiny_run_writes_official_checkpoint_and_metrics(tmp_path, phantom_volumes):
+    cfg = tiny(tmp_path, steps=3, pictures=True)
+    summary = pretrain(cfg, phantom_volumes)
+    out = tmp_path / "run"
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {"state_dict", "optimizer", "epoch"} <= set(ckpt) and ckpt["step"] == 3
+    assert len(ckpt["state_dict"]) == 169
+    ReferencePCRLv23d(base=2).load_state_dict(ckpt["state_dict"], strict=True)
+    assert load_pretrained(out / "checkpoint.pt").width == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "loss_global", "loss_local", "loss_restore"))
+        assert -1.0 <= r["loss_global"] <= 1.0 and r["loss_restore"] >= 0
+    assert summary["steps"] == 3 and summary["samples_per_s"] > 0
+    for name in ("restoration.png", "loss_curve.png", "summary.json", "config.json"):
+        assert (out / name).stat().st_size > 0
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_engine_step_equals_official_step(tmp_path, phantom_volumes):
+    """One step of the loop (fp32) moves the weights exactly as the official step on the same batch."""
+    trainer = Pretrainer(tiny(tmp_path, steps=1, lr=0.05), phantom_volumes)
+    ref = ReferencePCRLv23d(base=2)
+    ref.load_state_dict(trainer.model.state_dict())
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    batch = next(iter(trainer.batches(0, 0)))
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = 0.05
+    out = trainer.train_step(batch, epoch=0)
+    assert not out.skipped
+
+    local_views = list(batch["locals"].unbind(1))
+    rng = step_rng(trainer.cfg.seed, 0)
+    loss = reference_step_loss(ref, batch["x1"], batch["x2"], batch["gt"], local_views, 0,
+                               trainer.total_epochs, rng)[0]
+    ref_opt.zero_grad()
+    loss.backward()
+    ref_opt.step()
+    assert out.terms["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_resume_continues_exactly(tmp_path, phantom_volumes, monkeypatch):
+    full = Pretrainer(tiny(tmp_path, "full", steps=4, save_every=1, pairs_per_volume=3), phantom_volumes)
+    full.run()
+    expected = params(full.model)
+
+    cfg = tiny(tmp_path, "cut", steps=4, save_every=1, pairs_per_volume=3)
+    original = Pretrainer.train_step
+    calls = {"n": 0}
+
+    def crash_on_third(self, batch, epoch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, batch, epoch)
+
+    monkeypatch.setattr(Pretrainer, "train_step", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        Pretrainer(cfg, phantom_volumes).run()
+    monkeypatch.setattr(Pretrainer, "train_step", original)
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 2
+
+    cfg.resume = "auto"
+    resumed = Pretrainer(cfg, phantom_volumes)
+    resumed.run()
+    assert resumed.step == 4
+    for k, v in expected.items():
+        torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_channels_last_steps_are_finite(tmp_path, phantom_volumes, precision):
+    trainer = Pretrainer(tiny(tmp_path, steps=2, precision=precision, channels_last=True), phantom_volumes)
+    before = params(trainer.model)
+    trainer.run()
+    after = params(trainer.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v.float()).all() for v in after.values())
+
+
+def test_nonfinite_loss_step_is_skipped(tmp_path, phantom_volumes):
+    trainer = Pretrainer(tiny(tmp_path, steps=1), phantom_volumes)
+    batch = next(iter(trainer.batches(0, 0)))
+    batch["gt"] = batch["gt"] * float("nan")
+    before = params(trainer.model)
+    assert trainer.train_step(batch, epoch=0).skipped
+    after = params(trainer.model)
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith(("running_mean", "running_var",
+                                                                                     "num_batches_tracked")))
+
+
+def test_config_validation_and_presets(tmp_path, phantom_volumes):
+    with pytest.raises(ValueError, match="precision"):
+        PretrainConfig(precision="fp8").validate()
+    with pytest.raises(ValueError, match="batch_size"):
+        PretrainConfig(batch_size=1).validate()
+    with pytest.raises(ValueError, match="unknown preset"):
+        PretrainConfig.from_name("huge")
+    assert PretrainConfig.from_name("official").width == 32
+    with pytest.raises(ValueError, match="lower --batch-size"):
+        Pretrainer(tiny(tmp_path, batch_size=64), phantom_volumes)
+
+
+def test_cli_pretrain_and_errors(tmp_path, phantom_dir, capsys):
+    out = tmp_path / "cli"
+    code = cli_main(["pretrain", "--data", str(phantom_dir), "--out", str(out), "--preset", "tiny", "--steps", "1",
+                     "--no-pictures"])
+    assert code == 0 and (out / "checkpoint.pt").exists()
+    assert "throughput" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(["pretrain", "--data", str(empty), "--out", str(tmp_path / "x"), "--preset", "tiny"]) == 2
+    assert str(empty) in capsys.readouterr().err
+    bad_ckpt = tmp_path / "bad.pt"
+    bad_ckpt.write_bytes(b"not a checkpoint")
+    code = cli_main(["pretrain", "--data", str(phantom_dir), "--out", str(tmp_path / "y"), "--preset", "tiny",
+                     "--resume", str(bad_ckpt)])
+    assert code == 2 and "bad.pt" in capsys.readouterr().err
+
+
+def test_model_width_matches_config(tmp_path, phantom_volumes):
+    trainer = Pretrainer(tiny(tmp_path, width=3), phantom_volumes)
+    assert isinstance(trainer.model, NonSkipUNet3D) and trainer.model.width == 3
+    assert trainer.total_steps == 2 and trainer.steps_per_epoch == len(trainer.dataset) // 2
