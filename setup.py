@@ -23,7 +23,7 @@ setup(
         "matplotlib>=3.6",
     ],
     extras_require={
-        "dev": ["pytest>=7", "ruff>=0.5", "triton>=3.0"],
+        "dev": ["pytest>=7", "ruff>=0.5", "triton>=3.0", "torchio>=0.19"],
         "dali": ["nvidia-dali-cuda120"],
     },
     entry_points={"console_scripts": ["pcrlv2-fast=pcrlv2_fast.cli:main"]},

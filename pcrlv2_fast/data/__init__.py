@@ -1,0 +1,23 @@
+"""Data path: scan loading (io), crop-box geometry, augmentations and the pretraining dataset."""
+
+from .augment import AugmentConfig
+from .dataset import PretrainDataset, cut_and_resize
+from .geometry import CropConfig, SampleBoxes, box_iou, draw_sample_boxes
+from .io import MIN_SHAPE, SCAN_SUFFIXES, ScanError, Volume, find_scans, load_scan, load_volumes
+
+__all__ = [
+    "ScanError",
+    "Volume",
+    "find_scans",
+    "load_scan",
+    "load_volumes",
+    "SCAN_SUFFIXES",
+    "MIN_SHAPE",
+    "CropConfig",
+    "SampleBoxes",
+    "draw_sample_boxes",
+    "box_iou",
+    "AugmentConfig",
+    "PretrainDataset",
+    "cut_and_resize",
+]

@@ -1,0 +1,252 @@
+"""The official PCRLv2 augmentations (torchio defaults) as plain torch ops with explicit parameters.
+
+Every op takes one view ``x`` of shape (C, X, Y, Z) and returns a new tensor; samplers draw the op's
+parameters from a ``torch.Generator`` with torchio's default ranges, so the whole pipeline is a pure
+function of the generator's seed. The official code fed numpy crops to torchio, which wraps them with an
+identity affine: spacing 1, so physical units (mm) are voxels here.
+
+Deviations from torchio 1.2 (the semantics were read from its source):
+
+- ``affine`` resamples with ``grid_sample`` (float32) instead of SimpleITK (float64 interpolation); the
+  geometry, the half-voxel "inside" band and the fill value are those of SimpleITK's linear resampler.
+- ``swap`` reads both patches before writing. torchio copies the first patch through a view that aliases
+  the destination, so when two patches of one iteration partially overlap its result depends on the copy
+  order; for non-overlapping patches both agree exactly.
+- ``z_normalize`` returns zeros for a constant view where torchio raises.
+- ``noise`` draws its field from the generator passed in, not from a per-call seed; generally all draws
+  come from the caller's generator, so the distributions match torchio but not the values for a seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AugmentConfig",
+    "flip",
+    "affine",
+    "blur",
+    "noise",
+    "gamma",
+    "swap",
+    "z_normalize",
+    "sample_flip",
+    "sample_affine",
+    "sample_blur",
+    "sample_noise",
+    "sample_gamma",
+    "sample_swap",
+    "spatial_augment",
+    "intensity_augment",
+]
+
+# scipy.ndimage.gaussian_filter skips axes whose sigma is at most this, and truncates kernels at 4 sigma.
+_SIGMA_EPS = 1e-15
+_TRUNCATE = 4.0
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Parameter ranges of the official transforms (all torchio defaults except the swap patch size)."""
+
+    flip_axes: tuple[int, ...] = (0,)  # RandomFlip(): only the first spatial axis
+    flip_probability: float = 0.5
+    scales: tuple[float, float] = (0.9, 1.1)  # RandomAffine(): per axis
+    degrees: tuple[float, float] = (-10.0, 10.0)  # per axis
+    blur_std: tuple[float, float] = (0.0, 2.0)  # RandomBlur(): per axis, voxels
+    noise_std: tuple[float, float] = (0.0, 0.25)  # RandomNoise(): mean 0
+    log_gamma: tuple[float, float] = (-0.3, 0.3)  # RandomGamma()
+    swap_patch: tuple[int, int, int] = (8, 4, 4)  # RandomSwap(patch_size=(8, 4, 4)) in the official code
+    swap_iterations: int = 100
+
+
+def _uniform(generator: torch.Generator, low: float, high: float, n: int) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------- ops
+
+
+def flip(x: torch.Tensor, axes) -> torch.Tensor:
+    """Reverse ``x`` along the given spatial axes (0, 1, 2 = x, y, z)."""
+    axes = [int(a) for a in axes]
+    return torch.flip(x, dims=[a + 1 for a in axes]) if axes else x.clone()
+
+
+def _rotation(degrees) -> torch.Tensor:
+    """Rotation in voxel index space equivalent to torchio's Euler3DTransform on an identity-affine image.
+
+    SimpleITK's Euler3D matrix is Rz @ Rx @ Ry; torchio negates the x and y angles to go from RAS to LPS,
+    and the identity-affine image has LPS direction diag(-1, -1, 1), which negates them back.
+    """
+    ax, ay, az = (math.radians(float(d)) for d in degrees)
+    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
+    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float64)
+    ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]], dtype=torch.float64)
+    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float64)
+    return rz @ rx @ ry
+
+
+def affine(x: torch.Tensor, scales, degrees) -> torch.Tensor:
+    """torchio ``Affine(scales, degrees, translation=0)`` about the image centre, linear interpolation.
+
+    Forward map in voxel indices: ``i_out = c + S @ R @ (i_in - c)`` with ``c = (n - 1) / 2``; a scale of 1.1
+    makes objects look 1.1 times larger. As in SimpleITK, an output voxel whose source index lies within
+    [-0.5, n - 0.5) along every axis is interpolated with edge clamping, any other gets the channel minimum.
+    The matrix is built in voxel units, so anisotropic views (64x64x32) rotate without shear.
+    """
+    shape = torch.tensor(x.shape[1:], dtype=torch.float64)
+    half = (shape - 1) / 2
+    inverse = _rotation(degrees).T @ torch.diag(1 / torch.as_tensor(scales, dtype=torch.float64))
+    # In grid_sample's normalised coordinates (align_corners=True) u = (i - c) / half, and its grid lists the
+    # axes last-first (z, y, x).
+    normalised = inverse * half[None, :] / half[:, None]
+    theta = torch.zeros(1, 3, 4, dtype=torch.float64)
+    theta[0, :, :3] = normalised.flip(0, 1)
+    grid = F.affine_grid(theta.to(x.dtype), [1, *x.shape], align_corners=True)
+    sampled = F.grid_sample(x[None], grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    source = (grid[0].flip(-1) + 1) * half.to(x.dtype)  # source index (x, y, z) of every output voxel
+    inside = ((source >= -0.5) & (source < shape.to(x.dtype) - 0.5)).all(dim=-1)
+    fill = x.amin(dim=(1, 2, 3)).view(-1, 1, 1, 1)
+    return torch.where(inside, sampled, fill)
+
+
+def _reflect_index(n: int, radius: int) -> torch.Tensor:
+    """Source indices for padding an axis of length n by ``radius`` in scipy's 'reflect' mode (d c b a | a b c d)."""
+    index = torch.arange(-radius, n + radius) % (2 * n)
+    return torch.where(index < n, index, 2 * n - 1 - index)
+
+
+def blur(x: torch.Tensor, sigmas) -> torch.Tensor:
+    """Separable Gaussian blur with per-axis ``sigmas`` (voxels), as ``scipy.ndimage.gaussian_filter``.
+
+    Same kernel (truncated at 4 sigma, normalised), same 'reflect' border, axes with sigma ~ 0 skipped.
+    """
+    out = x
+    for axis, sigma in enumerate(float(s) for s in sigmas):
+        if sigma <= _SIGMA_EPS:
+            continue
+        radius = int(_TRUNCATE * sigma + 0.5)
+        taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * taps**2 / sigma**2)
+        kernel = (kernel / kernel.sum()).to(x.dtype)
+        moved = out.movedim(axis + 1, -1)
+        n = moved.shape[-1]
+        padded = moved.index_select(-1, _reflect_index(n, radius)).reshape(-1, 1, n + 2 * radius)
+        filtered = F.conv1d(padded, kernel.view(1, 1, -1)).reshape(moved.shape)
+        out = filtered.movedim(-1, axis + 1)
+    return out.contiguous() if out is not x else x.clone()
+
+
+def noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None, mean: float = 0.0) -> torch.Tensor:
+    """Add Gaussian noise ``N(mean, std^2)`` drawn from ``generator``."""
+    return x + torch.randn(x.shape, generator=generator, dtype=x.dtype) * std + mean
+
+
+def gamma(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``sign(x) * |x| ** g``: torchio's Gamma, which switches to this form when x has negative values
+    (after noise it always has); for non-negative x it equals ``x ** g``."""
+    return torch.sign(x) * x.abs() ** g
+
+
+def swap(x: torch.Tensor, pairs, patch_size) -> torch.Tensor:
+    """Swap patches of ``patch_size`` at the start indices ``pairs`` (n, 2, 3), in order (torchio Swap)."""
+    out = x.clone()
+    px, py, pz = (int(p) for p in patch_size)
+    for (ax, ay, az), (bx, by, bz) in torch.as_tensor(pairs).tolist():
+        first = out[:, ax : ax + px, ay : ay + py, az : az + pz].clone()
+        second = out[:, bx : bx + px, by : by + py, bz : bz + pz].clone()
+        out[:, bx : bx + px, by : by + py, bz : bz + pz] = first
+        out[:, ax : ax + px, ay : ay + py, az : az + pz] = second
+    return out
+
+
+def z_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` over the whole view, unbiased std (torchio ZNormalization).
+
+    A constant view becomes all zeros: torchio raises when the std is exactly 0, and float rounding of
+    the mean can leave a tiny non-zero std that would blow rounding noise up to +-1. The statistics are
+    accumulated in float64, which also keeps them (almost always bit-) identical across thread counts.
+    """
+    if x.amax() == x.amin():
+        return torch.zeros_like(x)
+    wide = x.double()
+    return ((wide - wide.mean()) / wide.std()).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------ samplers
+
+
+def sample_flip(generator: torch.Generator, cfg: AugmentConfig) -> tuple[int, ...]:
+    """Axes to flip: each of the 3 axes with probability ``flip_probability``, kept if in ``flip_axes``."""
+    hits = torch.rand(3, generator=generator) < cfg.flip_probability
+    return tuple(a for a in range(3) if hits[a] and a in cfg.flip_axes)
+
+
+def sample_affine(generator: torch.Generator, cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scales, degrees), each (3,) float64, uniform per axis."""
+    return _uniform(generator, *cfg.scales, 3), _uniform(generator, *cfg.degrees, 3)
+
+
+def sample_blur(generator: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """Per-axis Gaussian sigmas (3,) in voxels."""
+    return _uniform(generator, *cfg.blur_std, 3)
+
+
+def sample_noise(generator: torch.Generator, cfg: AugmentConfig) -> float:
+    """Noise standard deviation."""
+    return float(_uniform(generator, *cfg.noise_std, 1))
+
+
+def sample_gamma(generator: torch.Generator, cfg: AugmentConfig) -> float:
+    """Gamma exponent ``exp(U(log_gamma))``."""
+    return math.exp(float(_uniform(generator, *cfg.log_gamma, 1)))
+
+
+def _patch_starts(generator: torch.Generator, limit: torch.Tensor, n: int) -> torch.Tensor:
+    # torchio draws randint(shape - patch), which never picks the last valid start; 0 when the patch fills the axis.
+    u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    return (u * limit).floor().long()
+
+
+def sample_swap(generator: torch.Generator, shape, cfg: AugmentConfig) -> torch.Tensor:
+    """Start indices (n, 2, 3) of the patch pairs; the second patch is redrawn while it equals the first
+    (torchio's "overlap" test only rejects a second patch that lies inside the first, i.e. the same one)."""
+    limit = torch.as_tensor(shape, dtype=torch.float64) - torch.as_tensor(cfg.swap_patch, dtype=torch.float64)
+    if (limit < 0).any():
+        raise ValueError(f"swap patch {cfg.swap_patch} is larger than the view {tuple(shape)}")
+    if not (limit >= 2).any():
+        # torchio would loop forever: its start draws randint(shape - patch) can then only produce one position.
+        raise ValueError(
+            f"swap patch {cfg.swap_patch} leaves fewer than two patch positions in the view {tuple(shape)}"
+        )
+    n = cfg.swap_iterations
+    first = _patch_starts(generator, limit, n)
+    second = _patch_starts(generator, limit, n)
+    while (same := (first == second).all(dim=1)).any():
+        second[same] = _patch_starts(generator, limit, int(same.sum()))
+    return torch.stack([first, second], dim=1)
+
+
+# ------------------------------------------------------------------------------------------- pipelines
+
+
+def spatial_augment(x: torch.Tensor, generator: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
+    """RandomFlip then RandomAffine, fresh parameters per call (the official ``spatial_transforms``)."""
+    x = flip(x, sample_flip(generator, cfg))
+    scales, degrees = sample_affine(generator, cfg)
+    return affine(x, scales, degrees)
+
+
+def intensity_augment(x: torch.Tensor, generator: torch.Generator, cfg: AugmentConfig, with_swap: bool) -> torch.Tensor:
+    """RandomBlur, RandomNoise, RandomGamma, RandomSwap (global views: ``with_swap``), ZNormalization."""
+    x = blur(x, sample_blur(generator, cfg))
+    x = noise(x, sample_noise(generator, cfg), generator)
+    x = gamma(x, sample_gamma(generator, cfg))
+    if with_swap:
+        x = swap(x, sample_swap(generator, x.shape[1:], cfg), cfg.swap_patch)
+    return z_normalize(x)

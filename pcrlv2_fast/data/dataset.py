@@ -1,0 +1,120 @@
+"""PCRLv2 pretraining samples drawn on the fly: two augmented global views, their target and six local views.
+
+The official pipeline generated 16 crop pairs per volume offline and augmented them online with torchio;
+here every item cuts fresh crops, so each epoch sees new crops. Deviation: crops are resized with
+trilinear interpolation (``F.interpolate``, align_corners=False, the same sample positions as skimage's
+``resize``) without skimage's Gaussian anti-aliasing when shrinking, which keeps slightly more
+high-frequency detail in the larger crops.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .augment import AugmentConfig, intensity_augment, spatial_augment, z_normalize
+from .geometry import CropConfig, draw_sample_boxes
+from .io import Volume
+
+__all__ = ["PretrainDataset", "cut_and_resize"]
+
+
+def cut_and_resize(array: torch.Tensor, box, out_size) -> torch.Tensor:
+    """Cut ``box`` (x0, y0, z0, sx, sy, sz) from ``array`` (X, Y, Z) and resize it trilinearly to (1, *out_size)."""
+    x0, y0, z0, sx, sy, sz = (int(v) for v in box)
+    crop = array[x0 : x0 + sx, y0 : y0 + sy, z0 : z0 + sz]
+    if crop.shape != (sx, sy, sz):
+        raise ValueError(f"box {tuple(box)} does not lie inside the volume of shape {tuple(array.shape)}")
+    return F.interpolate(crop[None, None], size=tuple(out_size), mode="trilinear", align_corners=False)[0]
+
+
+class PretrainDataset(Dataset):
+    """Map-style dataset of PCRLv2 samples; item ``i`` uses volume ``i % len(volumes)``.
+
+    An item is a pure function of ``(seed, epoch, i)``: boxes come from ``np.random.default_rng([seed, epoch,
+    i])`` and the augmentations from a ``torch.Generator`` seeded by that rng, so it does not depend on
+    worker count or order. ``set_epoch`` must be called before the DataLoader iterator is created (worker
+    processes copy the dataset then; with ``persistent_workers`` they would keep the old epoch).
+
+    Items are dicts of float32 ``x1``, ``x2`` (1, 64, 64, 32) network inputs, ``gt`` (1, 64, 64, 32) = view 1
+    after the spatial transforms only (values in [0, 1]), ``locals`` (n_local, 1, 16, 16, 16), int64
+    ``global_boxes`` (2, 6) and ``local_boxes`` (n_local, 6), and the int ``volume_index``. With
+    ``augment=False`` views are only cut, resized and (inputs) z-normalised.
+    """
+
+    def __init__(
+        self,
+        volumes: list[Volume],
+        crop: CropConfig | None = None,
+        seed: int = 0,
+        pairs_per_volume: int = 16,
+        augment: bool = True,
+        augment_cfg: AugmentConfig | None = None,
+    ):
+        if not volumes:
+            raise ValueError("PretrainDataset needs at least one volume")
+        if seed < 0 or pairs_per_volume < 1:
+            raise ValueError(f"seed must be >= 0 and pairs_per_volume >= 1, got {seed} and {pairs_per_volume}")
+        for volume in volumes:
+            if volume.array.ndim != 3 or volume.array.dtype != np.float32:
+                raise ValueError(
+                    f"{volume.name}: expected a 3D float32 array, got {volume.array.dtype} {volume.array.shape}"
+                )
+        self.volumes = list(volumes)
+        self.crop = crop if crop is not None else CropConfig()
+        self.seed = int(seed)
+        self.pairs_per_volume = int(pairs_per_volume)
+        self.augment = augment
+        self.augment_cfg = augment_cfg if augment_cfg is not None else AugmentConfig()
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.pairs_per_volume * len(self.volumes)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the crops and augmentations of ``epoch``."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        volume_index = index % len(self.volumes)
+        volume = self.volumes[volume_index]
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        boxes = draw_sample_boxes(volume.array.shape, rng, self.crop, volume=volume.array)
+        generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+
+        array = torch.from_numpy(np.ascontiguousarray(volume.array))
+        crops = [cut_and_resize(array, box, self.crop.global_out) for box in boxes.global_boxes]
+        local_crops = [cut_and_resize(array, box, self.crop.local_out) for box in boxes.local_boxes]
+        cfg = self.augment_cfg
+        if self.augment:
+            # Same order of random draws as the official __getitem__: spatial for both globals, intensity for
+            # both, then spatial + intensity per local view.
+            spatial = [spatial_augment(crop, generator, cfg) for crop in crops]
+            gt = spatial[0]
+            x1, x2 = (intensity_augment(view, generator, cfg, with_swap=True) for view in spatial)
+            local_views = [
+                intensity_augment(spatial_augment(crop, generator, cfg), generator, cfg, with_swap=False)
+                for crop in local_crops
+            ]
+        else:
+            gt = crops[0]
+            x1, x2 = (z_normalize(crop) for crop in crops)
+            local_views = [z_normalize(crop) for crop in local_crops]
+        locals_ = (
+            torch.stack(local_views) if local_views else torch.empty((0, 1, *self.crop.local_out), dtype=torch.float32)
+        )
+        return {
+            "x1": x1,
+            "x2": x2,
+            "gt": gt,
+            "locals": locals_,
+            "global_boxes": torch.from_numpy(boxes.global_boxes.astype(np.int64)),
+            "local_boxes": torch.from_numpy(boxes.local_boxes.astype(np.int64)),
+            "volume_index": volume_index,
+        }

@@ -1,0 +1,301 @@
+"""Read CT/MR scans, resample them to a fixed spacing and scale intensities to [0, 1].
+
+The resampling follows the official ``load_sitk_with_resample`` (identity transform, same origin and
+direction, linear interpolation, output size ``int(in_size * in_spacing / out_spacing + 0.5)``), and the
+CT scaling follows ``luna_preprocess`` (clip HU to [-1000, 1000], scale to [0, 1]). Deviations:
+
+- the image is cast to float32 before resampling; the official code resampled in the file's pixel type,
+  which truncates interpolated int16 HU values to integers;
+- voxels of the output grid that fall outside the input image (the last slice when the output size is
+  rounded up) get the image minimum (air for CT) instead of SimpleITK's default 0, which is 0 HU (soft
+  tissue) in CT;
+- MR volumes, which the official code never handled, are scaled by their 0.5th/99.5th percentiles.
+
+Every problem with an input file raises :class:`ScanError`, whose message names the file and says what to do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from tqdm import tqdm
+
+__all__ = ["ScanError", "Volume", "find_scans", "load_scan", "load_volumes", "SCAN_SUFFIXES", "MIN_SHAPE"]
+
+#: File name endings read as one scan each (case-insensitive). DICOM series are folders of ``.dcm`` files.
+SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mhd", ".mha")
+DICOM_SUFFIX = ".dcm"
+#: Smallest resampled shape (x, y, z) accepted: the smallest official global crop.
+MIN_SHAPE = (64, 64, 32)
+MODALITIES = ("auto", "ct", "mr")
+# The 1st percentile of a CT scan is air (about -1000 HU); MR intensities are never this negative.
+_CT_AIR_THRESHOLD = -500.0
+_MR_PERCENTILES = (0.5, 99.5)
+_ACCEPTED = ", ".join(SCAN_SUFFIXES) + f" files or DICOM series folders (*{DICOM_SUFFIX})"
+
+
+class ScanError(ValueError):
+    """A scan that cannot be used; the message names the file and what to do about it."""
+
+
+@dataclass
+class Volume:
+    """One resampled scan with intensities in [0, 1]."""
+
+    name: str
+    source: Path
+    array: np.ndarray  # float32, C-order, axes (x, y, z), values in [0, 1]
+    spacing: tuple[float, float, float]
+    modality: str  # "ct" | "mr"
+
+
+def _has_scan_suffix(name: str) -> bool:
+    lower = name.lower()
+    return any(lower.endswith(suffix) for suffix in SCAN_SUFFIXES)
+
+
+def _is_dicom_name(name: str) -> bool:
+    return name.lower().endswith(DICOM_SUFFIX)
+
+
+def find_scans(path: str | os.PathLike) -> list[Path]:
+    """List the scans under ``path``, sorted.
+
+    ``path`` is a single scan file (a ``.dcm`` file stands for its series folder) or a folder searched
+    recursively for scan files and DICOM series folders (folders that directly contain ``.dcm`` files).
+    Hidden files and folders (name starting with ``.``) are ignored.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise ScanError(f"{root}: no such file or folder. Pass a scan file or a folder of scans ({_ACCEPTED}).")
+    if root.is_file():
+        if _is_dicom_name(root.name):
+            return [root.parent]
+        if _has_scan_suffix(root.name):
+            return [root]
+        raise ScanError(f"{root}: unsupported file format. Accepted: {_ACCEPTED}.")
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        folder = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prunes the walk below hidden folders
+        visible = [f for f in filenames if not f.startswith(".")]
+        if any(_is_dicom_name(f) for f in visible):
+            found.append(folder)
+        found.extend(folder / f for f in visible if _has_scan_suffix(f))
+    if not found:
+        raise ScanError(f"{root}: no scans found (searched recursively for {_ACCEPTED}).")
+    return sorted(found)
+
+
+def _scan_name(path: Path) -> str:
+    if path.is_dir():
+        return path.name
+    lower = path.name.lower()
+    for suffix in sorted(SCAN_SUFFIXES, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def _reason(error: Exception) -> str:
+    """The informative part of an exception message: for ITK errors, the text after "ERROR:" without the
+    object address, on one line."""
+    text = str(error)
+    if "ERROR:" in text:
+        text = re.sub(r"^\s*\w+\(0x[0-9a-f]+\):\s*", "", text.split("ERROR:", 1)[1])
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+
+
+def _nifti_expected_bytes(header: bytes) -> tuple[int, int]:
+    """(vox_offset, voxel data bytes) from a NIfTI-1 or NIfTI-2 header."""
+    for order in "<>":
+        sizeof_hdr = struct.unpack(order + "i", header[:4])[0]
+        if sizeof_hdr == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            vox_offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if sizeof_hdr == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            vox_offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        raise ValueError("not a NIfTI-1/2 header")
+    n_voxels = int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
+    return vox_offset, n_voxels * bitpix // 8
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise ScanError when a NIfTI file holds less voxel data than its header promises.
+
+    SimpleITK fills the missing part of a truncated NIfTI file with zeros without any error, so the length
+    is checked here (for .nii.gz by decompressing the stream, which also verifies the gzip checksum).
+    """
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        if compressed:
+            with gzip.open(path, "rb") as stream:
+                header = stream.read(540)
+                length = len(header)
+                while chunk := stream.read(1 << 22):
+                    length += len(chunk)
+        else:
+            with open(path, "rb") as stream:
+                header = stream.read(540)
+            length = path.stat().st_size
+        vox_offset, data_bytes = _nifti_expected_bytes(header)
+    except (OSError, EOFError, ValueError, struct.error) as error:
+        raise ScanError(
+            f"{path}: corrupt or truncated NIfTI file ({_reason(error)}). Re-export or re-download it."
+        ) from error
+    if length < vox_offset + data_bytes:
+        raise ScanError(
+            f"{path}: truncated NIfTI file: the header promises {data_bytes} bytes of voxel data after offset "
+            f"{vox_offset}, the file holds {length - vox_offset}. Re-export or re-download it."
+        )
+
+
+def _check_metaimage_data_file(path: Path) -> None:
+    """Name the missing data file of a .mhd header (ITK only reports "No such file or directory")."""
+    match = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", path.read_text(errors="replace"), re.MULTILINE)
+    if match is None or match.group(1).upper() in ("LOCAL", "LIST") or "%" in match.group(1):
+        return
+    data_file = path.parent / match.group(1)
+    if not data_file.is_file():
+        raise ScanError(f"{path}: its data file {data_file} is missing; copy it next to the header.")
+
+
+def _read_image(path: Path) -> sitk.Image:
+    if path.is_dir():
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        if not series:
+            raise ScanError(f"{path}: no readable DICOM series in this folder. Check that the .dcm files are valid.")
+        if len(series) > 1:
+            raise ScanError(f"{path}: {len(series)} DICOM series in one folder; move each series into its own folder.")
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+    else:
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(path)
+        elif path.name.lower().endswith(".mhd"):
+            _check_metaimage_data_file(path)
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+    try:
+        return reader.Execute()
+    except RuntimeError as error:
+        raise ScanError(
+            f"{path}: SimpleITK cannot read it ({_reason(error)}). The file may be truncated or corrupt, "
+            "or for .mhd/.nhdr the data file it names may be missing or of the wrong size; re-export the scan."
+        ) from error
+
+
+def _check_geometry(path: Path, image: sitk.Image) -> None:
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise ScanError(
+            f"{path}: {image.GetNumberOfComponentsPerPixel()} components per voxel (a vector/RGB image); "
+            "pass a single-channel scalar scan."
+        )
+    size = image.GetSize()
+    if image.GetDimension() != 3 or min(size) < 2:
+        raise ScanError(f"{path}: image of size {size} is not a 3D volume; pass 3D scans only.")
+    spacing = image.GetSpacing()
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ScanError(f"{path}: invalid voxel spacing {spacing}; fix the header so every spacing is positive.")
+
+
+def _resample(image: sitk.Image, spacing: tuple[float, float, float], fill: float) -> sitk.Image:
+    in_size, in_spacing = image.GetSize(), image.GetSpacing()
+    out_size = [int(n * s / o + 0.5) for n, s, o in zip(in_size, in_spacing, spacing, strict=True)]
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetTransform(sitk.Transform())
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetOutputOrigin(image.GetOrigin())
+    resampler.SetOutputSpacing(spacing)
+    resampler.SetOutputDirection(image.GetDirection())
+    resampler.SetSize(out_size)
+    resampler.SetDefaultPixelValue(fill)
+    return resampler.Execute(image)
+
+
+def _scale(array: np.ndarray, modality: str, hu_window: tuple[float, float]) -> np.ndarray:
+    if modality == "ct":
+        lo, hi = hu_window
+    else:
+        lo, hi = np.percentile(array, _MR_PERCENTILES)
+        if hi <= lo:
+            # Mostly-constant scans (e.g. > 99% background) collapse the percentiles; use the full range.
+            lo, hi = float(array.min()), float(array.max())
+    scaled = (np.clip(array, lo, hi) - lo) / (hi - lo)
+    return scaled.astype(np.float32)
+
+
+def load_scan(
+    path: str | os.PathLike,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    modality: str = "auto",
+    hu_window: tuple[float, float] = (-1000.0, 1000.0),
+    min_shape: tuple[int, int, int] = MIN_SHAPE,
+) -> Volume:
+    """Read one scan, resample it to ``spacing`` (mm) and scale intensities to [0, 1].
+
+    ``modality``: ``"ct"`` clips HU to ``hu_window`` and scales linearly; ``"mr"`` scales by the 0.5th/99.5th
+    percentiles and clips; ``"auto"`` picks CT when the 1st percentile is below -500 (air in HU).
+    Raises :class:`ScanError` for unreadable/truncated files, non-3D or vector images, invalid spacing,
+    NaN/inf voxels, constant volumes and volumes smaller than ``min_shape`` after resampling.
+    """
+    path = Path(path)
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if hu_window[1] <= hu_window[0]:
+        raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window}")
+    if not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be positive, got {spacing}")
+    if not path.exists():
+        raise ScanError(f"{path}: no such file or folder.")
+    image = _read_image(path)
+    _check_geometry(path, image)
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    original = sitk.GetArrayViewFromImage(image)
+    n_bad = int(np.count_nonzero(~np.isfinite(original)))
+    if n_bad:
+        raise ScanError(f"{path}: {n_bad} NaN/inf voxels; fix or remove the scan.")
+    low, high = float(original.min()), float(original.max())
+    if low == high:
+        raise ScanError(f"{path}: every voxel has the value {low}; the scan is empty, remove it.")
+    spacing = tuple(float(s) for s in spacing)
+    resampled = _resample(image, spacing, fill=low)
+    array = np.ascontiguousarray(sitk.GetArrayFromImage(resampled).transpose(2, 1, 0))
+    if any(n < m for n, m in zip(array.shape, min_shape, strict=True)):
+        raise ScanError(
+            f"{path}: resampled shape {array.shape} (x, y, z) at spacing {spacing} mm is smaller than the "
+            f"minimum {tuple(min_shape)}; use a larger scan or a finer spacing."
+        )
+    if modality == "auto":
+        modality = "ct" if np.percentile(array, 1.0) < _CT_AIR_THRESHOLD else "mr"
+    return Volume(
+        name=_scan_name(path), source=path, array=_scale(array, modality, hu_window), spacing=spacing, modality=modality
+    )
+
+
+def load_volumes(
+    path: str | os.PathLike,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    modality: str = "auto",
+    hu_window: tuple[float, float] = (-1000.0, 1000.0),
+    progress: bool = True,
+) -> list[Volume]:
+    """Load every scan under ``path`` (see :func:`find_scans`); the first bad scan raises its ScanError."""
+    scans = find_scans(path)
+    return [
+        load_scan(scan, spacing=spacing, modality=modality, hu_window=hu_window)
+        for scan in tqdm(scans, desc="loading scans", unit="scan", disable=not progress)
+    ]
