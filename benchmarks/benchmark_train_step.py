@@ -5,7 +5,8 @@ Both providers run the same official step on the same views (2 global 64x64x32 v
 backward and an SGD step.
 - ``eager_fp32``: the reference network and objective (pcrlv2_fast.reference), fp32, contiguous.
 - ``engine``: NonSkipUNet3D + PCRLv2Loss through ``pretrain_step`` with the engine's settings (bf16 autocast,
-  channels_last_3d, optional torch.compile).
+  channels_last_3d).
+- ``engine_compile`` (``--compile``): the same with the model under ``torch.compile``.
 
 Usage: python benchmarks/benchmark_train_step.py --device cpu [--batch-size 2 --width 32 --steps 3 --compile]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -62,7 +64,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    p.add_argument("--compile", action="store_true", help="torch.compile the engine's model")
+    p.add_argument("--compile", action="store_true", help="also time the engine under torch.compile")
     p.add_argument("--baseline-precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="eager reference step precision (GPU targets compare against eager AMP)")
     p.add_argument("--peak-tflops", type=float, help="device peak for the model FLOP utilisation column")
@@ -77,60 +79,63 @@ def main() -> None:
     fmt = torch.channels_last_3d if args.channels_last else torch.contiguous_format
 
     ref = ReferencePCRLv23d(base=args.width).to(device)
-    engine = NonSkipUNet3D(width=args.width).to(device)
-    engine.load_state_dict(ref.state_dict())
-    engine = engine.to(memory_format=fmt)
-    forward = torch.compile(engine) if args.compile else engine
     ref_opt = torch.optim.SGD(ref.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
-    eng_opt = torch.optim.SGD(engine.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     amp = PRECISIONS[args.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     loss_fn = PCRLv2Loss(total_epochs=240)
     ex1, ex2, egt, eloc = (t.contiguous(memory_format=fmt) for t in (x1, x2, gt, loc))
     base_amp = PRECISIONS[args.baseline_precision]
 
     def eager_step():
-        ctx = torch.autocast(device.type, dtype=base_amp) if base_amp is not None else torch.autocast(
-            device.type, enabled=False)
+        ctx = torch.autocast(device.type, dtype=base_amp) if base_amp is not None else nullcontext()
         with ctx:
             loss = reference_step_loss(ref, x1, x2, gt, local_views, 0, 240, random.Random(0))[0]
         ref_opt.zero_grad(set_to_none=True)
         loss.backward()
         ref_opt.step()
 
-    def engine_step():
-        pretrain_step(forward, loss_fn, eng_opt, scaler, ex1, ex2, egt, eloc, 0, random.Random(0), amp)
+    def make_engine(compile_model: bool):
+        model = NonSkipUNet3D(width=args.width).to(device)
+        model.load_state_dict(ref.state_dict())
+        model = model.to(memory_format=fmt)
+        forward = torch.compile(model) if compile_model else model
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        return lambda: pretrain_step(forward, loss_fn, opt, scaler, ex1, ex2, egt, eloc, 0, random.Random(0), amp)
 
-    providers = {"eager_" + args.baseline_precision: eager_step, "engine": engine_step}
+    base_name = "eager_" + args.baseline_precision
+    providers = {base_name: eager_step, "engine": make_engine(False)}
+    if args.compile:
+        providers["engine_compile"] = make_engine(True)
     times = {name: [] for name in providers}
+    warm = {name: 0.0 for name in providers}
     for name, fn in providers.items():
         for i in range(args.warmup):
-            t = time_call(fn, device)
-            print(f"{name}: warm-up {i + 1}/{args.warmup} {t:.2f} s", flush=True)
-    for i in range(args.steps):  # interleaved so that drift in machine load hits both providers alike
+            warm[name] += time_call(fn, device)
+            print(f"{name}: warm-up {i + 1}/{args.warmup} done after {warm[name]:.2f} s", flush=True)
+    for i in range(args.steps):  # interleaved so that drift in machine load hits every provider alike
         for name, fn in providers.items():
             times[name].append(time_call(fn, device))
             print(f"{name}: step {i + 1}/{args.steps} {times[name][-1]:.3f} s", flush=True)
 
     flops = flops_per_sample(args.width)
     env = environment(device)
-    base_name = "eager_" + args.baseline_precision
     base = median(times[base_name])
     settings = {"batch_size": args.batch_size, "width": args.width, "precision": args.precision,
-                "channels_last": args.channels_last, "compile": args.compile, "steps": args.steps}
+                "channels_last": args.channels_last, "steps": args.steps}
     rows = []
     for name, ts in times.items():
         s = median(ts)
-        row = {"benchmark": "train_step", "provider": name, **env, **settings, "s_per_step": s,
+        row = {"benchmark": "train_step", "provider": name, **env, **settings, "compile": name.endswith("compile"),
+               "warmup_s": warm[name], "s_per_step": s,
                "samples_per_s": args.batch_size / s, "speedup_vs_" + base_name: base / s,
                "tflops": flops * args.batch_size / s / 1e12, "gflop_per_sample": flops / 1e9}
         if args.peak_tflops:
             row["mfu"] = row["tflops"] / args.peak_tflops
         rows.append(row)
     path = write_rows(rows, "train_step", device, args.out)
-    print(f"\n{'provider':<12} {'s/step':>8} {'samples/s':>10} {'TFLOP/s':>8} {'speed-up':>9}")
+    print(f"\n{'provider':<15} {'s/step':>8} {'samples/s':>10} {'TFLOP/s':>8} {'speed-up':>9}")
     for r in rows:
-        print(f"{r['provider']:<12} {r['s_per_step']:>8.3f} {r['samples_per_s']:>10.3f} {r['tflops']:>8.3f} "
+        print(f"{r['provider']:<15} {r['s_per_step']:>8.3f} {r['samples_per_s']:>10.3f} {r['tflops']:>8.3f} "
               f"{r['speedup_vs_' + base_name]:>8.2f}x")
     print(f"device: {env['device']}, torch {env['torch']}; rows written to {path}")
 

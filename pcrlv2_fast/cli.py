@@ -24,6 +24,7 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
     p.add_argument("--seed", type=int)
     p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUT/checkpoint.pt if present")
+    p.add_argument("--overwrite", action="store_const", const=True, help="start afresh in a folder holding a run")
     p.add_argument("--width", type=int, help="base channel count (32 = official)")
     p.add_argument("--norm", choices=["bn", "gn", "in"])
     p.add_argument("--act", choices=["relu", "prelu", "elu"])
@@ -114,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import ScanError
-    from .samples import SampleDownloadError
+    from .samples import SampleDownloadError, SampleIntegrityError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ScanError, CheckpointError, SampleDownloadError, ValueError) as exc:
+    except (ScanError, CheckpointError, SampleDownloadError, SampleIntegrityError, ValueError) as exc:
         if os.environ.get("PCRLV2_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -338,3 +338,18 @@ def test_connection_lost_mid_download_removes_partial_tarball(tmp_path, fake_sdi
     with pytest.raises(samples.SampleDownloadError, match="Connection reset"):
         samples.fetch_samples(cache, progress=True)
     assert _all_files(cache) == []
+
+
+def test_cli_samples_from_local_sdist(tmp_path, fake_sdist, capsys):
+    from pcrlv2_fast.cli import main
+
+    assert main(["samples", "--cache", str(tmp_path / "cache"), "--from-sdist", str(fake_sdist.tarball)]) == 0
+    out = capsys.readouterr().out
+    assert "lung1_image.nrrd" in out and "sample scans in" in out
+    assert main(["samples", "--cache", str(tmp_path / "cache"), "--print-dir"]) == 0
+    folder = Path(capsys.readouterr().out.strip())
+    assert (folder / "ct" / "lung1_image.nrrd").is_file() and (folder / "mr" / "brain1_image.nrrd").is_file()
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"junk")
+    assert main(["samples", "--cache", str(tmp_path / "other"), "--from-sdist", str(bad)]) == 2
+    assert "bad.tar.gz" in capsys.readouterr().err

@@ -24,6 +24,7 @@ class PretrainConfig:
     compile: bool = False
     seed: int = 0
     resume: str | None = None  # a checkpoint path, or "auto" for RUN_DIR/checkpoint.pt when present
+    overwrite: bool = False  # start afresh in a run folder that holds an earlier run
     width: int = 32
     norm: str = "bn"
     act: str = "relu"
@@ -42,8 +43,8 @@ class PretrainConfig:
         # The official recipe: 240 epochs, batch 32, SGD 1e-3, full width.
         "official": {},
         # A few minutes on a laptop CPU: narrow network, mixed precision, small batches.
-        "demo": dict(width=8, batch_size=4, steps=60, lr=1e-2, precision="bf16", channels_last=True,
-                     pairs_per_volume=16),
+        "demo": dict(width=8, batch_size=4, steps=180, lr=3e-2, precision="bf16", channels_last=True,
+                     pairs_per_volume=16, overwrite=True),
         # Seconds: for tests.
         "tiny": dict(width=2, batch_size=2, steps=2, pairs_per_volume=2, pictures=False),
     }

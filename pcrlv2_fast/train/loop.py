@@ -29,6 +29,8 @@ from ..utils.io import atomic_write
 from .config import PretrainConfig
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# What a run writes into its folder (removed by --overwrite before a fresh start).
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", "restoration.png", "loss_curve.png")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -36,7 +38,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
 
 
@@ -157,6 +159,19 @@ class Pretrainer:
         self.skipped = int(ckpt.get("skipped", 0))
         self._truncate_metrics(self.step)
 
+    def _claim_run_folder(self) -> None:
+        """A fresh run never mixes its metrics or checkpoint with an earlier run's in the same folder."""
+        previous = [self.out / name for name in RUN_FILES if (self.out / name).exists()]
+        if not previous:
+            return
+        if not self.cfg.overwrite:
+            raise ValueError(
+                f"{self.out} already holds a run ({', '.join(p.name for p in previous)}); pass --resume auto to "
+                "continue it, --overwrite to start again, or choose another --out"
+            )
+        for path in previous:
+            path.unlink()
+
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric rows logged after the checkpoint we resume from (they will be produced again)."""
         path = self.out / "metrics.jsonl"
@@ -193,11 +208,15 @@ class Pretrainer:
     def run(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        resumed = False
         if cfg.resume:
             path = self.out / "checkpoint.pt" if cfg.resume == "auto" else Path(cfg.resume)
             if path.exists() or cfg.resume != "auto":
                 self.resume(path)
+                resumed = True
                 print(f"resumed from {path} at step {self.step}")
+        if not resumed:
+            self._claim_run_folder()
         with atomic_write(self.out / "config.json", "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
         self.model.train()

@@ -158,3 +158,19 @@ def test_model_width_matches_config(tmp_path, phantom_volumes):
     trainer = Pretrainer(tiny(tmp_path, width=3), phantom_volumes)
     assert isinstance(trainer.model, NonSkipUNet3D) and trainer.model.width == 3
     assert trainer.total_steps == 2 and trainer.steps_per_epoch == len(trainer.dataset) // 2
+
+
+def test_fresh_run_never_mixes_with_an_earlier_run(tmp_path, phantom_volumes):
+    pretrain(tiny(tmp_path, steps=2), phantom_volumes)
+    with pytest.raises(ValueError, match="already holds a run"):
+        pretrain(tiny(tmp_path, steps=1), phantom_volumes)
+    pretrain(tiny(tmp_path, steps=1, overwrite=True), phantom_volumes)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows] == [1]
+
+
+def test_unavailable_device_is_a_clear_error(tmp_path, phantom_volumes):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        Pretrainer(tiny(tmp_path, device="cuda"), phantom_volumes)
