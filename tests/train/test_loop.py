@@ -174,3 +174,20 @@ def test_unavailable_device_is_a_clear_error(tmp_path, phantom_volumes):
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="CUDA is not available"):
         Pretrainer(tiny(tmp_path, device="cuda"), phantom_volumes)
+
+
+def test_pretrain_on_real_ct_and_mr(tmp_path, shared_data):
+    """End to end on real scans: a CT (3 mm, resampled to 1 mm) and an MR slab, two steps, then reload."""
+    from pcrlv2_fast.data import load_scan
+
+    folder = shared_data / "totalseg-examples"
+    paths = [folder / "aorta_ct_cropped.nii.gz", folder / "example_mr_sm.nii.gz"]
+    if not all(p.exists() for p in paths):
+        pytest.skip(f"real scans not present in {folder}")
+    volumes = [load_scan(p) for p in paths]
+    assert [v.modality for v in volumes] == ["ct", "mr"]
+    summary = pretrain(tiny(tmp_path, steps=2, width=4, precision="bf16", channels_last=True), volumes)
+    assert summary["steps"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert load_pretrained(tmp_path / "run" / "checkpoint.pt").width == 4
