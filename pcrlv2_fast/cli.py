@@ -10,7 +10,8 @@ from pathlib import Path
 
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     # Defaults are None so that only the options given override the chosen preset.
-    p.add_argument("--data", required=True, help="folder of scans (NIfTI, NRRD, MetaImage, DICOM series) or one scan")
+    p.add_argument("--data", required=True, help="a preprocessing cache, or a folder of scans (NIfTI, NRRD, MetaImage, "
+                   "DICOM series) or one scan, preprocessed into OUT/cache first")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, pictures")
     p.add_argument("--preset", default="official", help="official (default) | demo | tiny")
     length = p.add_mutually_exclusive_group()
@@ -61,6 +62,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from .data import preprocess
+
+    s = args.spacing
+    report = preprocess(args.sources, args.out, spacing=(s, s, s), hu_window=tuple(args.hu_window),
+                        modality=args.modality, workers=args.workers)
+    print(report.table())
+    if not report.names:
+        print(f"error: no scan could be preprocessed into {report.cache}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_samples(args: argparse.Namespace) -> int:
     from .samples import describe_samples, fetch_samples
 
@@ -97,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain PCRLv2 on a folder of scans")
     _add_pretrain_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("preprocess", help="resample scans once into a memory-mapped cache for pretrain --data")
+    p.add_argument("sources", nargs="+", metavar="SRC", help="scan files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="cache folder (created; re-running it skips unchanged scans)")
+    p.add_argument("--spacing", type=float, default=1.0, help="isotropic resampling spacing in mm (official: 1)")
+    p.add_argument("--hu-window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LOW", "HIGH"),
+                   help="CT values mapped to 0 and 1 (official: -1000 1000)")
+    p.add_argument("--modality", choices=["auto", "ct", "mr"], default="auto")
+    p.add_argument("--workers", type=int, default=1, help="scans processed in parallel (processes)")
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("samples", help="download and verify the real sample CT/MR scans")
     p.add_argument("--cache", type=Path, help="cache root (default $PCRLV2_CACHE or ~/.cache/pcrlv2_fast)")

@@ -1,6 +1,7 @@
-"""Data path: scan loading (io), crop-box geometry, augmentations and the pretraining dataset."""
+"""Data path: scan loading (io), preprocessing cache, crop-box geometry, augmentations, pretraining dataset."""
 
 from .augment import AugmentConfig
+from .cache import PreprocessReport, cached_volumes, is_cache, open_cache, preprocess
 from .dataset import PretrainDataset, cut_and_resize
 from .geometry import CropConfig, SampleBoxes, box_iou, draw_sample_boxes
 from .io import MIN_SHAPE, SCAN_SUFFIXES, ScanError, Volume, find_scans, load_scan, load_volumes
@@ -20,4 +21,9 @@ __all__ = [
     "AugmentConfig",
     "PretrainDataset",
     "cut_and_resize",
+    "preprocess",
+    "PreprocessReport",
+    "open_cache",
+    "is_cache",
+    "cached_volumes",
 ]

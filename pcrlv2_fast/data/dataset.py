@@ -5,9 +5,15 @@ here every item cuts fresh crops, so each epoch sees new crops. Deviation: crops
 trilinear interpolation (``F.interpolate``, align_corners=False, the same sample positions as skimage's
 ``resize``) without skimage's Gaussian anti-aliasing when shrinking, which keeps slightly more
 high-frequency detail in the larger crops.
+
+Volumes may store raw values with a window (int16 HU or float16 MR z-scores memory-mapped from a
+preprocessing cache): only the voxels of each crop are read, converted to float32 and mapped to [0, 1] by
+the window *before* the resize, as the official code clipped and scaled the whole volume before cutting.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -21,13 +27,36 @@ from .io import Volume
 __all__ = ["PretrainDataset", "cut_and_resize"]
 
 
-def cut_and_resize(array: torch.Tensor, box, out_size) -> torch.Tensor:
-    """Cut ``box`` (x0, y0, z0, sx, sy, sz) from ``array`` (X, Y, Z) and resize it trilinearly to (1, *out_size)."""
+def cut_and_resize(array, box, out_size, window: tuple[float, float] = (0.0, 1.0)) -> torch.Tensor:
+    """Cut ``box`` (x0, y0, z0, sx, sy, sz) from ``array`` (X, Y, Z) and resize it trilinearly to (1, *out_size).
+
+    ``array`` is a tensor or a numpy array (a memory map reads only the crop's voxels). The crop is converted to
+    float32 and, unless ``window`` is (0, 1), mapped to [0, 1] by ``clip((v - lo) / (hi - lo), 0, 1)`` before
+    the resize.
+    """
     x0, y0, z0, sx, sy, sz = (int(v) for v in box)
     crop = array[x0 : x0 + sx, y0 : y0 + sy, z0 : z0 + sz]
-    if crop.shape != (sx, sy, sz):
+    if tuple(crop.shape) != (sx, sy, sz):
         raise ValueError(f"box {tuple(box)} does not lie inside the volume of shape {tuple(array.shape)}")
+    if isinstance(crop, np.ndarray):
+        crop = torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))
+    else:
+        crop = crop.to(torch.float32).contiguous()
+    lo, hi = (float(v) for v in window)
+    if (lo, hi) != (0.0, 1.0):
+        crop = crop.sub(lo).div_(hi - lo).clamp_(0.0, 1.0)
     return F.interpolate(crop[None, None], size=tuple(out_size), mode="trilinear", align_corners=False)[0]
+
+
+def _dense_crop_config(crop: CropConfig, window: tuple[float, float]) -> CropConfig:
+    """The crop config whose dense-voxel threshold, given on the [0, 1] scale, applies to a volume's raw values."""
+    lo, hi = window
+    if not crop.dense_filter or (lo, hi) == (0.0, 1.0):
+        return crop
+    t = crop.dense_threshold
+    # clip((v - lo) / (hi - lo), 0, 1) >= t  <=>  v >= lo + t (hi - lo), for 0 < t <= 1.
+    raw = -np.inf if t <= 0 else (np.inf if t > 1 else lo + t * (hi - lo))
+    return replace(crop, dense_threshold=raw)
 
 
 class PretrainDataset(Dataset):
@@ -58,10 +87,14 @@ class PretrainDataset(Dataset):
         if seed < 0 or pairs_per_volume < 1:
             raise ValueError(f"seed must be >= 0 and pairs_per_volume >= 1, got {seed} and {pairs_per_volume}")
         for volume in volumes:
-            if volume.array.ndim != 3 or volume.array.dtype != np.float32:
+            if volume.array.ndim != 3 or volume.array.dtype.kind not in "iuf":
                 raise ValueError(
-                    f"{volume.name}: expected a 3D float32 array, got {volume.array.dtype} {volume.array.shape}"
+                    f"{volume.name}: expected a 3D integer or float array, got {volume.array.dtype} "
+                    f"{volume.array.shape}"
                 )
+            lo, hi = volume.window
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+                raise ValueError(f"{volume.name}: window must be (low, high) with low < high, got {volume.window}")
         self.volumes = list(volumes)
         self.crop = crop if crop is not None else CropConfig()
         self.seed = int(seed)
@@ -85,12 +118,16 @@ class PretrainDataset(Dataset):
         volume_index = index % len(self.volumes)
         volume = self.volumes[volume_index]
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        boxes = draw_sample_boxes(volume.array.shape, rng, self.crop, volume=volume.array)
+        boxes = draw_sample_boxes(
+            volume.array.shape, rng, _dense_crop_config(self.crop, volume.window), volume=volume.array
+        )
         generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
 
-        array = torch.from_numpy(np.ascontiguousarray(volume.array))
-        crops = [cut_and_resize(array, box, self.crop.global_out) for box in boxes.global_boxes]
-        local_crops = [cut_and_resize(array, box, self.crop.local_out) for box in boxes.local_boxes]
+        # Crops are cut straight from the (possibly memory-mapped) array: no whole-volume copy per item.
+        crops = [cut_and_resize(volume.array, box, self.crop.global_out, volume.window) for box in boxes.global_boxes]
+        local_crops = [
+            cut_and_resize(volume.array, box, self.crop.local_out, volume.window) for box in boxes.local_boxes
+        ]
         cfg = self.augment_cfg
         if self.augment:
             # Same order of random draws as the official __getitem__: spatial for both globals, intensity for

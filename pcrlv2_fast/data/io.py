@@ -11,12 +11,17 @@ CT scaling follows ``luna_preprocess`` (clip HU to [-1000, 1000], scale to [0, 1
   tissue) in CT;
 - MR volumes, which the official code never handled, are scaled by their 0.5th/99.5th percentiles.
 
+:func:`read_resampled` is the shared first half (read, check, resample, detect the modality); :func:`load_scan`
+scales its result to float32 [0, 1], and :func:`pcrlv2_fast.data.cache.preprocess` stores it as int16 HU or
+float16 z-scores with the window that maps them to [0, 1] (:attr:`Volume.window`).
+
 Every problem with an input file raises :class:`ScanError`, whose message names the file and says what to do.
 """
 
 from __future__ import annotations
 
 import gzip
+import mmap
 import os
 import re
 import struct
@@ -27,7 +32,17 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-__all__ = ["ScanError", "Volume", "find_scans", "load_scan", "load_volumes", "SCAN_SUFFIXES", "MIN_SHAPE"]
+__all__ = [
+    "ScanError",
+    "Volume",
+    "ResampledScan",
+    "find_scans",
+    "read_resampled",
+    "load_scan",
+    "load_volumes",
+    "SCAN_SUFFIXES",
+    "MIN_SHAPE",
+]
 
 #: File name endings read as one scan each (case-insensitive). DICOM series are folders of ``.dcm`` files.
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mhd", ".mha")
@@ -47,13 +62,66 @@ class ScanError(ValueError):
 
 @dataclass
 class Volume:
-    """One resampled scan with intensities in [0, 1]."""
+    """One resampled scan whose stored values map to [0, 1] through ``window``.
+
+    ``array`` (C-order, axes x, y, z) holds float32 values already in [0, 1] with ``window = (0, 1)`` (what
+    :func:`load_scan` returns), or raw values such as int16 HU or float16 MR z-scores (a memory-mapped cache,
+    see :mod:`pcrlv2_fast.data.cache`); the [0, 1] intensity of a stored value ``v`` is
+    ``clip((v - lo) / (hi - lo), 0, 1)`` with ``(lo, hi) = window``, applied crop by crop by the dataset.
+    """
 
     name: str
     source: Path
-    array: np.ndarray  # float32, C-order, axes (x, y, z), values in [0, 1]
+    array: np.ndarray
     spacing: tuple[float, float, float]
     modality: str  # "ct" | "mr"
+    window: tuple[float, float] = (0.0, 1.0)
+    origin: tuple[float, float, float] | None = None  # physical position (mm) of voxel (0, 0, 0)
+    direction: tuple[float, ...] | None = None  # 3x3 direction cosines, row-major (SimpleITK's order)
+
+    def __getstate__(self) -> dict:
+        # A memory-mapped .npy pickles as its file name (DataLoader workers under spawn/forkserver re-map it)
+        # instead of as the whole volume, which numpy's own pickling of a memmap would read and copy.
+        state = dict(self.__dict__)
+        array = self.array
+        if isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.filename:
+            state["array"] = _MappedNpy(Path(array.filename), array.shape, array.dtype.str)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["array"], _MappedNpy):
+            state["array"] = state["array"].open()
+        self.__dict__.update(state)
+
+
+@dataclass(frozen=True)
+class _MappedNpy:
+    """A picklable reference to a memory-mapped .npy file."""
+
+    path: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+    def open(self) -> np.memmap:
+        array = np.load(self.path, mmap_mode="r")
+        if array.shape != self.shape or array.dtype.str != self.dtype:
+            raise ScanError(
+                f"{self.path}: changed on disk (now {array.dtype} {array.shape}, expected {self.dtype} {self.shape}) "
+                "while a run was using it; re-run `pcrlv2-fast preprocess`."
+            )
+        return array
+
+
+@dataclass
+class ResampledScan:
+    """A scan read, checked and resampled, before any intensity scaling (see :func:`read_resampled`)."""
+
+    path: Path
+    array: np.ndarray  # float32, C-order, axes (x, y, z), in the file's units (HU for CT)
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+    modality: str  # "ct" | "mr" (decided when "auto" was asked for)
 
 
 def _has_scan_suffix(name: str) -> bool:
@@ -94,7 +162,8 @@ def find_scans(path: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
-def _scan_name(path: Path) -> str:
+def scan_name(path: Path) -> str:
+    """The scan's name: its file name without the scan suffix, or the DICOM series folder's name."""
     if path.is_dir():
         return path.name
     lower = path.name.lower()
@@ -163,13 +232,31 @@ def _check_nifti_complete(path: Path) -> None:
         )
 
 
+def detached_data_file(path: Path) -> Path | None:
+    """The single data file named by a detached header (.mhd ``ElementDataFile``, .nhdr ``data file``).
+
+    None for other formats, for data stored in the header file itself, and for lists or patterns of files.
+    """
+    lower = path.name.lower()
+    if lower.endswith(".mhd"):
+        pattern = r"^\s*ElementDataFile\s*=\s*(.+?)\s*$"
+    elif lower.endswith(".nhdr"):
+        pattern = r"^\s*data ?file\s*:\s*(.+?)\s*$"
+    else:
+        return None
+    match = re.search(pattern, path.read_text(errors="replace"), re.MULTILINE | re.IGNORECASE)
+    if match is None:
+        return None
+    name = match.group(1)
+    if name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name:
+        return None
+    return path.parent / name
+
+
 def _check_metaimage_data_file(path: Path) -> None:
     """Name the missing data file of a .mhd header (ITK only reports "No such file or directory")."""
-    match = re.search(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", path.read_text(errors="replace"), re.MULTILINE)
-    if match is None or match.group(1).upper() in ("LOCAL", "LIST") or "%" in match.group(1):
-        return
-    data_file = path.parent / match.group(1)
-    if not data_file.is_file():
+    data_file = detached_data_file(path)
+    if data_file is not None and not data_file.is_file():
         raise ScanError(f"{path}: its data file {data_file} is missing; copy it next to the header.")
 
 
@@ -227,38 +314,34 @@ def _resample(image: sitk.Image, spacing: tuple[float, float, float], fill: floa
 
 
 def _scale(array: np.ndarray, modality: str, hu_window: tuple[float, float]) -> np.ndarray:
-    if modality == "ct":
-        lo, hi = hu_window
-    else:
-        lo, hi = np.percentile(array, _MR_PERCENTILES)
-        if hi <= lo:
-            # Mostly-constant scans (e.g. > 99% background) collapse the percentiles; use the full range.
-            lo, hi = float(array.min()), float(array.max())
+    lo, hi = hu_window if modality == "ct" else mr_window(array)
     scaled = (np.clip(array, lo, hi) - lo) / (hi - lo)
     return scaled.astype(np.float32)
 
 
-def load_scan(
-    path: str | os.PathLike,
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
-    modality: str = "auto",
-    hu_window: tuple[float, float] = (-1000.0, 1000.0),
-    min_shape: tuple[int, int, int] = MIN_SHAPE,
-) -> Volume:
-    """Read one scan, resample it to ``spacing`` (mm) and scale intensities to [0, 1].
-
-    ``modality``: ``"ct"`` clips HU to ``hu_window`` and scales linearly; ``"mr"`` scales by the 0.5th/99.5th
-    percentiles and clips; ``"auto"`` picks CT when the 1st percentile is below -500 (air in HU).
-    Raises :class:`ScanError` for unreadable/truncated files, non-3D or vector images, invalid spacing,
-    NaN/inf voxels, constant volumes and volumes smaller than ``min_shape`` after resampling.
-    """
-    path = Path(path)
+def _check_arguments(spacing, modality: str, hu_window=(-1000.0, 1000.0)) -> None:
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     if hu_window[1] <= hu_window[0]:
         raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window}")
-    if not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing must be positive, got {spacing}")
+    if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing must be 3 positive numbers, got {spacing}")
+
+
+def read_resampled(
+    path: str | os.PathLike,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    modality: str = "auto",
+    min_shape: tuple[int, int, int] = MIN_SHAPE,
+) -> ResampledScan:
+    """Read one scan, check it, resample it to ``spacing`` (mm) and decide its modality; no intensity scaling.
+
+    ``modality="auto"`` picks CT when the 1st percentile of the resampled volume is below -500 (air in HU).
+    Raises :class:`ScanError` for unreadable/truncated files, non-3D or vector images, invalid spacing,
+    NaN/inf voxels, constant volumes and volumes smaller than ``min_shape`` after resampling.
+    """
+    path = Path(path)
+    _check_arguments(spacing, modality)
     if not path.exists():
         raise ScanError(f"{path}: no such file or folder.")
     image = _read_image(path)
@@ -281,8 +364,48 @@ def load_scan(
         )
     if modality == "auto":
         modality = "ct" if np.percentile(array, 1.0) < _CT_AIR_THRESHOLD else "mr"
+    return ResampledScan(
+        path=path,
+        array=array,
+        spacing=spacing,
+        origin=tuple(float(v) for v in resampled.GetOrigin()),
+        direction=tuple(float(v) for v in resampled.GetDirection()),
+        modality=modality,
+    )
+
+
+def mr_window(array: np.ndarray) -> tuple[float, float]:
+    """The (low, high) intensities that map an MR volume to [0, 1]: its 0.5th/99.5th percentiles."""
+    lo, hi = (float(v) for v in np.percentile(array, _MR_PERCENTILES))
+    if hi <= lo:
+        # Mostly-constant scans (e.g. > 99% background) collapse the percentiles; use the full range.
+        lo, hi = float(array.min()), float(array.max())
+    return lo, hi
+
+
+def load_scan(
+    path: str | os.PathLike,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    modality: str = "auto",
+    hu_window: tuple[float, float] = (-1000.0, 1000.0),
+    min_shape: tuple[int, int, int] = MIN_SHAPE,
+) -> Volume:
+    """Read one scan, resample it to ``spacing`` (mm) and scale intensities to float32 [0, 1].
+
+    ``modality``: ``"ct"`` clips HU to ``hu_window`` and scales linearly; ``"mr"`` scales by the 0.5th/99.5th
+    percentiles and clips; ``"auto"`` picks CT when the 1st percentile is below -500 (air in HU).
+    Raises :class:`ScanError` as :func:`read_resampled` does.
+    """
+    _check_arguments(spacing, modality, hu_window)
+    scan = read_resampled(path, spacing=spacing, modality=modality, min_shape=min_shape)
     return Volume(
-        name=_scan_name(path), source=path, array=_scale(array, modality, hu_window), spacing=spacing, modality=modality
+        name=scan_name(scan.path),
+        source=scan.path,
+        array=_scale(scan.array, scan.modality, hu_window),
+        spacing=scan.spacing,
+        modality=scan.modality,
+        origin=scan.origin,
+        direction=scan.direction,
     )
 
 

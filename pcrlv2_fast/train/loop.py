@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
-from ..data import CropConfig, PretrainDataset, Volume, load_volumes
+from ..data import CropConfig, PretrainDataset, Volume, cached_volumes
 from ..losses import PCRLv2Loss
 from ..models import NonSkipUNet3D
 from ..utils.io import atomic_write
@@ -104,8 +104,10 @@ class Pretrainer:
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         if volumes is None:
+            # A cache is memory-mapped as it is; raw scans are preprocessed into OUT/cache first (resumable).
             s = cfg.spacing
-            volumes = load_volumes(cfg.data, spacing=(s, s, s), modality=cfg.modality)
+            volumes = cached_volumes(cfg.data, self.out / "cache", spacing=(s, s, s), modality=cfg.modality,
+                                     workers=max(1, cfg.workers))
         self.dataset = PretrainDataset(volumes, CropConfig(), seed=cfg.seed, pairs_per_volume=cfg.pairs_per_volume)
         self.steps_per_epoch = len(self.dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:

@@ -1,0 +1,132 @@
+"""Data pipeline throughput: fresh sub-crops + augmentation per sample, side by side with the official cost.
+
+A sample is what one training step consumes per batch element: two augmented 64x64x32 global views, their
+target, and six augmented 16^3 local views. Providers (all on the same real CT volumes, one run):
+- ``official_augment``: the official online cost alone: torchio's transform chains of the official
+  ``pcrlv2_luna_pretask`` (RandomFlip + RandomAffine on each crop, then Blur, Noise, Gamma, Swap(8,4,4),
+  ZNormalization on the globals and the same minus Swap on the locals) applied to pre-cut crops;
+- ``official_crop_augment``: the same plus cutting the crops and resizing them with skimage (as the
+  official offline generator did, without its per-voxel depth loop);
+- ``dataset``: this engine's per-sample ``PretrainDataset`` item (fresh crops, torch ops, one core).
+Seconds per sample are per core: every provider runs single-threaded (torch.set_num_threads(1)).
+
+Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 20]
+Needs torchio and scikit-image for the official providers (``pip install -e .[bench]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import environment, write_rows  # noqa: E402
+
+from pcrlv2_fast.data import CropConfig, PretrainDataset, draw_sample_boxes, load_volumes  # noqa: E402
+
+
+def official_transforms():
+    """The official torchio chains (data.py, pcrlv2_luna_pretask)."""
+    import torchio.transforms as tt
+
+    spatial = tt.Compose([tt.RandomFlip(), tt.RandomAffine()])
+    local = tt.Compose([tt.RandomBlur(), tt.RandomNoise(), tt.RandomGamma(), tt.ZNormalization()])
+    glob = tt.Compose([tt.RandomBlur(), tt.RandomNoise(), tt.RandomGamma(), tt.RandomSwap(patch_size=(8, 4, 4)),
+                       tt.ZNormalization()])
+    return spatial, glob, local
+
+
+def official_crops(volume: np.ndarray, rng: np.random.Generator, cfg: CropConfig):
+    from skimage.transform import resize
+
+    boxes = draw_sample_boxes(volume.shape, rng, cfg)
+
+    def cut(box, out):
+        x0, y0, z0, sx, sy, sz = box
+        return resize(volume[x0:x0 + sx, y0:y0 + sy, z0:z0 + sz], out, preserve_range=True)
+
+    globals_ = [cut(b, cfg.global_out) for b in boxes.global_boxes]
+    locals_ = [cut(b, cfg.local_out) for b in boxes.local_boxes]
+    return globals_, locals_
+
+
+def official_augment(globals_, locals_, transforms):
+    spatial, glob, local = transforms
+    views = [spatial(g[None]) for g in globals_]
+    gt = views[0].copy()
+    x1, x2 = (glob(v) for v in views)
+    loc = [local(spatial(v[None])) for v in locals_]
+    return x1, x2, gt, loc
+
+
+def time_per_sample(fn, n: int) -> float:
+    fn(0)  # warm-up
+    t0 = time.perf_counter()
+    for i in range(1, n + 1):
+        fn(i)
+    return (time.perf_counter() - t0) / n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="folder of CT scans (default: the pyradiomics sample CTs, downloaded once)")
+    p.add_argument("--samples", type=int, default=20, help="timed samples per provider")
+    p.add_argument("--out", help="result JSON path (default benchmarks/results/data-cpu-<date>.json)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+
+    if args.data is None:
+        from pcrlv2_fast.samples import fetch_samples
+
+        args.data = str(fetch_samples() / "ct")
+    volumes = load_volumes(args.data)
+    cfg = CropConfig()
+    providers = {}
+
+    try:
+        transforms = official_transforms()
+        import skimage  # noqa: F401
+    except ImportError as exc:
+        print(f"official providers skipped: {exc} (pip install torchio scikit-image)")
+    else:
+        rng = np.random.default_rng(0)
+        cut = [official_crops(volumes[i % len(volumes)].array, rng, cfg) for i in range(args.samples + 1)]
+        providers["official_augment"] = lambda i: official_augment(*cut[i], transforms)
+
+        def crop_and_augment(i):
+            vol = volumes[i % len(volumes)].array
+            return official_augment(*official_crops(vol, np.random.default_rng(i), cfg), transforms)
+
+        providers["official_crop_augment"] = crop_and_augment
+
+    dataset = PretrainDataset(volumes, cfg, seed=0, pairs_per_volume=max(1, args.samples + 1))
+    providers["dataset"] = lambda i: dataset[i]
+
+    times = {}
+    for name, fn in providers.items():
+        times[name] = time_per_sample(fn, args.samples)
+        print(f"{name:<22} {times[name] * 1e3:9.2f} ms/sample/core", flush=True)
+
+    base_name = "official_augment" if "official_augment" in times else None
+    env = environment(torch.device("cpu"))
+    rows = []
+    for name, s in times.items():
+        row = {"benchmark": "data", "provider": name, **env, "threads": 1, "samples": args.samples,
+               "s_per_sample": s, "samples_per_s": 1.0 / s, "volumes": [v.name for v in volumes]}
+        if base_name:
+            row["speedup_vs_official_augment"] = times[base_name] / s
+        rows.append(row)
+    path = write_rows(rows, "data", torch.device("cpu"), args.out)
+    if base_name:
+        for r in rows:
+            print(f"{r['provider']:<22} {r['speedup_vs_official_augment']:6.2f}x vs official augmentation alone")
+    print(f"rows written to {path}")
+
+
+if __name__ == "__main__":
+    main()
