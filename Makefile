@@ -6,10 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install demo test lint bench bench-cpu clean
 
-$(STAMP): setup.py requirements-dev.txt
+# torch goes in first and the package builds without isolation: setup.py compiles the C++ extension
+# pcrlv2_fast._C (csrc/) against the installed torch.
+$(STAMP): setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q $$(grep -E '^torch[<>=!~ ]' requirements-dev.txt)
+	$(PY) -m pip install -q --no-build-isolation -r requirements-dev.txt
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,132 @@
+"""The ``native`` CPU backend's kernels: C++/OpenMP ops of the optional extension ``pcrlv2_fast._C``.
+
+``crop_resize`` cuts many boxes out of one (memory-mapped) volume and resizes each trilinearly into a
+float32 or bfloat16 batch, reading the int16 / float16 / float32 source in place. Its semantics are
+:func:`pcrlv2_fast.reference.crop_resize.reference_crop_resize`. The extension is built by ``setup.py``
+when a C++ compiler and torch are present at install time; without it :func:`available` is False,
+:func:`load_error` says why and every op raises a RuntimeError with that message.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["available", "load_error", "crop_resize"]
+
+INPUT_DTYPES = (np.dtype(np.int16), np.dtype(np.float16), np.dtype(np.float32))
+OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _load():
+    # torch is imported first, so the extension binds to torch's own libgomp (one OpenMP runtime).
+    try:
+        from pcrlv2_fast import _C
+    except ImportError as exc:
+        if exc.name in ("pcrlv2_fast", "pcrlv2_fast._C"):  # no compiled module at all
+            reason = ("no compiled module next to pcrlv2_fast/__init__.py (the build was skipped or failed: a "
+                      "plain `pip install` builds without torch in an isolated environment, or the compiler "
+                      "failed; `pip install -v` shows why)")
+        else:  # present but not loadable, e.g. built against another torch
+            reason = f"{type(exc).__name__}: {exc}"
+        return None, (f"C++ extension pcrlv2_fast._C was not built: {reason}; install a C++ compiler (g++) and "
+                      "reinstall (pip install --no-build-isolation .), or use --loader torch")
+    return _C, None
+
+
+_C, _LOAD_ERROR = _load()
+
+
+def available() -> bool:
+    """True when the compiled extension ``pcrlv2_fast._C`` is importable."""
+    return _C is not None
+
+
+def load_error() -> str | None:
+    """Why the extension is unavailable (None when it is available)."""
+    return _LOAD_ERROR
+
+
+def _require():
+    if _C is None:
+        raise RuntimeError(_LOAD_ERROR)
+    return _C
+
+
+def _check_boxes(boxes, shape: tuple[int, ...]) -> np.ndarray:
+    arr = np.asarray(boxes)
+    if arr.ndim != 2 or arr.shape[1] != 6 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"boxes must be an integer array of shape (N, 6) = x0, y0, z0, sx, sy, sz; "
+                         f"got shape {arr.shape} dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    start, size = arr[:, :3], arr[:, 3:]
+    bad = np.flatnonzero(((start < 0) | (size < 1) | (start + size > np.asarray(shape))).any(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"box {i} (x0, y0, z0, sx, sy, sz) = {tuple(arr[i].tolist())} does not lie inside the "
+                         f"volume of shape {tuple(shape)} ({bad.size} of {len(arr)} boxes invalid)")
+    return arr
+
+
+def _volume_tensor(volume: np.ndarray) -> torch.Tensor:
+    """A torch view of ``volume`` without copying it (works for read-only memory maps)."""
+    array = np.asarray(volume)  # an np.memmap becomes a plain ndarray view of the same pages
+    if array.ndim != 3:
+        raise ValueError(f"volume must be 3D (X, Y, Z), got shape {array.shape}")
+    if array.dtype not in INPUT_DTYPES:
+        raise ValueError(f"volume dtype must be int16, float16 or float32 (native byte order), got {array.dtype}")
+    if any(s < 0 for s in array.strides):
+        raise ValueError("volume has negative strides (a flipped view); pass np.ascontiguousarray(volume)")
+    with warnings.catch_warnings():
+        # Read-only memory maps give non-writable arrays; torch warns about that, but the kernel only reads.
+        warnings.filterwarnings("ignore", message=".*not writable.*", category=UserWarning)
+        return torch.from_numpy(array)
+
+
+def crop_resize(
+    volume: np.ndarray,
+    boxes,
+    out_size: Sequence[int],
+    window: tuple[float, float],
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Cut ``boxes`` out of ``volume``, window and resize each trilinearly to ``out_size``.
+
+    volume: (X, Y, Z) int16 / float16 / float32 array, C-order or any positive strides (np.memmap fine,
+        read in place). boxes: (N, 6) integers x0, y0, z0, sx, sy, sz, each inside the volume.
+    window: (lo, hi); a voxel v becomes clip((v - lo) / (hi - lo), 0, 1) before interpolation.
+    out_dtype: torch.float32 (default) or torch.bfloat16; out: optional contiguous (N, 1, *out_size) CPU
+        tensor to write into; num_threads: OpenMP threads (default torch.get_num_threads()).
+    Returns (N, 1, *out_size), equal to the reference up to float rounding (max abs error < 1e-5).
+    """
+    ext = _require()
+    vol = _volume_tensor(volume)
+    box_arr = _check_boxes(boxes, tuple(vol.shape))
+    out_size = tuple(int(s) for s in out_size)
+    if len(out_size) != 3 or min(out_size) < 1:
+        raise ValueError(f"out_size must be three positive integers, got {out_size}")
+    lo, hi = (float(w) for w in window)
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        raise ValueError(f"window must be finite (lo, hi) with hi > lo, got {window}")
+    shape = (len(box_arr), 1, *out_size)
+    if out is None:
+        out_dtype = torch.float32 if out_dtype is None else out_dtype
+        if out_dtype not in OUTPUT_DTYPES:
+            raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+        out = torch.empty(shape, dtype=out_dtype)
+    else:
+        if tuple(out.shape) != shape or out.dtype not in OUTPUT_DTYPES or out.device.type != "cpu" \
+                or not out.is_contiguous() or (out_dtype is not None and out.dtype != out_dtype):
+            raise ValueError(f"out must be a contiguous CPU float32/bfloat16 tensor of shape {shape}"
+                             f"{'' if out_dtype is None else f' and dtype {out_dtype}'}, got {tuple(out.shape)} "
+                             f"{out.dtype} on {out.device} (contiguous={out.is_contiguous()})")
+    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    if threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    ext.crop_resize_out(vol, torch.from_numpy(box_arr), out, lo, hi, threads)
+    return out

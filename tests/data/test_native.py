@@ -1,0 +1,280 @@
+"""The native C++ crop_resize kernel against the plain-PyTorch reference, element-wise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pcrlv2_fast.data import native
+from pcrlv2_fast.reference.crop_resize import reference_crop_resize
+
+needs_native = pytest.mark.skipif(not native.available(), reason=f"native extension unavailable: {native.load_error()}")
+
+WINDOW = (-1000.0, 1000.0)
+SHAPE = (40, 36, 30)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, what: str = "") -> None:
+    """Element-wise check that reports the worst element and how many differ."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual.double() - expected.double()).abs()
+    bad = err > atol
+    if bad.any():
+        worst = tuple(int(i) for i in np.unravel_index(int(err.argmax()), tuple(err.shape)))
+        raise AssertionError(f"{what}: {int(bad.sum())} of {err.numel()} elements differ by > {atol}; worst at "
+                             f"{worst}: {actual[worst].item()} vs {expected[worst].item()} "
+                             f"(err {err.max().item():.3g})")
+
+
+def ct_volume(shape=SHAPE, dtype=np.int16, seed: int = 0) -> np.ndarray:
+    """Random HU values that overshoot the window on both sides, so clipping is exercised."""
+    return np.random.default_rng(seed).integers(-1200, 1400, size=shape).astype(dtype)
+
+
+def box_inside(shape, size, rng) -> list[int]:
+    start = [int(rng.integers(0, n - s + 1)) for n, s in zip(shape, size)]
+    return [*start, *size]
+
+
+CASES = [  # (box size, out size): up- and down-sampling, odd sizes, sizes equal to the output, mixed
+    ((7, 5, 9), (16, 16, 16)),
+    ((16, 16, 16), (16, 16, 16)),
+    ((32, 32, 16), (16, 16, 16)),
+    ((33, 21, 29), (8, 11, 7)),
+    ((24, 24, 24), (64, 8, 13)),
+    ((1, 1, 1), (3, 2, 4)),
+    ((40, 36, 30), (40, 36, 30)),
+]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [np.int16, np.float16, np.float32])
+@pytest.mark.parametrize(("size", "out_size"), CASES)
+def test_matches_reference(dtype, size, out_size):
+    volume = ct_volume(dtype=dtype)
+    rng = np.random.default_rng(1)
+    boxes = np.array([box_inside(SHAPE, size, rng) for _ in range(3)])
+    got = native.crop_resize(volume, boxes, out_size, WINDOW)
+    assert got.dtype == torch.float32 and got.shape == (3, 1, *out_size)
+    assert_close(got, reference_crop_resize(volume, boxes, out_size, WINDOW), what=f"{dtype.__name__} {size}")
+
+
+@needs_native
+def test_official_crop_sizes():
+    volume = ct_volume(shape=(120, 116, 100))
+    rng = np.random.default_rng(5)
+    for sizes, out_size in ([(96, 96, 64), (96, 96, 96), (112, 112, 64), (64, 64, 32)], (64, 64, 32)), \
+                           ([(32, 32, 16), (16, 16, 16), (32, 32, 32), (8, 8, 8)], (16, 16, 16)):
+        boxes = np.array([box_inside(volume.shape, s, rng) for s in sizes])
+        got = native.crop_resize(volume, boxes, out_size, WINDOW)
+        assert_close(got, reference_crop_resize(volume, boxes, out_size, WINDOW), what=f"{sizes}")
+
+
+@needs_native
+def test_boxes_touching_every_edge():
+    volume = ct_volume(dtype=np.float32)
+    x, y, z = SHAPE
+    boxes = [[0, 0, 0, 9, 8, 7], [x - 9, y - 8, z - 7, 9, 8, 7], [0, y - 5, 0, x, 5, z], [x - 1, 0, z - 1, 1, y, 1]]
+    got = native.crop_resize(volume, boxes, (12, 6, 10), (-500, 800))
+    assert_close(got, reference_crop_resize(volume, boxes, (12, 6, 10), (-500, 800)))
+
+
+@needs_native
+def test_float16_conversion_of_every_finite_value():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    values = bits.view(np.float16)
+    values = values[np.isfinite(values)]  # NaN/Inf voxels are unspecified in the kernel; caches are finite
+    volume = values.reshape(1, 1, -1)
+    box = [[0, 0, 0, *volume.shape]]
+    for window in ((-70000.0, 70000.0), (-1e-6, 1e-6), (-2.0, 3.0)):  # all, around subnormals, a narrow range
+        got = native.crop_resize(volume, box, volume.shape, window)
+        assert_close(got, reference_crop_resize(volume, box, volume.shape, window), what=f"window {window}")
+
+
+@needs_native
+def test_read_only_memmap_is_read_in_place(tmp_path):
+    path = tmp_path / "ct.npy"
+    np.save(path, ct_volume())
+    volume = np.load(path, mmap_mode="r")
+    assert isinstance(volume, np.memmap) and not volume.flags.writeable
+    boxes = [[2, 3, 4, 20, 17, 11], [0, 0, 0, 40, 36, 30]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "non-writable array" warning escapes
+        got = native.crop_resize(volume, boxes, (16, 16, 16), WINDOW)
+    assert_close(got, reference_crop_resize(volume, boxes, (16, 16, 16), WINDOW))
+
+
+@needs_native
+def test_strided_volume_views():
+    base = ct_volume(shape=(30, 40, 36), dtype=np.float32)
+    boxes = [[1, 2, 3, 12, 9, 14]]
+    for view in (base.transpose(2, 0, 1), base[:, ::2, :], np.asfortranarray(base)):
+        got = native.crop_resize(view, boxes, (8, 10, 9), WINDOW)
+        assert_close(got, reference_crop_resize(view, boxes, (8, 10, 9), WINDOW))
+    with pytest.raises(ValueError, match="negative strides"):
+        native.crop_resize(base[::-1], boxes, (8, 8, 8), WINDOW)
+
+
+@needs_native
+def test_bfloat16_output_is_the_rounded_float32_result():
+    volume = ct_volume()
+    boxes = [[0, 0, 0, 32, 32, 16], [5, 3, 2, 7, 5, 9]]
+    f32 = native.crop_resize(volume, boxes, (16, 16, 16), WINDOW)
+    bf16 = native.crop_resize(volume, boxes, (16, 16, 16), WINDOW, out_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    assert torch.equal(bf16, f32.to(torch.bfloat16))
+    # within half a bfloat16 ulp of values in [0, 1] (2^-9), plus the float32 tolerance
+    assert_close(bf16.float(), reference_crop_resize(volume, boxes, (16, 16, 16), WINDOW), atol=2**-9 + 1e-5)
+
+
+@needs_native
+def test_out_argument():
+    volume = ct_volume()
+    boxes = [[1, 1, 1, 10, 12, 14], [3, 0, 2, 20, 20, 20]]
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((2, 1, 8, 8, 8), -1.0, dtype=dtype)
+        got = native.crop_resize(volume, boxes, (8, 8, 8), WINDOW, out=out)
+        assert got is out
+        assert torch.equal(out, native.crop_resize(volume, boxes, (8, 8, 8), WINDOW, out_dtype=dtype))
+    # a view into a larger batch buffer: the first two of four slots
+    buffer = torch.zeros(4, 1, 8, 8, 8)
+    native.crop_resize(volume, boxes, (8, 8, 8), WINDOW, out=buffer[:2])
+    assert_close(buffer[:2], reference_crop_resize(volume, boxes, (8, 8, 8), WINDOW))
+    assert not buffer[2:].any()
+    bad_outs = [torch.empty(2, 1, 8, 8, 7), torch.empty(2, 1, 8, 8, 8, dtype=torch.float16),
+                torch.empty(2, 1, 8, 8, 16)[..., ::2]]
+    for out in bad_outs:
+        with pytest.raises(ValueError, match="out must be"):
+            native.crop_resize(volume, boxes, (8, 8, 8), WINDOW, out=out)
+    with pytest.raises(ValueError, match="out must be"):
+        native.crop_resize(volume, boxes, (8, 8, 8), WINDOW, out_dtype=torch.bfloat16, out=torch.empty(2, 1, 8, 8, 8))
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("boxes", "match"),
+    [
+        ([[0, 0, 0, 41, 4, 4]], r"box 0 .*\(0, 0, 0, 41, 4, 4\)"),
+        ([[1, 1, 1, 4, 4, 4], [-1, 0, 0, 4, 4, 4]], r"box 1 .*\(-1, 0, 0, 4, 4, 4\)"),
+        ([[0, 0, 0, 4, 0, 4]], "box 0"),
+        ([[0, 30, 0, 4, 7, 4]], r"box 0 .*shape \(40, 36, 30\)"),
+        ([[0, 0, 27, 4, 4, 4]], "box 0"),
+        ([[0, 0, 0, 4, 4]], r"shape \(N, 6\)"),
+        ([[0.0, 0.0, 0.0, 4.0, 4.0, 4.0]], "integer"),
+    ],
+)
+def test_invalid_boxes_raise_value_error(boxes, match):
+    with pytest.raises(ValueError, match=match):
+        native.crop_resize(ct_volume(), boxes, (4, 4, 4), WINDOW)
+
+
+@needs_native
+def test_invalid_arguments_raise_value_error():
+    volume, boxes = ct_volume(), [[0, 0, 0, 4, 4, 4]]
+    for kwargs, match in [
+        ({"window": (1.0, 1.0)}, "window"),
+        ({"out_size": (4, 0, 4)}, "out_size"),
+        ({"out_size": (4, 4)}, "out_size"),
+        ({"out_dtype": torch.float16}, "out_dtype"),
+        ({"num_threads": 0}, "num_threads"),
+    ]:
+        args = {"out_size": (4, 4, 4), "window": WINDOW, **kwargs}
+        with pytest.raises(ValueError, match=match):
+            native.crop_resize(volume, boxes, **args)
+    for bad in (volume.astype(np.int32), volume[0], volume.astype(">i2")):
+        with pytest.raises(ValueError, match="volume"):
+            native.crop_resize(bad, boxes, (4, 4, 4), WINDOW)
+
+
+@needs_native
+def test_no_boxes():
+    got = native.crop_resize(ct_volume(), np.zeros((0, 6), np.int64), (4, 5, 6), WINDOW)
+    assert got.shape == (0, 1, 4, 5, 6)
+
+
+@needs_native
+def test_many_boxes_on_several_threads_are_deterministic():
+    volume = ct_volume(shape=(64, 60, 48))
+    rng = np.random.default_rng(7)
+    sizes = [(32, 32, 16), (16, 16, 16), (32, 32, 32), (8, 8, 8), (19, 23, 17)]
+    boxes = np.array([box_inside(volume.shape, sizes[i % len(sizes)], rng) for i in range(50)])
+    expected = reference_crop_resize(volume, boxes, (16, 16, 16), WINDOW)
+    one = native.crop_resize(volume, boxes, (16, 16, 16), WINDOW, num_threads=1)
+    assert_close(one, expected)
+    for threads in (2, 3):
+        assert torch.equal(native.crop_resize(volume, boxes, (16, 16, 16), WINDOW, num_threads=threads), one)
+
+
+@needs_native
+def test_concurrent_python_threads():
+    # The kernel releases the GIL; calls from several Python threads (DataLoader-style) stay correct.
+    volume = ct_volume()
+    rng = np.random.default_rng(3)
+    jobs = [np.array([box_inside(SHAPE, (12, 10, 14), rng) for _ in range(6)]) for _ in range(4)]
+    results = [None] * len(jobs)
+
+    def work(i):
+        for _ in range(5):
+            results[i] = native.crop_resize(volume, jobs[i], (9, 9, 9), WINDOW, num_threads=1)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for boxes, got in zip(jobs, results):
+        assert_close(got, reference_crop_resize(volume, boxes, (9, 9, 9), WINDOW))
+
+
+def test_reference_known_values():
+    volume = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    # 2 -> 1 along every axis averages all 8 voxels; window (0, 7) maps v to v / 7
+    got = reference_crop_resize(volume, [[0, 0, 0, 2, 2, 2]], (1, 1, 1), (0.0, 7.0))
+    assert got.shape == (1, 1, 1, 1, 1) and got.item() == pytest.approx(3.5 / 7)
+    # same size: the windowed crop itself, clipped to [0, 1]
+    got = reference_crop_resize(volume, [[0, 0, 0, 2, 2, 2]], (2, 2, 2), (2.0, 5.0))
+    assert torch.allclose(got[0, 0], torch.from_numpy(np.clip((volume - 2) / 3, 0, 1)))
+
+
+def test_missing_extension_gives_clear_error():
+    # Simulate an install without the extension: importing pcrlv2_fast._C fails.
+    code = (
+        "import sys; sys.modules['pcrlv2_fast._C'] = None\n"
+        "import numpy as np\n"
+        "from pcrlv2_fast.data import native\n"
+        "assert not native.available()\n"
+        "msg = native.load_error()\n"
+        "assert msg.startswith('C++ extension pcrlv2_fast._C was not built: '), msg\n"
+        "assert 'install a C++ compiler (g++) and reinstall' in msg and '--loader torch' in msg, msg\n"
+        "try:\n"
+        "    native.crop_resize(np.zeros((4, 4, 4), np.int16), [[0, 0, 0, 2, 2, 2]], (2, 2, 2), (0, 1))\n"
+        "except RuntimeError as exc:\n"
+        "    assert str(exc) == msg\n"
+        "else:\n"
+        "    raise AssertionError('no RuntimeError')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@needs_native
+def test_benchmark_writes_rows(tmp_path):
+    out = tmp_path / "rows.json"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "benchmark_crop_resize.py"
+    args = ["--shape", "120", "120", "100", "--boxes", "2", "--repeats", "1", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["view"], r["provider"]) for r in rows] == [
+        (v, p) for v in ("global", "local") for p in ("torch", "native", "native_out")]
+    for r in rows:
+        assert r["name"] == "crop_resize" and r["crops_per_s"] > 0 and r["device"] and r["torch"] and r["date"]
