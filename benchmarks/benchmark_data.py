@@ -7,10 +7,13 @@ target, and six augmented 16^3 local views. Providers (all on the same real CT v
   ZNormalization on the globals and the same minus Swap on the locals) applied to pre-cut crops;
 - ``official_crop_augment``: the same plus cutting the crops and resizing them with skimage (as the
   official offline generator did, without its per-voxel depth loop);
-- ``dataset``: this engine's per-sample ``PretrainDataset`` item (fresh crops, torch ops, one core).
+- ``dataset``: this engine's per-sample ``PretrainDataset`` item (fresh crops, torch ops, one core);
+- ``torch`` / ``native``: the same samples built a whole batch (``--batch``, default 8) at a time by
+  ``BatchLoader`` (all crops of the batch in one call, batched augmentation ops); seconds per sample are the
+  batch's seconds divided by its size. ``native`` needs the C++ extension (skipped without it).
 Seconds per sample are per core: every provider runs single-threaded (torch.set_num_threads(1)).
 
-Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 20]
+Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 20] [--batch 8]
 Needs torchio and scikit-image for the official providers (``pip install -e .[bench]``).
 """
 
@@ -27,7 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import environment, write_rows  # noqa: E402
 
-from pcrlv2_fast.data import CropConfig, PretrainDataset, draw_sample_boxes, load_volumes  # noqa: E402
+from pcrlv2_fast.data import (  # noqa: E402
+    BatchLoader,
+    CropConfig,
+    PretrainDataset,
+    draw_sample_boxes,
+    load_volumes,
+    native,
+)
 
 
 def official_transforms():
@@ -72,10 +82,21 @@ def time_per_sample(fn, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def time_per_sample_batched(fn, n: int, batch: int) -> float:
+    """Seconds per sample of ``fn(i)``, which builds batch ``i`` of ``batch`` samples (ceil(n / batch) timed)."""
+    fn(0)  # warm-up
+    calls = max(1, -(-n // batch))
+    t0 = time.perf_counter()
+    for i in range(1, calls + 1):
+        fn(i)
+    return (time.perf_counter() - t0) / (calls * batch)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="folder of CT scans (default: the pyradiomics sample CTs, downloaded once)")
     p.add_argument("--samples", type=int, default=20, help="timed samples per provider")
+    p.add_argument("--batch", type=int, default=8, help="batch size of the torch and native batch loaders")
     p.add_argument("--out", help="result JSON path (default benchmarks/results/data-cpu-<date>.json)")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -104,12 +125,21 @@ def main() -> None:
 
         providers["official_crop_augment"] = crop_and_augment
 
-    dataset = PretrainDataset(volumes, cfg, seed=0, pairs_per_volume=max(1, args.samples + 1))
+    n_batches = -(-args.samples // args.batch) + 1
+    per_volume = max(args.samples + 1, n_batches * args.batch) // len(volumes) + 1
+    dataset = PretrainDataset(volumes, cfg, seed=0, pairs_per_volume=per_volume)
     providers["dataset"] = lambda i: dataset[i]
+    batched = {"torch"} | ({"native"} if native.available() else set())
+    if not native.available():
+        print(f"native provider skipped: {native.load_error()}")
+    for backend in sorted(batched, reverse=True):
+        loader = BatchLoader(dataset, backend, num_threads=1)
+        providers[backend] = lambda i, loader=loader: loader.batch(range(i * args.batch, (i + 1) * args.batch))
 
     times = {}
     for name, fn in providers.items():
-        times[name] = time_per_sample(fn, args.samples)
+        times[name] = (time_per_sample_batched(fn, args.samples, args.batch) if name in batched
+                       else time_per_sample(fn, args.samples))
         print(f"{name:<22} {times[name] * 1e3:9.2f} ms/sample/core", flush=True)
 
     base_name = "official_augment" if "official_augment" in times else None
@@ -117,6 +147,7 @@ def main() -> None:
     rows = []
     for name, s in times.items():
         row = {"benchmark": "data", "provider": name, **env, "threads": 1, "samples": args.samples,
+               "batch": args.batch if name in batched else 1,
                "s_per_sample": s, "samples_per_s": 1.0 / s, "volumes": [v.name for v in volumes]}
         if base_name:
             row["speedup_vs_official_augment"] = times[base_name] / s

@@ -5,6 +5,7 @@ from .cache import PreprocessReport, cached_volumes, is_cache, open_cache, prepr
 from .dataset import PretrainDataset, cut_and_resize
 from .geometry import CropConfig, SampleBoxes, box_iou, draw_sample_boxes
 from .io import MIN_SHAPE, SCAN_SUFFIXES, ScanError, Volume, find_scans, load_scan, load_volumes
+from .loader import LOADERS, BatchLoader, default_loader, draw_sample_params, resolve_loader
 
 __all__ = [
     "ScanError",
@@ -21,6 +22,11 @@ __all__ = [
     "AugmentConfig",
     "PretrainDataset",
     "cut_and_resize",
+    "LOADERS",
+    "BatchLoader",
+    "default_loader",
+    "draw_sample_params",
+    "resolve_loader",
     "preprocess",
     "PreprocessReport",
     "open_cache",

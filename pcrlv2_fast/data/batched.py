@@ -331,9 +331,15 @@ def blur_batch(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return torch.matmul(out.view(n, c, sx * sy, sz), mz.transpose(1, 2)[:, None]).view(n, c, sx, sy, sz)
 
 
-def noise_batch(x: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``x + N(0, std[n]^2)`` per sample; the field is drawn from ``generator`` (on x's device) in one call."""
-    field = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+def noise_batch(
+    x: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None, field: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x + N(0, std[n]^2)`` per sample; the field is drawn from ``generator`` (on x's device) in one call, or
+    given as ``field`` (x's shape, standard normal; e.g. drawn per view in the per-sample stream order)."""
+    if field is None:
+        field = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    else:
+        field = field.to(x.device, x.dtype, copy=True)
     return field.mul_(_per_sample(std, x)).add_(x)
 
 
@@ -493,9 +499,10 @@ def spatial_batch(x: torch.Tensor, params: dict) -> torch.Tensor:
 
 
 def intensity_batch(x: torch.Tensor, params: dict, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Blur, noise, gamma, swap (when ``params`` has ``swap``), z-normalisation: ``augment.intensity_augment``."""
+    """Blur, noise, gamma, swap (when ``params`` has ``swap``), z-normalisation: ``augment.intensity_augment``.
+    The noise field is ``params["noise_field"]`` when present, else drawn from ``generator``."""
     x = blur_batch(x, params["sigmas"])
-    x = noise_batch(x, params["noise_std"], generator)
+    x = noise_batch(x, params["noise_std"], generator, params.get("noise_field"))
     x = gamma_batch(x, params["gamma"])
     if "swap" in params:
         x = swap_batch(x, params["swap"], params["swap_patch"])

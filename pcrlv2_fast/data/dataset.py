@@ -112,7 +112,9 @@ class PretrainDataset(Dataset):
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         self.epoch = int(epoch)
 
-    def __getitem__(self, index: int) -> dict:
+    def sample_geometry(self, index: int):
+        """``(volume_index, boxes, generator)`` of item ``index`` in the current epoch: its crop boxes and the
+        ``torch.Generator`` its augmentation parameters are drawn from (shared with the batch loaders)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
         volume_index = index % len(self.volumes)
@@ -121,7 +123,11 @@ class PretrainDataset(Dataset):
         boxes = draw_sample_boxes(
             volume.array.shape, rng, _dense_crop_config(self.crop, volume.window), volume=volume.array
         )
-        generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+        return volume_index, boxes, torch.Generator().manual_seed(int(rng.integers(2**63)))
+
+    def __getitem__(self, index: int) -> dict:
+        volume_index, boxes, generator = self.sample_geometry(index)
+        volume = self.volumes[volume_index]
 
         # Crops are cut straight from the (possibly memory-mapped) array: no whole-volume copy per item.
         crops = [cut_and_resize(volume.array, box, self.crop.global_out, volume.window) for box in boxes.global_boxes]

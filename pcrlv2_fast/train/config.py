@@ -31,6 +31,9 @@ class PretrainConfig:
     all_scales: bool = False
     pairs_per_volume: int = 16  # samples per scan per epoch (the official generates 16 crop pairs per scan)
     workers: int = 0
+    # auto (native when the C++ extension is built, else torch) | dataset (per-sample DataLoader with `workers`
+    # processes) | torch | native (whole batches at once); all give the same samples.
+    loader: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     modality: str = "auto"  # auto | ct | mr
     spacing: float = 1.0
@@ -57,7 +60,8 @@ class PretrainConfig:
 
     def validate(self) -> PretrainConfig:
         choices = {"optimizer": ("sgd", "adamw"), "precision": ("fp32", "bf16", "fp16"),
-                   "norm": ("bn", "gn", "in"), "act": ("relu", "prelu", "elu"), "modality": ("auto", "ct", "mr")}
+                   "norm": ("bn", "gn", "in"), "act": ("relu", "prelu", "elu"), "modality": ("auto", "ct", "mr"),
+                   "loader": ("auto", "dataset", "torch", "native")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
-from ..data import CropConfig, PretrainDataset, Volume, cached_volumes
+from ..data import BatchLoader, CropConfig, PretrainDataset, Volume, cached_volumes, default_loader, resolve_loader
 from ..losses import PCRLv2Loss
 from ..models import NonSkipUNet3D
 from ..utils.io import atomic_write
@@ -109,6 +109,11 @@ class Pretrainer:
             volumes = cached_volumes(cfg.data, self.out / "cache", spacing=(s, s, s), modality=cfg.modality,
                                      workers=max(1, cfg.workers))
         self.dataset = PretrainDataset(volumes, CropConfig(), seed=cfg.seed, pairs_per_volume=cfg.pairs_per_volume)
+        # "dataset": per-sample items through a DataLoader (cfg.workers processes); "torch" / "native": whole
+        # batches cut and augmented in one pass (same samples, see data/loader.py).
+        self.loader = resolve_loader(default_loader() if cfg.loader == "auto" else cfg.loader)
+        self.batch_loader = None if self.loader == "dataset" else BatchLoader(
+            self.dataset, self.loader, self.device if self.loader == "torch" else "cpu")
         self.steps_per_epoch = len(self.dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -204,6 +209,8 @@ class Pretrainer:
         # Incomplete last batches are dropped: the projection BatchNorm1d layers fail on a batch of one.
         batch_indices = [order[i * bs:(i + 1) * bs].tolist() for i in range(start, self.steps_per_epoch)]
         self.dataset.set_epoch(epoch)
+        if self.batch_loader is not None:
+            return self.batch_loader.batches(batch_indices)
         return torch.utils.data.DataLoader(self.dataset, batch_sampler=batch_indices, num_workers=self.cfg.workers,
                                            pin_memory=self.device.type == "cuda")
 

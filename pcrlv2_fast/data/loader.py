@@ -1,0 +1,210 @@
+"""Batch-level loaders: whole batches of PCRLv2 samples in one pass, equal to the per-sample dataset.
+
+``PretrainDataset`` builds a sample at a time (cut, resize, augment each view separately); a
+:class:`BatchLoader` produces the same batches from the same ``(seed, epoch, index)``:
+
+1. per sample, the boxes and the ``torch.Generator`` come from :meth:`PretrainDataset.sample_geometry` (the
+   dataset's own code), and :func:`draw_sample_params` draws the augmentation parameters from that generator
+   with augment.py's samplers in the dataset's order, noise fields included (each field is drawn between
+   the view's noise std and its gamma, exactly where ``augment.noise`` draws it), so every parameter and
+   every noise value is the one the dataset uses;
+2. all global crops of the batch, then all local crops, are cut and resized in one go: backend ``torch``
+   with :class:`~pcrlv2_fast.data.batched.VolumeBank` (on any device), backend ``native`` with the C++
+   ``native.crop_resize`` per volume, straight from the (memory-mapped) arrays into a preallocated buffer;
+3. the batched ops of :mod:`~pcrlv2_fast.data.batched` augment the stacked global and local views.
+
+The outputs equal the dataset's element-wise up to float rounding (the tests bound it by 1e-4). One
+difference: a volume whose window is (0, 1) is used as is by the dataset, while the crop kernels here clip
+it to [0, 1] when other volumes of the run have a real window (``torch``) or always (``native``); volumes
+loaded by :mod:`pcrlv2_fast.data.io` or a cache are either all windowed or already in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import native
+from .augment import (
+    AugmentConfig,
+    sample_affine,
+    sample_blur,
+    sample_flip,
+    sample_gamma,
+    sample_noise,
+    sample_swap,
+)
+from .batched import VolumeBank, intensity_batch, spatial_batch, z_normalize_batch
+from .dataset import PretrainDataset
+
+__all__ = ["LOADERS", "BatchLoader", "default_loader", "draw_sample_params", "resolve_loader"]
+
+LOADERS = ("dataset", "torch", "native")
+
+
+def default_loader() -> str:
+    """The loader ``auto`` picks: ``native`` when the C++ extension is built, else ``torch`` (both give the
+    dataset's samples, see the module docstring)."""
+    return "native" if native.available() else "torch"
+
+
+def resolve_loader(name: str) -> str:
+    """``name`` checked against :data:`LOADERS`; ``native`` without the compiled extension is a ValueError
+    that says why it is missing."""
+    if name not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {name!r}")
+    if name == "native" and not native.available():
+        raise ValueError(f"--loader native needs the C++ extension: {native.load_error()}")
+    return name
+
+
+def _stack(views: list[dict]) -> dict:
+    return {key: torch.stack([v[key] for v in views]) for key in views[0]} if views else {}
+
+
+def _spatial(generator: torch.Generator, cfg: AugmentConfig) -> dict:
+    axes = sample_flip(generator, cfg)
+    scales, degrees = sample_affine(generator, cfg)
+    return {"flip": torch.tensor([a in axes for a in range(3)]), "scales": scales, "degrees": degrees}
+
+
+def _intensity(generator: torch.Generator, cfg: AugmentConfig, shape, with_swap: bool) -> dict:
+    # augment.intensity_augment's draws, in its order: blur, noise std, noise field, gamma, swap.
+    view = {"sigmas": sample_blur(generator, cfg),
+            "noise_std": torch.tensor(sample_noise(generator, cfg), dtype=torch.float64)}
+    view["noise_field"] = torch.randn((1, *shape), generator=generator, dtype=torch.float32)
+    view["gamma"] = torch.tensor(sample_gamma(generator, cfg), dtype=torch.float64)
+    if with_swap:
+        view["swap"] = sample_swap(generator, shape, cfg)
+    return view
+
+
+def draw_sample_params(
+    generator: torch.Generator, cfg: AugmentConfig, global_shape: Sequence[int], local_shape: Sequence[int],
+    n_local: int,
+) -> tuple[dict, dict]:
+    """The augmentation parameters of one sample, drawn from ``generator`` in ``PretrainDataset``'s order:
+    flip + affine of both global views, blur / noise / gamma / swap of both, then flip + affine + blur / noise
+    / gamma of each local view. Returns ``(global_params, local_params)`` in the layout of
+    :func:`~pcrlv2_fast.data.batched.stack_view_params` (2 and ``n_local`` rows) plus ``noise_field``
+    (rows of (1, *shape) float32 standard-normal fields)."""
+    spatial = [_spatial(generator, cfg) for _ in range(2)]
+    globals_ = [{**s, **_intensity(generator, cfg, tuple(global_shape), True)} for s in spatial]
+    locals_ = [{**_spatial(generator, cfg), **_intensity(generator, cfg, tuple(local_shape), False)}
+               for _ in range(n_local)]
+    global_params, local_params = _stack(globals_), _stack(locals_)
+    global_params["swap_patch"] = tuple(cfg.swap_patch)
+    return global_params, local_params
+
+
+def _cat(params: list[dict]) -> dict:
+    """Per-sample parameter dicts concatenated along the view axis (sample-major)."""
+    return {k: (torch.cat([p[k] for p in params]) if isinstance(params[0][k], torch.Tensor) else params[0][k])
+            for k in params[0]}
+
+
+class BatchLoader:
+    """Batches of ``dataset``'s items (same seed, epoch, crops and augmentations), built a batch at a time.
+
+    ``backend``: ``"torch"`` (a :class:`VolumeBank` on ``device``; the volumes are copied into it once) or
+    ``"native"`` (CPU, the C++ extension reading the arrays in place; ``num_threads`` OpenMP threads, default
+    torch's). ``loader.batches(batch_indices)`` yields, for each list of item indices, the dict a
+    ``DataLoader(dataset, batch_sampler=batch_indices)`` yields: float32 ``x1``, ``x2``, ``gt`` (B, 1, *global
+    out), ``locals`` (B, n_local, 1, *local out), int64 ``global_boxes`` (B, 2, 6), ``local_boxes``
+    (B, n_local, 6) and ``volume_index`` (B,). Call ``dataset.set_epoch`` first, as for the DataLoader.
+    """
+
+    def __init__(self, dataset: PretrainDataset, backend: str = "torch", device: str | torch.device = "cpu",
+                 num_threads: int | None = None):
+        if backend not in ("torch", "native"):
+            raise ValueError(f"BatchLoader backend must be 'torch' or 'native', got {backend!r}")
+        resolve_loader(backend)
+        self.dataset = dataset
+        self.backend = backend
+        self.device = torch.device(device)
+        self.num_threads = num_threads
+        if backend == "native":
+            if self.device.type != "cpu":
+                raise ValueError(f"the native loader runs on the CPU, got device {self.device}")
+            for v in dataset.volumes:
+                if np.asarray(v.array).dtype not in native.INPUT_DTYPES:
+                    raise ValueError(f"{v.name}: the native loader reads int16, float16 or float32 volumes, "
+                                     f"got {v.array.dtype}; use --loader torch")
+            self.bank = None
+        else:
+            windows = [tuple(float(w) for w in v.window) for v in dataset.volumes]
+            plain = all(w == (0.0, 1.0) for w in windows)
+            self.bank = VolumeBank([v.array for v in dataset.volumes], None if plain else windows, self.device)
+
+    # --------------------------------------------------------------------------------------- crops
+    def _crop(self, volume_index: np.ndarray, boxes: np.ndarray, out_size) -> torch.Tensor:
+        if self.bank is not None:
+            return self.bank.crop_resize(torch.from_numpy(volume_index), torch.from_numpy(boxes), out_size)
+        # Crops grouped by volume, each group written by one call into its slice of a preallocated buffer.
+        order = np.argsort(volume_index, kind="stable")
+        buffer = torch.empty((len(boxes), 1, *out_size), dtype=torch.float32)
+        if len(boxes) == 0:
+            return buffer
+        sorted_index = volume_index[order]
+        starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]]).tolist()
+        for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
+            volume = self.dataset.volumes[int(sorted_index[start])]
+            native.crop_resize(volume.array, boxes[order[start:stop]], out_size, volume.window,
+                               out=buffer[start:stop], num_threads=self.num_threads)
+        if np.array_equal(order, np.arange(len(order))):
+            return buffer
+        return buffer[torch.from_numpy(np.argsort(order))]
+
+    # ------------------------------------------------------------------------------------- batches
+    def batch(self, indices: Sequence[int]) -> dict:
+        """The batch of items ``indices`` (the dataset's current epoch)."""
+        ds, crop = self.dataset, self.dataset.crop
+        if len(indices) == 0:
+            raise ValueError("a batch needs at least one index")
+        volume_index, global_boxes, local_boxes, g_params, l_params = [], [], [], [], []
+        for index in indices:
+            v, boxes, generator = ds.sample_geometry(int(index))
+            volume_index.append(v)
+            global_boxes.append(boxes.global_boxes.astype(np.int64))
+            local_boxes.append(boxes.local_boxes.astype(np.int64).reshape(-1, 6))
+            if ds.augment:
+                gp, lp = draw_sample_params(generator, ds.augment_cfg, crop.global_out, crop.local_out, crop.n_local)
+                g_params.append(gp)
+                l_params.append(lp)
+        b, n_global, n_local = len(indices), global_boxes[0].shape[0], local_boxes[0].shape[0]
+        volume_index = np.asarray(volume_index, dtype=np.int64)
+        g_boxes, l_boxes = np.stack(global_boxes), np.stack(local_boxes)
+        g = self._crop(np.repeat(volume_index, n_global), g_boxes.reshape(-1, 6), tuple(crop.global_out))
+        if n_local:
+            loc = self._crop(np.repeat(volume_index, n_local), l_boxes.reshape(-1, 6), tuple(crop.local_out))
+        else:
+            loc = torch.empty((0, 1, *crop.local_out), dtype=torch.float32, device=g.device)
+        if ds.augment:
+            gp = _cat(g_params)
+            spatial = spatial_batch(g, gp)
+            gt = spatial[0::n_global]
+            x = intensity_batch(spatial, gp)
+            if n_local:
+                lp = _cat(l_params)
+                loc = intensity_batch(spatial_batch(loc, lp), lp)
+        else:
+            gt = g[0::n_global]
+            x = z_normalize_batch(g)
+            loc = z_normalize_batch(loc) if n_local else loc
+        x = x.view(b, n_global, *x.shape[1:])
+        return {
+            "x1": x[:, 0].contiguous(),
+            "x2": x[:, 1].contiguous(),
+            "gt": gt,
+            "locals": loc.view(b, n_local, *loc.shape[1:]),
+            "global_boxes": torch.from_numpy(g_boxes),
+            "local_boxes": torch.from_numpy(l_boxes),
+            "volume_index": torch.from_numpy(volume_index),
+        }
+
+    def batches(self, batch_indices: Iterable[Sequence[int]]) -> Iterator[dict]:
+        """One batch per list of item indices, lazily."""
+        for indices in batch_indices:
+            yield self.batch(indices)
