@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-cpu clean
+.PHONY: install demo test lint bench bench-cpu bench-data clean
 
 # torch goes in first and the package builds without isolation: setup.py compiles the C++ extension
 # pcrlv2_fast._C (csrc/) against the installed torch.
@@ -32,7 +32,13 @@ lint: $(STAMP)
 bench-cpu: $(STAMP)
 	$(PY) benchmarks/benchmark_train_step.py --device cpu
 
-bench: bench-cpu
+# Data pipeline on this CPU: the official torchio/skimage cost vs every loader, one run, per core.
+bench-data: $(STAMP)
+	$(PY) -m pip install -q scikit-image torchio
+	$(PY) benchmarks/benchmark_data.py
+	$(PY) benchmarks/benchmark_crop_resize.py
+
+bench: bench-cpu bench-data
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -83,6 +83,8 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "ruff>=0.5", "triton>=3.0", "torchio>=0.19"],
         "dali": ["nvidia-dali-cuda120"],
+        # The official-pipeline baseline of benchmarks/benchmark_data.py (torchio chains + skimage resize).
+        "bench": ["torchio>=0.19", "scikit-image>=0.20"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
