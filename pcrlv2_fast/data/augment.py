@@ -213,9 +213,8 @@ def _patch_starts(generator: torch.Generator, limit: torch.Tensor, n: int) -> to
     return (u * limit).floor().long()
 
 
-def sample_swap(generator: torch.Generator, shape, cfg: AugmentConfig) -> torch.Tensor:
-    """Start indices (n, 2, 3) of the patch pairs; the second patch is redrawn while it equals the first
-    (torchio's "overlap" test only rejects a second patch that lies inside the first, i.e. the same one)."""
+def swap_limit(shape, cfg: AugmentConfig) -> torch.Tensor:
+    """Per-axis range of patch starts (float64, shape minus patch), checked to allow two distinct patches."""
     limit = torch.as_tensor(shape, dtype=torch.float64) - torch.as_tensor(cfg.swap_patch, dtype=torch.float64)
     if (limit < 0).any():
         raise ValueError(f"swap patch {cfg.swap_patch} is larger than the view {tuple(shape)}")
@@ -224,6 +223,13 @@ def sample_swap(generator: torch.Generator, shape, cfg: AugmentConfig) -> torch.
         raise ValueError(
             f"swap patch {cfg.swap_patch} leaves fewer than two patch positions in the view {tuple(shape)}"
         )
+    return limit
+
+
+def sample_swap(generator: torch.Generator, shape, cfg: AugmentConfig) -> torch.Tensor:
+    """Start indices (n, 2, 3) of the patch pairs; the second patch is redrawn while it equals the first
+    (torchio's "overlap" test only rejects a second patch that lies inside the first, i.e. the same one)."""
+    limit = swap_limit(shape, cfg)
     n = cfg.swap_iterations
     first = _patch_starts(generator, limit, n)
     second = _patch_starts(generator, limit, n)

@@ -52,6 +52,7 @@ from .augment import (
     sample_gamma,
     sample_noise,
     sample_swap,
+    swap_limit,
 )
 
 __all__ = [
@@ -411,17 +412,6 @@ def z_normalize_batch(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ parameters
 
 
-def _validate_swap(shape, cfg: AugmentConfig) -> torch.Tensor:
-    limit = torch.as_tensor(shape, dtype=torch.float64) - torch.as_tensor(cfg.swap_patch, dtype=torch.float64)
-    if (limit < 0).any():
-        raise ValueError(f"swap patch {cfg.swap_patch} is larger than the view {tuple(shape)}")
-    if not (limit >= 2).any():
-        raise ValueError(
-            f"swap patch {cfg.swap_patch} leaves fewer than two patch positions in the view {tuple(shape)}"
-        )
-    return limit
-
-
 def sample_batch_params(
     generator: torch.Generator, n: int, cfg: AugmentConfig, shape, with_swap: bool
 ) -> dict[str, torch.Tensor]:
@@ -447,7 +437,7 @@ def sample_batch_params(
         "gamma": torch.exp(uniform(cfg.log_gamma, n)),
     }
     if with_swap:
-        limit = _validate_swap(shape, cfg).to(dev)
+        limit = swap_limit(shape, cfg).to(dev)
         size = (n, cfg.swap_iterations, 2, 3)
         starts = (torch.rand(size, generator=generator, dtype=torch.float64, device=dev) * limit).floor().long()
         # Redraw second patches equal to their first, as sample_swap (rejection keeps the distribution).
