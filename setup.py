@@ -49,7 +49,7 @@ def native_build():
 
     ext = CppExtension(
         "pcrlv2_fast._C",
-        ["csrc/crop_resize.cpp"],
+        ["csrc/crop_resize.cpp", "csrc/affine.cpp"],
         # -g0: no debug info (halves the compile). No FP traps, finite values, no signed zeros: lets GCC turn
         # the window clamps into vector min/max (~30% faster); the kernel's inputs are finite scan values.
         extra_compile_args=["-O3", "-g0", "-fopenmp", "-fno-trapping-math", "-ffinite-math-only", "-fno-signed-zeros"],

@@ -323,9 +323,17 @@ void crop_resize_out(const at::Tensor& volume, const at::Tensor& boxes, at::Tens
 
 }  // namespace
 
+namespace pcrlv2 {
+// csrc/affine.cpp
+void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& flips, at::Tensor& out,
+                int64_t num_threads);
+}  // namespace pcrlv2
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pcrlv2_fast native CPU kernels (OpenMP)";
   m.def("crop_resize_out", &crop_resize_out, "Cut, window and trilinearly resize boxes of a volume into out",
         pybind11::arg("volume"), pybind11::arg("boxes"), pybind11::arg("out"), pybind11::arg("lo"),
         pybind11::arg("hi"), pybind11::arg("num_threads"));
+  m.def("affine_out", &pcrlv2::affine_out, "Flip + affine resampling of a float32 batch into out (csrc/affine.cpp)",
+        pybind11::arg("x"), pybind11::arg("maps"), pybind11::arg("flips"), pybind11::arg("out"), pybind11::arg("num_threads"));
 }

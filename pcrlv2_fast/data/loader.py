@@ -11,7 +11,8 @@
 2. all global crops of the batch, then all local crops, are cut and resized in one go: backend ``torch``
    with :class:`~pcrlv2_fast.data.batched.VolumeBank` (on any device), backend ``native`` with the C++
    ``native.crop_resize`` per volume, straight from the (memory-mapped) arrays into a preallocated buffer;
-3. the batched ops of :mod:`~pcrlv2_fast.data.batched` augment the stacked global and local views.
+3. the batched ops of :mod:`~pcrlv2_fast.data.batched` augment the stacked global and local views (backend
+   ``native``: flip + affine with the C++ ``native.affine``, the intensity ops with the batched torch ops).
 
 The outputs equal the dataset's element-wise up to float rounding (the tests bound it by 1e-4). One
 difference: a volume whose window is (0, 1) is used as is by the dataset, while the crop kernels here clip
@@ -157,6 +158,13 @@ class BatchLoader:
             return buffer
         return buffer[torch.from_numpy(np.argsort(order))]
 
+    def _spatial(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        """Flip + affine of the stacked views: the C++ kernel (``native``) or ``batched.spatial_batch``."""
+        if self.bank is not None:
+            return spatial_batch(x, params)
+        maps = native.affine_maps(params["scales"], params["degrees"], x.shape[2:])
+        return native.affine(x, maps, flips=params["flip"], num_threads=self.num_threads)
+
     # ------------------------------------------------------------------------------------- batches
     def batch(self, indices: Sequence[int]) -> dict:
         """The batch of items ``indices`` (the dataset's current epoch)."""
@@ -183,12 +191,12 @@ class BatchLoader:
             loc = torch.empty((0, 1, *crop.local_out), dtype=torch.float32, device=g.device)
         if ds.augment:
             gp = _cat(g_params)
-            spatial = spatial_batch(g, gp)
+            spatial = self._spatial(g, gp)
             gt = spatial[0::n_global]
             x = intensity_batch(spatial, gp)
             if n_local:
                 lp = _cat(l_params)
-                loc = intensity_batch(spatial_batch(loc, lp), lp)
+                loc = intensity_batch(self._spatial(loc, lp), lp)
         else:
             gt = g[0::n_global]
             x = z_normalize_batch(g)

@@ -2,7 +2,9 @@
 
 ``crop_resize`` cuts many boxes out of one (memory-mapped) volume and resizes each trilinearly into a
 float32 or bfloat16 batch, reading the int16 / float16 / float32 source in place. Its semantics are
-:func:`pcrlv2_fast.reference.crop_resize.reference_crop_resize`. The extension is built by ``setup.py``
+:func:`pcrlv2_fast.reference.crop_resize.reference_crop_resize`. ``affine`` resamples a float32 batch with
+per-sample source-index maps (:func:`affine_maps`: ``augment.flip`` then ``augment.affine`` per view, in one
+pass). The extension is built by ``setup.py``
 when a C++ compiler and torch are present at install time; without it :func:`available` is False,
 :func:`load_error` says why and every op raises a RuntimeError with that message.
 """
@@ -15,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["available", "load_error", "crop_resize"]
+__all__ = ["available", "load_error", "crop_resize", "affine", "affine_maps"]
 
 INPUT_DTYPES = (np.dtype(np.int16), np.dtype(np.float16), np.dtype(np.float32))
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -129,4 +131,59 @@ def crop_resize(
     if threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     ext.crop_resize_out(vol, torch.from_numpy(box_arr), out, lo, hi, threads)
+    return out
+
+
+def affine_maps(scales: torch.Tensor, degrees: torch.Tensor, shape) -> torch.Tensor:
+    """(N, 3, 4) float64 source-index maps of ``augment.affine(scales, degrees)`` (each (N, 3)) on views of
+    spatial ``shape``: source = M[:, :3] @ i + M[:, 3] = c + inverse @ (i - c), with c = (n - 1) / 2 and
+    ``inverse = R^T diag(1 / scales)`` built as augment.affine / batched.affine_batch build it."""
+    from .batched import _rotations  # batched does not import this module
+
+    scales = torch.as_tensor(scales, dtype=torch.float64).cpu()
+    degrees = torch.as_tensor(degrees, dtype=torch.float64).cpu()
+    inverse = _rotations(degrees).transpose(1, 2) / scales[:, None, :]  # R^T @ diag(1 / s)
+    centre = (torch.as_tensor(tuple(shape), dtype=torch.float64) - 1) / 2
+    maps = torch.empty(len(scales), 3, 4, dtype=torch.float64)
+    maps[:, :, :3] = inverse
+    maps[:, :, 3] = centre - inverse @ centre
+    return maps
+
+
+def affine(x: torch.Tensor, maps: torch.Tensor, out: torch.Tensor | None = None, flips: torch.Tensor | None = None,
+           num_threads: int | None = None) -> torch.Tensor:
+    """``augment.affine(augment.flip(view, axes), ...)`` of every view of the float32 batch ``x`` (N, 1, X, Y, Z).
+
+    maps: (N, 3, 4) float64 view maps (:func:`affine_maps`): output voxel i reads the flipped view at
+    s = maps[n, :, :3] @ i + maps[n, :, 3], trilinear with s clamped to [0, n - 1] when s lies in
+    [-0.5, n - 0.5) on every axis, otherwise the minimum of the sample's input. flips: optional (N, 3) bool,
+    the axes each sample is flipped along first. out: optional contiguous float32 tensor of x's shape (not x);
+    num_threads: OpenMP threads (default torch.get_num_threads()). The point is interpolated in float64; the
+    inside decision is the reference's float32 one. Max abs difference to the per-view ops < 1e-5 on [0, 1]
+    views (their own float32 rounding).
+    """
+    ext = _require()
+    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != 1 or x.dtype != torch.float32 \
+            or x.device.type != "cpu":
+        raise ValueError(f"x must be a float32 CPU tensor of shape (N, 1, X, Y, Z), got "
+                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+    n = x.shape[0]
+    maps = torch.as_tensor(maps)
+    if tuple(maps.shape) != (n, 3, 4):
+        raise ValueError(f"maps must have shape ({n}, 3, 4), got {tuple(maps.shape)}")
+    maps = maps.to("cpu", torch.float64).contiguous()
+    flips = torch.zeros(n, 3, dtype=torch.bool) if flips is None else torch.as_tensor(flips)
+    if tuple(flips.shape) != (n, 3):
+        raise ValueError(f"flips must have shape ({n}, 3), got {tuple(flips.shape)}")
+    flips = flips.to("cpu").bool().long().contiguous()
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif tuple(out.shape) != tuple(x.shape) or out.dtype != torch.float32 or out.device.type != "cpu" \
+            or not out.is_contiguous() or (out.numel() and out.data_ptr() == x.data_ptr()):
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {tuple(x.shape)}, distinct from x")
+    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    if threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    ext.affine_out(x, maps, flips, out, threads)
     return out

@@ -278,3 +278,80 @@ def test_benchmark_writes_rows(tmp_path):
         (v, p) for v in ("global", "local") for p in ("torch", "native", "native_out")]
     for r in rows:
         assert r["name"] == "crop_resize" and r["crops_per_s"] > 0 and r["device"] and r["torch"] and r["date"]
+
+
+# ------------------------------------------------------------------------------------------- affine
+
+
+def _affine_reference(x: torch.Tensor, scales, degrees, flips) -> torch.Tensor:
+    """augment.flip then augment.affine, view by view."""
+    from pcrlv2_fast.data import augment
+
+    views = []
+    for n in range(x.shape[0]):
+        axes = [a for a in range(3) if bool(flips[n, a])]
+        views.append(augment.affine(augment.flip(x[n], axes), scales[n], degrees[n]))
+    return torch.stack(views)
+
+
+def _affine_params(n: int, seed: int, flip_all: bool = False):
+    from pcrlv2_fast.data.augment import AugmentConfig, sample_affine
+
+    generator = torch.Generator().manual_seed(seed)
+    cfg = AugmentConfig()
+    drawn = [sample_affine(generator, cfg) for _ in range(n)]
+    scales = torch.stack([s for s, _ in drawn])
+    degrees = torch.stack([d for _, d in drawn])
+    flips = torch.ones(n, 3, dtype=torch.bool) if flip_all else torch.rand(n, 3, generator=generator) < 0.5
+    return scales, degrees, flips
+
+
+@needs_native
+@pytest.mark.parametrize("shape", [(64, 64, 32), (16, 16, 16), (17, 9, 23), (5, 12, 7), (3, 6, 2)])
+@pytest.mark.parametrize("flip_all", [False, True])
+def test_affine_matches_augment(shape, flip_all):
+    n = 6
+    x = torch.rand((n, 1, *shape), generator=torch.Generator().manual_seed(sum(shape)))
+    scales, degrees, flips = _affine_params(n, seed=len(shape) + shape[0], flip_all=flip_all)
+    maps = native.affine_maps(scales, degrees, shape)
+    got = native.affine(x, maps, flips=flips, num_threads=2)
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert_close(got, _affine_reference(x, scales, degrees, flips), what=f"affine {shape}")
+
+
+@needs_native
+def test_affine_wide_angles_and_scales_fill_with_sample_minimum():
+    # Large rotations / small scales put many output voxels outside: they get each sample's own minimum.
+    shape = (20, 18, 12)
+    x = torch.rand((4, 1, *shape), generator=torch.Generator().manual_seed(3)) + torch.arange(4.0).view(4, 1, 1, 1, 1)
+    scales = torch.tensor([[0.5, 0.7, 0.6], [1.3, 0.8, 1.0], [1.0, 1.0, 1.0], [0.9, 1.1, 0.95]], dtype=torch.float64)
+    degrees = torch.tensor([[40.0, -30.0, 75.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-120.0, 10.0, 5.0]],
+                           dtype=torch.float64)
+    flips = torch.tensor([[True, False, True], [False, True, False], [False, False, False], [True, True, True]])
+    got = native.affine(x, native.affine_maps(scales, degrees, shape), flips=flips)
+    expected = _affine_reference(x, scales, degrees, flips)
+    assert_close(got, expected, what="wide")
+    assert torch.equal(got[2], x[2])  # identity map: the input itself
+    assert (got[0] == x[0].min()).any()
+
+
+@needs_native
+def test_affine_out_and_errors():
+    x = torch.rand(3, 1, 8, 6, 4)
+    scales, degrees, flips = _affine_params(3, seed=1)
+    maps = native.affine_maps(scales, degrees, (8, 6, 4))
+    out = torch.empty_like(x)
+    assert native.affine(x, maps, out=out, flips=flips) is out
+    torch.testing.assert_close(out, native.affine(x, maps, flips=flips, num_threads=1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="maps"):
+        native.affine(x, maps[:2])
+    with pytest.raises(ValueError, match="flips"):
+        native.affine(x, maps, flips=flips[:, :2])
+    with pytest.raises(ValueError, match="x must be"):
+        native.affine(x.double(), maps)
+    with pytest.raises(ValueError, match="out must be"):
+        native.affine(x, maps, out=x)
+    with pytest.raises(ValueError, match="num_threads"):
+        native.affine(x, maps, num_threads=0)
+    empty = torch.empty(0, 1, 8, 6, 4)
+    assert native.affine(empty, torch.empty(0, 3, 4, dtype=torch.float64)).shape == empty.shape
