@@ -26,6 +26,7 @@ from pcrlv2_fast.data.augment import (
     swap,
     z_normalize,
 )
+from tests.helpers import assert_close
 
 CFG = AugmentConfig()
 SHAPES = [(1, 16, 16, 16), (1, 20, 18, 12), (2, 13, 9, 7)]
@@ -37,19 +38,6 @@ def view(shape=(1, 20, 18, 12), seed=0) -> torch.Tensor:
 
 def gen(seed=0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def assert_close(actual, expected, atol=1e-5, rtol=0.0):
-    """Element-wise comparison that reports where the tensors differ."""
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    diff = (actual - expected).abs()
-    bad = diff > atol + rtol * expected.abs()
-    if bad.any():
-        where = bad.nonzero()[:5].tolist()
-        raise AssertionError(
-            f"{int(bad.sum())} of {bad.numel()} elements differ, max {diff.max():.3g}, first at {where}"
-        )
 
 
 # -------------------------------------------------------------------------------------- fixed params

@@ -46,6 +46,7 @@ from pcrlv2_fast.data.batched import (
     z_normalize_batch,
 )
 from pcrlv2_fast.data.dataset import cut_and_resize
+from tests.helpers import assert_close
 
 CFG = AugmentConfig()
 # Every axis may flip, so the flip folded into the affine is exercised on all three.
@@ -69,19 +70,6 @@ def batch(n, shape, layout="contiguous", seed=0, channels=1) -> torch.Tensor:
         big[::2] = x
         return big.permute(0, 1, 4, 3, 2).contiguous().permute(0, 1, 4, 3, 2)[::2]
     return x
-
-
-def assert_close(actual, expected, atol=1e-5, rtol=0.0):
-    """Element-wise comparison that reports where the tensors differ."""
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    diff = (actual - expected).abs()
-    bad = diff > atol + rtol * expected.abs()
-    if bad.any():
-        where = bad.nonzero()[:5].tolist()
-        raise AssertionError(
-            f"{int(bad.sum())} of {bad.numel()} elements differ, max {diff.max():.3g}, first at {where}"
-        )
 
 
 def flip_axes(mask_row) -> tuple[int, ...]:

@@ -15,23 +15,12 @@ import torch
 
 from pcrlv2_fast.data import native
 from pcrlv2_fast.reference.crop_resize import reference_crop_resize
+from tests.helpers import assert_close
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"native extension unavailable: {native.load_error()}")
 
 WINDOW = (-1000.0, 1000.0)
 SHAPE = (40, 36, 30)
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float = 1e-5, what: str = "") -> None:
-    """Element-wise check that reports the worst element and how many differ."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    err = (actual.double() - expected.double()).abs()
-    bad = err > atol
-    if bad.any():
-        worst = tuple(int(i) for i in np.unravel_index(int(err.argmax()), tuple(err.shape)))
-        raise AssertionError(f"{what}: {int(bad.sum())} of {err.numel()} elements differ by > {atol}; worst at "
-                             f"{worst}: {actual[worst].item()} vs {expected[worst].item()} "
-                             f"(err {err.max().item():.3g})")
 
 
 def ct_volume(shape=SHAPE, dtype=np.int16, seed: int = 0) -> np.ndarray:
