@@ -40,6 +40,11 @@ __all__ = [
     "sample_noise",
     "sample_gamma",
     "sample_swap",
+    "draw_spatial",
+    "draw_intensity",
+    "draw_sample_views",
+    "apply_spatial",
+    "apply_intensity",
     "spatial_augment",
     "intensity_augment",
 ]
@@ -241,18 +246,53 @@ def sample_swap(generator: torch.Generator, shape, cfg: AugmentConfig) -> torch.
 # ------------------------------------------------------------------------------------------- pipelines
 
 
+def draw_spatial(generator: torch.Generator, cfg: AugmentConfig) -> dict:
+    """RandomFlip then RandomAffine parameters of one view: ``flip`` axes, ``scales``, ``degrees``."""
+    axes = sample_flip(generator, cfg)
+    scales, degrees = sample_affine(generator, cfg)
+    return {"flip": axes, "scales": scales, "degrees": degrees}
+
+
+def draw_intensity(generator: torch.Generator, cfg: AugmentConfig, shape, with_swap: bool) -> dict:
+    """Blur, noise (std and its float32 field of shape (1, *shape)), gamma and, with ``with_swap``, swap
+    parameters of one view, drawn in the order the official chain applies them."""
+    params = {"sigmas": sample_blur(generator, cfg), "noise_std": sample_noise(generator, cfg)}
+    params["noise_field"] = torch.randn((1, *shape), generator=generator, dtype=torch.float32)
+    params["gamma"] = sample_gamma(generator, cfg)
+    if with_swap:
+        params["swap"] = sample_swap(generator, shape, cfg)
+    return params
+
+
+def draw_sample_views(generator: torch.Generator, cfg: AugmentConfig, global_shape, local_shape, n_local: int):
+    """Every augmentation parameter of one PCRLv2 sample, in the official draw order: spatial of both global
+    views, intensity (with swap) of both, then spatial + intensity of each local view. Returns the lists of
+    per-view parameter dicts ``(globals, locals)``; the per-sample dataset and the batch loaders both use it."""
+    spatial = [draw_spatial(generator, cfg) for _ in range(2)]
+    globals_ = [{**s, **draw_intensity(generator, cfg, tuple(global_shape), True)} for s in spatial]
+    locals_ = [{**draw_spatial(generator, cfg), **draw_intensity(generator, cfg, tuple(local_shape), False)}
+               for _ in range(n_local)]
+    return globals_, locals_
+
+
+def apply_spatial(x: torch.Tensor, params: dict) -> torch.Tensor:
+    return affine(flip(x, params["flip"]), params["scales"], params["degrees"])
+
+
+def apply_intensity(x: torch.Tensor, params: dict, cfg: AugmentConfig) -> torch.Tensor:
+    x = blur(x, params["sigmas"])
+    x = x + params["noise_field"].to(x.dtype) * params["noise_std"]
+    x = gamma(x, params["gamma"])
+    if "swap" in params:
+        x = swap(x, params["swap"], cfg.swap_patch)
+    return z_normalize(x)
+
+
 def spatial_augment(x: torch.Tensor, generator: torch.Generator, cfg: AugmentConfig) -> torch.Tensor:
     """RandomFlip then RandomAffine, fresh parameters per call (the official ``spatial_transforms``)."""
-    x = flip(x, sample_flip(generator, cfg))
-    scales, degrees = sample_affine(generator, cfg)
-    return affine(x, scales, degrees)
+    return apply_spatial(x, draw_spatial(generator, cfg))
 
 
 def intensity_augment(x: torch.Tensor, generator: torch.Generator, cfg: AugmentConfig, with_swap: bool) -> torch.Tensor:
     """RandomBlur, RandomNoise, RandomGamma, RandomSwap (global views: ``with_swap``), ZNormalization."""
-    x = blur(x, sample_blur(generator, cfg))
-    x = noise(x, sample_noise(generator, cfg), generator)
-    x = gamma(x, sample_gamma(generator, cfg))
-    if with_swap:
-        x = swap(x, sample_swap(generator, x.shape[1:], cfg), cfg.swap_patch)
-    return z_normalize(x)
+    return apply_intensity(x, draw_intensity(generator, cfg, x.shape[1:], with_swap), cfg)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .augment import AugmentConfig, intensity_augment, spatial_augment, z_normalize
+from .augment import AugmentConfig, apply_intensity, apply_spatial, draw_sample_views, z_normalize
 from .geometry import CropConfig, draw_sample_boxes
 from .io import Volume
 
@@ -136,15 +136,12 @@ class PretrainDataset(Dataset):
         ]
         cfg = self.augment_cfg
         if self.augment:
-            # Same order of random draws as the official __getitem__: spatial for both globals, intensity for
-            # both, then spatial + intensity per local view.
-            spatial = [spatial_augment(crop, generator, cfg) for crop in crops]
+            g_params, l_params = draw_sample_views(generator, cfg, self.crop.global_out, self.crop.local_out,
+                                                   len(local_crops))
+            spatial = [apply_spatial(crop, p) for crop, p in zip(crops, g_params)]
             gt = spatial[0]
-            x1, x2 = (intensity_augment(view, generator, cfg, with_swap=True) for view in spatial)
-            local_views = [
-                intensity_augment(spatial_augment(crop, generator, cfg), generator, cfg, with_swap=False)
-                for crop in local_crops
-            ]
+            x1, x2 = (apply_intensity(view, p, cfg) for view, p in zip(spatial, g_params))
+            local_views = [apply_intensity(apply_spatial(crop, p), p, cfg) for crop, p in zip(local_crops, l_params)]
         else:
             gt = crops[0]
             x1, x2 = (z_normalize(crop) for crop in crops)

@@ -4,9 +4,8 @@
 :class:`BatchLoader` produces the same batches from the same ``(seed, epoch, index)``:
 
 1. per sample, the boxes and the ``torch.Generator`` come from :meth:`PretrainDataset.sample_geometry` (the
-   dataset's own code), and :func:`draw_sample_params` draws the augmentation parameters from that generator
-   with augment.py's samplers in the dataset's order, noise fields included (each field is drawn between
-   the view's noise std and its gamma, exactly where ``augment.noise`` draws it), so every parameter and
+   dataset's own code), and :func:`draw_sample_params` stacks what ``augment.draw_sample_views`` draws from
+   that generator: the very function the dataset draws with, noise fields included, so every parameter and
    every noise value is the one the dataset uses;
 2. all global crops of the batch, then all local crops, are cut and resized in one go: backend ``torch``
    with :class:`~pcrlv2_fast.data.batched.VolumeBank` (on any device), backend ``native`` with the C++
@@ -28,15 +27,7 @@ import numpy as np
 import torch
 
 from . import native
-from .augment import (
-    AugmentConfig,
-    sample_affine,
-    sample_blur,
-    sample_flip,
-    sample_gamma,
-    sample_noise,
-    sample_swap,
-)
+from .augment import AugmentConfig, draw_sample_views
 from .batched import VolumeBank, intensity_batch, spatial_batch, z_normalize_batch
 from .dataset import PretrainDataset
 
@@ -62,42 +53,31 @@ def resolve_loader(name: str) -> str:
 
 
 def _stack(views: list[dict]) -> dict:
-    return {key: torch.stack([v[key] for v in views]) for key in views[0]} if views else {}
-
-
-def _spatial(generator: torch.Generator, cfg: AugmentConfig) -> dict:
-    axes = sample_flip(generator, cfg)
-    scales, degrees = sample_affine(generator, cfg)
-    return {"flip": torch.tensor([a in axes for a in range(3)]), "scales": scales, "degrees": degrees}
-
-
-def _intensity(generator: torch.Generator, cfg: AugmentConfig, shape, with_swap: bool) -> dict:
-    # augment.intensity_augment's draws, in its order: blur, noise std, noise field, gamma, swap.
-    view = {"sigmas": sample_blur(generator, cfg),
-            "noise_std": torch.tensor(sample_noise(generator, cfg), dtype=torch.float64)}
-    view["noise_field"] = torch.randn((1, *shape), generator=generator, dtype=torch.float32)
-    view["gamma"] = torch.tensor(sample_gamma(generator, cfg), dtype=torch.float64)
-    if with_swap:
-        view["swap"] = sample_swap(generator, shape, cfg)
-    return view
+    """Per-view parameter dicts (augment.draw_sample_views) in batched.py's layout: tensors with a view axis,
+    flips as an (n, 3) bool mask."""
+    out = {}
+    for key in views[0]:
+        values = [v[key] for v in views]
+        if key == "flip":
+            out[key] = torch.tensor([[a in axes for a in range(3)] for axes in values])
+        elif isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = torch.tensor(values, dtype=torch.float64)
+    return out
 
 
 def draw_sample_params(
     generator: torch.Generator, cfg: AugmentConfig, global_shape: Sequence[int], local_shape: Sequence[int],
     n_local: int,
 ) -> tuple[dict, dict]:
-    """The augmentation parameters of one sample, drawn from ``generator`` in ``PretrainDataset``'s order:
-    flip + affine of both global views, blur / noise / gamma / swap of both, then flip + affine + blur / noise
-    / gamma of each local view. Returns ``(global_params, local_params)`` in the layout of
-    :func:`~pcrlv2_fast.data.batched.stack_view_params` (2 and ``n_local`` rows) plus ``noise_field``
-    (rows of (1, *shape) float32 standard-normal fields)."""
-    spatial = [_spatial(generator, cfg) for _ in range(2)]
-    globals_ = [{**s, **_intensity(generator, cfg, tuple(global_shape), True)} for s in spatial]
-    locals_ = [{**_spatial(generator, cfg), **_intensity(generator, cfg, tuple(local_shape), False)}
-               for _ in range(n_local)]
-    global_params, local_params = _stack(globals_), _stack(locals_)
+    """The augmentation parameters of one sample (``augment.draw_sample_views``, the dataset's draws) stacked
+    in the layout of :func:`~pcrlv2_fast.data.batched.stack_view_params`: ``(global_params, local_params)``
+    with 2 and ``n_local`` rows, plus ``noise_field`` rows of (1, *shape) float32 standard-normal fields."""
+    globals_, locals_ = draw_sample_views(generator, cfg, global_shape, local_shape, n_local)
+    global_params = _stack(globals_)
     global_params["swap_patch"] = tuple(cfg.swap_patch)
-    return global_params, local_params
+    return global_params, (_stack(locals_) if locals_ else {})
 
 
 def _cat(params: list[dict]) -> dict:
