@@ -93,7 +93,7 @@ def pretrain_step(forward, loss_fn: PCRLv2Loss, optimizer, scaler, x1, x2, gt, l
 class StepOutput:
     terms: dict
     skipped: bool
-    sample: dict = field(default_factory=dict)  # first sample's views and outputs, for pictures
+    sample: dict = field(default_factory=dict)  # first sample's views and outputs (on the device), for pictures
 
 
 class Pretrainer:
@@ -199,8 +199,10 @@ class Pretrainer:
         terms, skip, (restoration, masks) = pretrain_step(
             self.forward, self.loss_fn, self.optimizer, self.scaler, x1, x2, gt, loc, epoch,
             step_rng(self.cfg.seed, self.step), self.amp_dtype, self.cfg.skip_loss_above)
-        sample = {"x1": x1[0], "gt": gt[0], "restoration": restoration[0], "masks": [m[0] for m in masks]}
-        return StepOutput(terms.as_dict(), skip, {k: _cpu(v) for k, v in sample.items()})
+        # Views of the first sample, kept on the device: only the last step's are copied out, for the pictures.
+        sample = {"x1": x1[0], "gt": gt[0], "restoration": restoration[0].detach(),
+                  "masks": [m[0].detach() for m in masks]}
+        return StepOutput(terms.as_dict(), skip, sample)
 
     # ------------------------------------------------------------------------------------------- run
     def batches(self, epoch: int, start: int):
@@ -271,7 +273,7 @@ class Pretrainer:
 
         files = {"checkpoint": str(self.out / "checkpoint.pt"), "metrics": str(self.out / "metrics.jsonl")}
         if self.cfg.pictures and last is not None:
-            s = last.sample
+            s = {k: _cpu(v) for k, v in last.sample.items()}
             save_restoration_png(self.out / "restoration.png", s["x1"], s["gt"], s["restoration"], s["masks"],
                                  title=f"step {self.step}")
             save_loss_curve_png(self.out / "metrics.jsonl", self.out / "loss_curve.png")
