@@ -7,7 +7,8 @@
 // interpolation (index clamped to [0, n - 1], grid_sample's border padding) of the flipped input, i.e. of the
 // input at n_a - 1 - s_a along flipped axes a; any other voxel gets the minimum of the sample's input.
 //
-// Numerics: the interpolation point and weights are computed in double per voxel. The inside decision is
+// Numerics: the interpolation point is computed in double per voxel, the weights rounded to float and the
+// interpolation done in float (as grid_sample's float32 path). The inside decision is
 // the reference's float32 one (the normalised grid coordinate g = sum_b theta[a][b] * linspace(-1, 1)[i_b]
 // in float32, then (g + 1) * half in float32 compared with -0.5 and n - 0.5, as batched.affine_batch
 // evaluates it): a voxel whose exact source lies within float32 rounding of the band edge would otherwise
@@ -28,7 +29,7 @@ namespace pcrlv2 {
 namespace {
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PCRLV2_AFFINE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define PCRLV2_AFFINE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PCRLV2_AFFINE_CLONES
 #endif
@@ -43,63 +44,83 @@ PCRLV2_AFFINE_CLONES float sample_min(const float* __restrict v, int64_t n) {
 // float(theta[a][b]) * linspace(-1, 1, n_b)[idx] rounded to float, theta[a][b] = M[a][b] * half[b] / half[a]
 // (batched._affine_theta's normalised matrix). Laid out as [a][x: X | y: Y | z: Z].
 struct InsideAxis {
-  bool always;  // n_a == 1: half = 0, no test (batched._inside_bounds gives -inf, inf)
-  float half, upper;
+  float half, lower, upper;  // inside: lower <= (g + 1) * half < upper; n_a == 1: no test (finite bounds that
+                             // always hold: half = 0, as batched._inside_bounds' -inf, inf)
 };
 
-// One output x-slab (Y x Z) of one sample: src the sample's (X, Y, Z) input, M its row-major (3, 4) view map,
-// flip its three flip flags, T its inside tables.
-PCRLV2_AFFINE_CLONES void affine_slab(const float* __restrict src, const double* M, const int64_t* flip,
-                                      const float* __restrict T, const InsideAxis* ax, int64_t i, int64_t X,
-                                      int64_t Y, int64_t Z, float fill, float* __restrict dst) {
-  const double mx = static_cast<double>(X - 1), my = static_cast<double>(Y - 1), mz = static_cast<double>(Z - 1);
+// Per-thread scratch of one output row: flat offset of the low corner and the three weights per voxel.
+struct RowScratch {
+  std::vector<int32_t> offset;
+  std::vector<float> wx, wy, wz;
+  std::vector<int32_t> inside;
+  explicit RowScratch(int64_t n) : offset(n), wx(n), wy(n), wz(n), inside(n) {}
+};
+
+// Low corner and weight along one axis: s clamped to [0, hi = n - 1], corner min(floor(s), last = max(n - 2, 0))
+// so the upper neighbour exists (weight 1 at s = n - 1); an axis of length 1 has corner 0 and weight 0.
+inline int32_t corner(double s, double hi, int32_t last, float& w) {
+  s = std::min(std::max(s, 0.0), hi);
+  const int32_t i = std::min(static_cast<int32_t>(s), last);
+  w = static_cast<float>(s - static_cast<double>(i));
+  return i;
+}
+
+// One output x-slab (Y x Z) of one sample: src the sample's (X, Y, Z) input, M its row-major (3, 4) map of the
+// flipped input (flips folded in), T its inside tables. Two passes per output row: coordinates, weights and
+// the inside decision (arithmetic only), then the eight reads and the interpolation.
+PCRLV2_AFFINE_CLONES void affine_slab(const float* __restrict src, const double* M, const float* __restrict T,
+                                      const InsideAxis* ax, int64_t i, int64_t X, int64_t Y, int64_t Z, float fill,
+                                      float* __restrict dst, RowScratch& row) {
   const int64_t plane = Y * Z, L = X + Y + Z;
+  const int64_t sx_step = X >= 2 ? plane : 0, sy_step = Y >= 2 ? Z : 0, sz_step = Z >= 2 ? 1 : 0;
   const double di = static_cast<double>(i);
   const float tx0 = T[i], tx1 = T[L + i], tx2 = T[2 * L + i];
-  const float* __restrict ty0 = T + X;
-  const float* __restrict ty1 = T + L + X;
-  const float* __restrict ty2 = T + 2 * L + X;
   const float* __restrict tz0 = T + X + Y;
   const float* __restrict tz1 = T + L + X + Y;
   const float* __restrict tz2 = T + 2 * L + X + Y;
   const InsideAxis a0 = ax[0], a1 = ax[1], a2 = ax[2];
+  int32_t* __restrict off = row.offset.data();
+  float* __restrict wx = row.wx.data();
+  float* __restrict wy = row.wy.data();
+  float* __restrict wz = row.wz.data();
+  int32_t* __restrict in = row.inside.data();
+  const double hx = static_cast<double>(X - 1), hy = static_cast<double>(Y - 1), hz = static_cast<double>(Z - 1);
+  const int32_t lx = static_cast<int32_t>(std::max<int64_t>(X - 2, 0)), ly = static_cast<int32_t>(std::max<int64_t>(Y - 2, 0)),
+                lz = static_cast<int32_t>(std::max<int64_t>(Z - 2, 0));
+  const int32_t plane32 = static_cast<int32_t>(plane), Z32 = static_cast<int32_t>(Z);
+  const double mx = M[2], my = M[6], mz = M[10];  // steps of the source index along output z
   for (int64_t j = 0; j < Y; ++j) {
     const double dj = static_cast<double>(j);
     const double bx = M[0] * di + M[1] * dj + M[3];
     const double by = M[4] * di + M[5] * dj + M[7];
     const double bz = M[8] * di + M[9] * dj + M[11];
-    const float uy0 = ty0[j], uy1 = ty1[j], uy2 = ty2[j];
-    float* __restrict d = dst + j * Z;
+    const float uy0 = T[X + j], uy1 = T[L + X + j], uy2 = T[2 * L + X + j];
     for (int64_t k = 0; k < Z; ++k) {
       // The reference's float32 inside test: (tz + ty) + tx, then (g + 1) * half.
       const float g0 = (tz0[k] + uy0) + tx0, g1 = (tz1[k] + uy1) + tx1, g2 = (tz2[k] + uy2) + tx2;
       const float s0 = (g0 + 1.f) * a0.half, s1 = (g1 + 1.f) * a1.half, s2 = (g2 + 1.f) * a2.half;
-      const bool inside = (a0.always || (s0 >= -0.5f && s0 < a0.upper)) &&
-                          (a1.always || (s1 >= -0.5f && s1 < a1.upper)) &&
-                          (a2.always || (s2 >= -0.5f && s2 < a2.upper));
-      if (!inside) {
-        d[k] = fill;
-        continue;
-      }
+      in[k] = static_cast<int32_t>(s0 >= a0.lower) & static_cast<int32_t>(s0 < a0.upper) &
+              static_cast<int32_t>(s1 >= a1.lower) & static_cast<int32_t>(s1 < a1.upper) &
+              static_cast<int32_t>(s2 >= a2.lower) & static_cast<int32_t>(s2 < a2.upper);
+    }
+    for (int64_t k = 0; k < Z; ++k) {
       const double dk = static_cast<double>(k);
-      double sx = bx + M[2] * dk, sy = by + M[6] * dk, sz = bz + M[10] * dk;
-      sx = flip[0] ? mx - sx : sx;
-      sy = flip[1] ? my - sy : sy;
-      sz = flip[2] ? mz - sz : sz;
-      sx = sx > 0.0 ? (sx < mx ? sx : mx) : 0.0;
-      sy = sy > 0.0 ? (sy < my ? sy : my) : 0.0;
-      sz = sz > 0.0 ? (sz < mz ? sz : mz) : 0.0;
-      const int64_t x0 = static_cast<int64_t>(sx), y0 = static_cast<int64_t>(sy), z0 = static_cast<int64_t>(sz);
-      const double wx = sx - static_cast<double>(x0), wy = sy - static_cast<double>(y0),
-                   wz = sz - static_cast<double>(z0);
-      const int64_t dx = x0 < X - 1 ? plane : 0, dy = y0 < Y - 1 ? Z : 0, dz = z0 < Z - 1 ? 1 : 0;
-      const float* p = src + x0 * plane + y0 * Z + z0;
-      const double c00 = p[0] + wz * (static_cast<double>(p[dz]) - p[0]);
-      const double c01 = p[dy] + wz * (static_cast<double>(p[dy + dz]) - p[dy]);
-      const double c10 = p[dx] + wz * (static_cast<double>(p[dx + dz]) - p[dx]);
-      const double c11 = p[dx + dy] + wz * (static_cast<double>(p[dx + dy + dz]) - p[dx + dy]);
-      const double c0 = c00 + wy * (c01 - c00), c1 = c10 + wy * (c11 - c10);
-      d[k] = static_cast<float>(c0 + wx * (c1 - c0));
+      const int32_t cx = corner(bx + mx * dk, hx, lx, wx[k]);
+      const int32_t cy = corner(by + my * dk, hy, ly, wy[k]);
+      const int32_t cz = corner(bz + mz * dk, hz, lz, wz[k]);
+      off[k] = cx * plane32 + cy * Z32 + cz;
+    }
+    float* __restrict d = dst + j * Z;
+    for (int64_t k = 0; k < Z; ++k) {
+      const float* p = src + off[k];
+      const float z = wz[k], y = wy[k], x = wx[k];
+      const float c00 = p[0] + z * (p[sz_step] - p[0]);
+      const float c01 = p[sy_step] + z * (p[sy_step + sz_step] - p[sy_step]);
+      const float c10 = p[sx_step] + z * (p[sx_step + sz_step] - p[sx_step]);
+      const float c11 = p[sx_step + sy_step] + z * (p[sx_step + sy_step + sz_step] - p[sx_step + sy_step]);
+      const float c0 = c00 + y * (c01 - c00), c1 = c10 + y * (c11 - c10);
+      const float v = c0 + x * (c1 - c0);
+      d[k] = in[k] ? v : fill;
     }
   }
 }
@@ -139,6 +160,7 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
   const int64_t volume = X * Y * Z;
   if (n == 0 || volume == 0) return;
   TORCH_CHECK(out.data_ptr() != x.data_ptr(), "affine: out must not be x");
+  TORCH_CHECK(volume < (int64_t{1} << 31), "affine: at most 2^31 - 1 voxels per view");
   const int64_t sizes[3] = {X, Y, Z};
   // torch's own float32 linspace(-1, 1, n): the grid bases of affine_grid / batched.affine_batch.
   at::Tensor base_t[3];
@@ -149,7 +171,8 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
     base_t[a] = at::linspace(-1, 1, sizes[a], x.options()).contiguous();
     bases[a] = base_t[a].const_data_ptr<float>();
     half[a] = static_cast<double>(sizes[a] - 1) / 2;
-    ax[a] = {sizes[a] == 1, static_cast<float>(half[a]), static_cast<float>(sizes[a]) - 0.5f};
+    ax[a] = sizes[a] == 1 ? InsideAxis{0.f, -1.f, 1.f}
+                          : InsideAxis{static_cast<float>(half[a]), -0.5f, static_cast<float>(sizes[a]) - 0.5f};
   }
   const float* src = x.const_data_ptr<float>();
   const double* M = maps.const_data_ptr<double>();
@@ -159,9 +182,21 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
   pybind11::gil_scoped_release no_gil;
   const int64_t L = X + Y + Z;
   std::vector<float> fill(n), tables(n * 3 * L);
+  // Maps of the flipped inputs: reading the flipped view at s_a is reading the input at (n_a - 1) - s_a.
+  std::vector<double> folded(12 * n);
+  for (int64_t b = 0; b < n; ++b) {
+    for (int a = 0; a < 3; ++a) {
+      const bool flip = F[3 * b + a] != 0;
+      for (int c = 0; c < 4; ++c) {
+        const double m = M[12 * b + 4 * a + c];
+        folded[12 * b + 4 * a + c] = flip ? (c == 3 ? static_cast<double>(sizes[a] - 1) - m : -m) : m;
+      }
+    }
+  }
   const int64_t n_slabs = n * X;
 #pragma omp parallel num_threads(threads)
   {
+    RowScratch row(Z);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n; ++b) {
       fill[b] = sample_min(src + b * volume, volume);
@@ -170,8 +205,8 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
 #pragma omp for schedule(guided)
     for (int64_t s = 0; s < n_slabs; ++s) {
       const int64_t b = s / X, i = s % X;
-      affine_slab(src + b * volume, M + 12 * b, F + 3 * b, tables.data() + b * 3 * L, ax, i, X, Y, Z, fill[b],
-                  dst + s * Y * Z);
+      affine_slab(src + b * volume, folded.data() + 12 * b, tables.data() + b * 3 * L, ax, i, X, Y, Z, fill[b],
+                  dst + s * Y * Z, row);
     }
   }
 }

@@ -33,11 +33,12 @@
 
 namespace {
 
-// The per-slab work is compiled twice (GCC function multi-versioning, resolved once at load time): for
-// x86-64-v3 (AVX2 + FMA, 8 floats a vector) and for the baseline (SSE2), so one build runs anywhere.
+// The per-slab work is compiled three times (GCC function multi-versioning, resolved once at load time): for
+// x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA, 8 floats a vector) and the baseline (SSE2), so one build runs
+// anywhere.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define PCRLV2_X86 1
-#define PCRLV2_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define PCRLV2_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define PCRLV2_X86 0
 #define PCRLV2_CLONES
@@ -327,6 +328,11 @@ namespace pcrlv2 {
 // csrc/affine.cpp
 void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& flips, at::Tensor& out,
                 int64_t num_threads);
+// csrc/intensity.cpp
+void normal_field_out(const at::Tensor& seeds, at::Tensor& out, int64_t num_threads);
+void intensity_out(const at::Tensor& x, const at::Tensor& sigmas, const at::Tensor& noise_std,
+                   const at::Tensor& noise_seed, const at::Tensor& gamma, const at::Tensor& swap,
+                   std::vector<int64_t> patch, at::Tensor& out, int64_t num_threads);
 }  // namespace pcrlv2
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -336,4 +342,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("hi"), pybind11::arg("num_threads"));
   m.def("affine_out", &pcrlv2::affine_out, "Flip + affine resampling of a float32 batch into out (csrc/affine.cpp)",
         pybind11::arg("x"), pybind11::arg("maps"), pybind11::arg("flips"), pybind11::arg("out"), pybind11::arg("num_threads"));
+  m.def("normal_field_out", &pcrlv2::normal_field_out,
+        "Counter-based standard normal fields of int64 seeds into out (csrc/intensity.cpp)", pybind11::arg("seeds"),
+        pybind11::arg("out"), pybind11::arg("num_threads"));
+  m.def("intensity_out", &pcrlv2::intensity_out,
+        "Fused blur, noise, gamma, patch swap and z-normalisation of a float32 batch (csrc/intensity.cpp)",
+        pybind11::arg("x"), pybind11::arg("sigmas"), pybind11::arg("noise_std"), pybind11::arg("noise_seed"),
+        pybind11::arg("gamma"), pybind11::arg("swap"), pybind11::arg("patch"), pybind11::arg("out"),
+        pybind11::arg("num_threads"));
 }

@@ -15,10 +15,16 @@ Deviations from torchio 1.2 (the semantics were read from its source):
 - ``z_normalize`` returns zeros for a constant view where torchio raises.
 - ``noise`` draws its field from the generator passed in, not from a per-call seed; generally all draws
   come from the caller's generator, so the distributions match torchio but not the values for a seed.
+- The pipelines (:func:`draw_sample_params`) draw one 62-bit seed per view and expand it into the standard
+  normal field with :func:`normal_field`, a counter-based generator (a 32-bit integer hash of the seed and
+  the voxel index, then Box-Muller), instead of drawing the field from a torch generator. Every backend (this
+  module, the batched torch ops on any device, the C++ kernels) computes the same field from the same seed
+  without drawing it serially; it is Gaussian with mean 0 and variance 1 like torchio's ``torch.randn``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -31,6 +37,7 @@ __all__ = [
     "affine",
     "blur",
     "noise",
+    "normal_field",
     "gamma",
     "swap",
     "z_normalize",
@@ -38,11 +45,14 @@ __all__ = [
     "sample_affine",
     "sample_blur",
     "sample_noise",
+    "sample_noise_seed",
     "sample_gamma",
     "sample_swap",
     "draw_spatial",
     "draw_intensity",
     "draw_sample_views",
+    "draw_sample_params",
+    "view_params",
     "apply_spatial",
     "apply_intensity",
     "spatial_augment",
@@ -145,6 +155,65 @@ def blur(x: torch.Tensor, sigmas) -> torch.Tensor:
         filtered = F.conv1d(padded, kernel.view(1, 1, -1)).reshape(moved.shape)
         out = filtered.movedim(-1, axis + 1)
     return out.contiguous() if out is not x else x.clone()
+
+
+_M32 = 0xFFFFFFFF
+_HASH_MUL = (0x7FEB352D, 0x846CA68B)
+_SEED_XOR = 0x9E3779B9  # second stream of a seed: key k1 ^ this constant
+_TWO_PI = 6.2831854820251465  # float32(2 pi)
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """Low 32 bits of h * c for int64 h in [0, 2^32), without int64 overflow (c split in 16-bit halves)."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer hash (xor-shift-multiply rounds) on int64 tensors holding uint32 values."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, _HASH_MUL[0])
+    h = h ^ (h >> 15)
+    h = _mul32(h, _HASH_MUL[1])
+    return h ^ (h >> 16)
+
+
+def _unit(h: torch.Tensor) -> torch.Tensor:
+    """float32 in (0, 1) from a 32-bit hash: (2 * top 23 bits + 1) / 2^24, exact in float32, never 0 or 1."""
+    return ((h >> 9) * 2 + 1).to(torch.float32) * (2.0**-24)
+
+
+def normal_field(seeds, shape, device: str | torch.device | None = None, backend: str = "auto") -> torch.Tensor:
+    """Standard normal float32 fields, one per seed: shape (len(seeds), *shape), a pure function of the seeds.
+
+    Voxel i (C-order flat index) of the field of seed s = k0 + 2^32 k1 is, with a = mix(i ^ k0):
+    ``u1 = unit(mix(a ^ k1))``, ``u2 = unit(mix(a ^ k1 ^ 0x9E3779B9))``, ``sqrt(-2 log u1) * cos(2 pi u2)`` in
+    float32 (Box-Muller). ``backend="torch"`` evaluates it with torch integer ops on ``device`` (the
+    reference); ``"auto"`` uses the C++ kernel (csrc/intensity.cpp: the same integers and formula, its own
+    log/cos within a few float32 ulps, ~50x faster) for CPU fields when the extension is built.
+    """
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
+    if backend == "auto" and torch.device(device or "cpu").type == "cpu":
+        from . import native
+
+        if native.available():
+            return native.normal_field(seeds, shape)
+    seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device).reshape(-1)
+    n = math.prod(int(s) for s in shape)
+    if n >= 2**31:
+        raise ValueError(f"noise fields hold at most 2^31 - 1 voxels, got shape {tuple(shape)}")
+    k0 = (seeds & _M32)[:, None]
+    k1 = ((seeds >> 32) & _M32)[:, None]
+    a = _mix32(torch.arange(n, dtype=torch.int64, device=seeds.device)[None, :] ^ k0)
+    u1 = _unit(_mix32(a ^ k1))
+    u2 = _unit(_mix32(a ^ (k1 ^ _SEED_XOR)))
+    field = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(u2 * _TWO_PI)
+    return field.view(len(seeds), *(int(s) for s in shape))
+
+
+def sample_noise_seed(generator: torch.Generator) -> int:
+    """A 62-bit seed for :func:`normal_field`."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator))
 
 
 def noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None, mean: float = 0.0) -> torch.Tensor:
@@ -254,25 +323,94 @@ def draw_spatial(generator: torch.Generator, cfg: AugmentConfig) -> dict:
 
 
 def draw_intensity(generator: torch.Generator, cfg: AugmentConfig, shape, with_swap: bool) -> dict:
-    """Blur, noise (std and its float32 field of shape (1, *shape)), gamma and, with ``with_swap``, swap
+    """Blur, noise (std and the :func:`normal_field` seed of its field), gamma and, with ``with_swap``, swap
     parameters of one view, drawn in the order the official chain applies them."""
     params = {"sigmas": sample_blur(generator, cfg), "noise_std": sample_noise(generator, cfg)}
-    params["noise_field"] = torch.randn((1, *shape), generator=generator, dtype=torch.float32)
+    params["noise_seed"] = sample_noise_seed(generator)
     params["gamma"] = sample_gamma(generator, cfg)
     if with_swap:
         params["swap"] = sample_swap(generator, shape, cfg)
     return params
 
 
+@functools.lru_cache(maxsize=64)
+def _swap_limit_cached(shape: tuple[int, ...], cfg: AugmentConfig) -> torch.Tensor:
+    return swap_limit(shape, cfg)
+
+
+def _sample_swaps(generator: torch.Generator, n: int, shape, cfg: AugmentConfig) -> torch.Tensor:
+    """Patch-pair starts (n, iterations, 2, 3) of ``n`` views in one draw; a second patch equal to its first
+    is redrawn (as :func:`sample_swap`)."""
+    limit = _swap_limit_cached(tuple(int(s) for s in shape), cfg)
+    u = torch.rand(n, cfg.swap_iterations, 2, 3, generator=generator, dtype=torch.float64)
+    starts = (u * limit).floor().long()
+    while (same := (starts[:, :, 0] == starts[:, :, 1]).all(dim=-1)).any():
+        redraw = torch.rand(int(same.sum()), 3, generator=generator, dtype=torch.float64)
+        starts[:, :, 1][same] = (redraw * limit).floor().long()
+    return starts
+
+
+def _draw_views(generator: torch.Generator, cfg: AugmentConfig, n: int) -> dict:
+    """Flip, affine, blur, noise and gamma parameters of ``n`` views from one uniform draw (n, 14) and one
+    seed draw, with the per-view samplers' distributions."""
+    u = torch.rand(n, 14, generator=generator, dtype=torch.float64)
+
+    def scaled(cols, bounds):
+        low, high = bounds
+        return low + (high - low) * u[:, cols]
+
+    allowed = torch.tensor([a in cfg.flip_axes for a in range(3)])
+    return {
+        "flip": (u[:, 0:3] < cfg.flip_probability) & allowed,
+        "scales": scaled(slice(3, 6), cfg.scales),
+        "degrees": scaled(slice(6, 9), cfg.degrees),
+        "sigmas": scaled(slice(9, 12), cfg.blur_std),
+        "noise_std": scaled(12, cfg.noise_std),
+        "noise_seed": torch.randint(0, 2**62, (n,), generator=generator),
+        "gamma": torch.exp(scaled(13, cfg.log_gamma)),
+    }
+
+
+def draw_sample_params(generator: torch.Generator, cfg: AugmentConfig, global_shape, local_shape,
+                       n_local: int) -> tuple[dict, dict]:
+    """Every augmentation parameter of one PCRLv2 sample, stacked per view kind: ``(global_params,
+    local_params)`` with 2 and ``n_local`` rows. Keys: ``flip`` (n, 3) bool, ``scales``, ``degrees``, ``sigmas``
+    (n, 3) float64, ``noise_std``, ``gamma`` (n,) float64, ``noise_seed`` (n,) int64 (:func:`normal_field`)
+    and, for the global views, ``swap`` (2, iterations, 2, 3) int64 patch starts and ``swap_patch``.
+
+    The draw order is fixed: the scalar parameters of all 2 + n_local views, their noise seeds, then the
+    swaps of the global views. The per-sample dataset (view by view, :func:`view_params`) and the batch
+    loaders (stacked) both use it, so they augment with identical parameters.
+    """
+    views = _draw_views(generator, cfg, 2 + n_local)
+    global_params = {k: v[:2] for k, v in views.items()}
+    local_params = {k: v[2:] for k, v in views.items()} if n_local else {}
+    global_params["swap"] = _sample_swaps(generator, 2, tuple(global_shape), cfg)
+    global_params["swap_patch"] = tuple(cfg.swap_patch)
+    return global_params, local_params
+
+
+def view_params(params: dict, i: int) -> dict:
+    """View ``i`` of stacked parameters (:func:`draw_sample_params`) as the per-view dict :func:`apply_spatial`
+    and :func:`apply_intensity` take."""
+    view = {
+        "flip": tuple(a for a in range(3) if bool(params["flip"][i, a])),
+        "scales": params["scales"][i],
+        "degrees": params["degrees"][i],
+        "sigmas": params["sigmas"][i],
+        "noise_std": float(params["noise_std"][i]),
+        "noise_seed": int(params["noise_seed"][i]),
+        "gamma": float(params["gamma"][i]),
+    }
+    if "swap" in params:
+        view["swap"] = params["swap"][i]
+    return view
+
+
 def draw_sample_views(generator: torch.Generator, cfg: AugmentConfig, global_shape, local_shape, n_local: int):
-    """Every augmentation parameter of one PCRLv2 sample, in the official draw order: spatial of both global
-    views, intensity (with swap) of both, then spatial + intensity of each local view. Returns the lists of
-    per-view parameter dicts ``(globals, locals)``; the per-sample dataset and the batch loaders both use it."""
-    spatial = [draw_spatial(generator, cfg) for _ in range(2)]
-    globals_ = [{**s, **draw_intensity(generator, cfg, tuple(global_shape), True)} for s in spatial]
-    locals_ = [{**draw_spatial(generator, cfg), **draw_intensity(generator, cfg, tuple(local_shape), False)}
-               for _ in range(n_local)]
-    return globals_, locals_
+    """:func:`draw_sample_params` as lists of per-view dicts ``(globals, locals)``."""
+    gp, lp = draw_sample_params(generator, cfg, global_shape, local_shape, n_local)
+    return [view_params(gp, i) for i in range(2)], [view_params(lp, i) for i in range(n_local)]
 
 
 def apply_spatial(x: torch.Tensor, params: dict) -> torch.Tensor:
@@ -281,7 +419,8 @@ def apply_spatial(x: torch.Tensor, params: dict) -> torch.Tensor:
 
 def apply_intensity(x: torch.Tensor, params: dict, cfg: AugmentConfig) -> torch.Tensor:
     x = blur(x, params["sigmas"])
-    x = x + params["noise_field"].to(x.dtype) * params["noise_std"]
+    field = normal_field([params["noise_seed"]], x.shape[1:], x.device)
+    x = x + field.to(x.dtype) * params["noise_std"]
     x = gamma(x, params["gamma"])
     if "swap" in params:
         x = swap(x, params["swap"], cfg.swap_patch)

@@ -46,6 +46,7 @@ from .augment import (
     _SIGMA_EPS,
     _TRUNCATE,
     AugmentConfig,
+    normal_field,
     sample_affine,
     sample_blur,
     sample_flip,
@@ -333,11 +334,15 @@ def blur_batch(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def noise_batch(
-    x: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None, field: torch.Tensor | None = None
+    x: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None, field: torch.Tensor | None = None,
+    seeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x + N(0, std[n]^2)`` per sample; the field is drawn from ``generator`` (on x's device) in one call, or
-    given as ``field`` (x's shape, standard normal; e.g. drawn per view in the per-sample stream order)."""
-    if field is None:
+    """``x + N(0, std[n]^2)`` per sample. The standard normal field is, in order of precedence: the fields of
+    ``seeds`` (N,) (``augment.normal_field``, the per-view pipelines' noise), ``field`` (x's shape), or one
+    ``torch.randn`` draw from ``generator`` (on x's device)."""
+    if seeds is not None:
+        field = normal_field(seeds, x.shape[1:], x.device).to(x.dtype)
+    elif field is None:
         field = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     else:
         field = field.to(x.device, x.dtype, copy=True)
@@ -490,9 +495,10 @@ def spatial_batch(x: torch.Tensor, params: dict) -> torch.Tensor:
 
 def intensity_batch(x: torch.Tensor, params: dict, generator: torch.Generator | None = None) -> torch.Tensor:
     """Blur, noise, gamma, swap (when ``params`` has ``swap``), z-normalisation: ``augment.intensity_augment``.
-    The noise field is ``params["noise_field"]`` when present, else drawn from ``generator``."""
+    The noise fields are those of ``params["noise_seed"]`` (or ``params["noise_field"]``) when present, else
+    drawn from ``generator``."""
     x = blur_batch(x, params["sigmas"])
-    x = noise_batch(x, params["noise_std"], generator, params.get("noise_field"))
+    x = noise_batch(x, params["noise_std"], generator, params.get("noise_field"), params.get("noise_seed"))
     x = gamma_batch(x, params["gamma"])
     if "swap" in params:
         x = swap_batch(x, params["swap"], params["swap_patch"])

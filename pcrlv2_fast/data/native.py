@@ -4,7 +4,9 @@
 float32 or bfloat16 batch, reading the int16 / float16 / float32 source in place. Its semantics are
 :func:`pcrlv2_fast.reference.crop_resize.reference_crop_resize`. ``affine`` resamples a float32 batch with
 per-sample source-index maps (:func:`affine_maps`: ``augment.flip`` then ``augment.affine`` per view, in one
-pass). The extension is built by ``setup.py``
+pass). ``intensity`` runs blur, noise, gamma, patch swap and z-normalisation of every view in one fused pass
+per view (``augment.apply_intensity``), and ``normal_field`` expands noise seeds (``augment.normal_field``).
+The extension is built by ``setup.py``
 when a C++ compiler and torch are present at install time; without it :func:`available` is False,
 :func:`load_error` says why and every op raises a RuntimeError with that message.
 """
@@ -17,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["available", "load_error", "crop_resize", "affine", "affine_maps"]
+__all__ = ["available", "load_error", "crop_resize", "affine", "affine_maps", "intensity", "normal_field"]
 
 INPUT_DTYPES = (np.dtype(np.int16), np.dtype(np.float16), np.dtype(np.float32))
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -186,4 +188,70 @@ def affine(x: torch.Tensor, maps: torch.Tensor, out: torch.Tensor | None = None,
     if threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     ext.affine_out(x, maps, flips, out, threads)
+    return out
+
+
+def _threads(num_threads: int | None) -> int:
+    threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    if threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    return threads
+
+
+def normal_field(seeds, shape, num_threads: int | None = None) -> torch.Tensor:
+    """``augment.normal_field(seeds, shape, backend="torch")`` computed by the C++ kernel: (len(seeds), *shape)
+    float32."""
+    ext = _require()
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).contiguous()
+    out = torch.empty((len(seeds), *(int(s) for s in shape)), dtype=torch.float32)
+    ext.normal_field_out(seeds, out, _threads(num_threads))
+    return out
+
+
+def _per_view(params: dict, key: str, n: int, dtype: torch.dtype, cols: int | None = None) -> torch.Tensor:
+    value = torch.as_tensor(params[key]).to("cpu", dtype).contiguous()
+    shape = (n,) if cols is None else (n, cols)
+    if tuple(value.shape) != shape:
+        raise ValueError(f"params[{key!r}] must have shape {shape}, got {tuple(value.shape)}")
+    return value
+
+
+def intensity(x: torch.Tensor, params: dict, out: torch.Tensor | None = None,
+              num_threads: int | None = None) -> torch.Tensor:
+    """``augment.apply_intensity`` of every view of the float32 batch ``x`` (N, 1, X, Y, Z), fused per view.
+
+    params (the layout of ``loader.draw_sample_params``): ``sigmas`` (N, 3), ``noise_std`` (N,), ``noise_seed``
+    (N,) int64, ``gamma`` (N,) and optionally ``swap`` (N, T, 2, 3) patch starts with ``swap_patch``. out:
+    optional contiguous float32 tensor of x's shape (may be x itself). Blur sums in float32 and log / exp /
+    cos are float32 polynomials, so the result differs from the torch ops by float32 rounding (the tests
+    bound it by 2e-5 after normalisation).
+    """
+    ext = _require()
+    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != 1 or x.dtype != torch.float32 \
+            or x.device.type != "cpu":
+        raise ValueError(f"x must be a float32 CPU tensor of shape (N, 1, X, Y, Z), got "
+                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+    n = x.shape[0]
+    sigmas = _per_view(params, "sigmas", n, torch.float64, 3)
+    noise_std = _per_view(params, "noise_std", n, torch.float64)
+    seeds = _per_view(params, "noise_seed", n, torch.int64)
+    gamma = _per_view(params, "gamma", n, torch.float64)
+    if "swap" in params:
+        swap = torch.as_tensor(params["swap"]).to("cpu", torch.int64).contiguous()
+        patch = [int(p) for p in params["swap_patch"]]
+        if swap.dim() != 4 or swap.shape[0] != n or tuple(swap.shape[2:]) != (2, 3):
+            raise ValueError(f"params['swap'] must have shape ({n}, T, 2, 3), got {tuple(swap.shape)}")
+        limit = torch.tensor(x.shape[2:]) - torch.tensor(patch)
+        if (limit < 0).any() or (swap < 0).any() or (swap > limit).any():
+            raise ValueError(f"swap patches {tuple(patch)} at the given starts do not fit views of "
+                             f"{tuple(x.shape[2:])}")
+    else:
+        swap, patch = torch.empty(0, dtype=torch.int64), [1, 1, 1]
+    x = x.contiguous()
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif tuple(out.shape) != tuple(x.shape) or out.dtype != torch.float32 or out.device.type != "cpu" \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {tuple(x.shape)}")
+    ext.intensity_out(x, sigmas, noise_std, seeds, gamma, swap, patch, out, _threads(num_threads))
     return out

@@ -230,3 +230,52 @@ def test_intensity_ops_match_torchio():
     pairs = [((0, 0, 0), (8, 4, 4)), ((10, 12, 6), (2, 5, 0))]
     assert_close(swap(x, pairs, (8, 4, 4)), tio.Swap(patch_size=(8, 4, 4), locations=pairs)(x), atol=0)
     assert_close(z_normalize(x), tio.ZNormalization()(x), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- noise fields
+
+
+def test_normal_field_is_a_pure_function_of_the_seed():
+    from pcrlv2_fast.data.augment import normal_field
+
+    for backend in ("torch", "auto"):
+        a = normal_field([5, 2**61 + 3], (6, 7, 5), backend=backend)
+        assert a.shape == (2, 6, 7, 5) and a.dtype == torch.float32
+        assert torch.equal(a, normal_field([5, 2**61 + 3], (6, 7, 5), backend=backend))
+        # Fields do not depend on their neighbours.
+        assert torch.equal(a[1], normal_field([2**61 + 3], (6, 7, 5), backend=backend)[0])
+        assert not torch.equal(a[0], a[1])
+        # The same flat index gives the same value whatever the shape: the field is indexed in C order.
+        assert torch.equal(normal_field([5], (210,), backend=backend)[0], a[0].reshape(-1))
+    with pytest.raises(ValueError, match="backend"):
+        normal_field([1], (2, 2, 2), backend="numpy")
+
+
+def test_normal_field_is_standard_normal():
+    from pcrlv2_fast.data.augment import normal_field
+
+    seeds = torch.arange(40) * 7919 + 3
+    z = normal_field(seeds, (64, 64, 8), backend="torch").double()  # 1.3 M values
+    assert abs(float(z.mean())) < 3e-3 and abs(float(z.std()) - 1) < 3e-3
+    # Kolmogorov-Smirnov distance to the normal CDF on a subsample (critical value at 1e-3: 1.95 / sqrt(n)).
+    sample = z.reshape(-1)[::13].sort().values
+    n = sample.numel()
+    cdf = 0.5 * (1 + torch.erf(sample / 2**0.5))
+    ks = torch.maximum(torch.arange(1, n + 1) / n - cdf, cdf - torch.arange(n) / n).max()
+    assert float(ks) < 1.95 / n**0.5, float(ks)
+    # Third and fourth moments, neighbours along z and across fields uncorrelated.
+    assert abs(float((z**3).mean())) < 0.02 and abs(float((z**4).mean()) - 3) < 0.03
+    assert abs(float((z[..., 1:] * z[..., :-1]).mean())) < 4e-3
+    assert abs(float((z[1:] * z[:-1]).mean())) < 4e-3
+    assert float(z.abs().max()) < 6.5
+
+
+def test_noise_seed_drives_apply_intensity():
+    from pcrlv2_fast.data.augment import apply_intensity, normal_field, z_normalize
+
+    x = torch.rand(1, 9, 8, 7, generator=gen(1))
+    params = {"sigmas": torch.zeros(3, dtype=torch.float64), "noise_std": 0.2, "noise_seed": 77, "gamma": 1.0}
+    expected = z_normalize(x + normal_field([77], x.shape[1:]) * 0.2)
+    assert_close(apply_intensity(x, params, AugmentConfig()), expected, atol=1e-6)
+    other = apply_intensity(x, {**params, "noise_seed": 78}, AugmentConfig())
+    assert (other - expected).abs().max() > 0.1

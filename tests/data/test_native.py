@@ -344,3 +344,74 @@ def test_affine_out_and_errors():
         native.affine(x, maps, num_threads=0)
     empty = torch.empty(0, 1, 8, 6, 4)
     assert native.affine(empty, torch.empty(0, 3, 4, dtype=torch.float64)).shape == empty.shape
+
+
+# ------------------------------------------------------------------------------------ fused intensity
+
+
+def _intensity_reference(x: torch.Tensor, params: dict, cfg) -> torch.Tensor:
+    """augment.apply_intensity, view by view."""
+    from pcrlv2_fast.data import augment
+
+    return torch.stack([augment.apply_intensity(x[i], augment.view_params(params, i), cfg) for i in range(len(x))])
+
+
+@needs_native
+def test_normal_field_matches_reference():
+    from pcrlv2_fast.data.augment import normal_field
+
+    seeds = torch.tensor([0, 1, 2**40 + 5, 2**62 - 1, 123456789])
+    for shape in [(64, 64, 32), (3, 5, 7)]:
+        ref = normal_field(seeds, shape, backend="torch")
+        got = native.normal_field(seeds, shape, num_threads=2)
+        # Same integers and formula; log and cos differ by float32 ulps (values up to ~5.5).
+        assert_close(got, ref, atol=4e-6, what=f"field {shape}")
+
+
+@needs_native
+@pytest.mark.parametrize("shape, with_swap", [((64, 64, 32), True), ((16, 16, 16), False), ((9, 12, 10), True),
+                                              ((5, 3, 7), False)])
+def test_intensity_matches_apply_intensity(shape, with_swap):
+    from pcrlv2_fast.data.augment import AugmentConfig, draw_sample_params
+
+    cfg = AugmentConfig(swap_patch=(4, 2, 2) if shape[0] < 20 else (8, 4, 4), blur_std=(0.0, 3.0))
+    n = 4
+    params, _ = draw_sample_params(torch.Generator().manual_seed(sum(shape)), cfg, shape, shape, 0)
+    params = {k: (torch.cat([v, v.flip(0)]) if isinstance(v, torch.Tensor) else v) for k, v in params.items()}
+    params["sigmas"][1] = torch.tensor([0.0, 2.9, 1e-16], dtype=torch.float64)  # skipped axes; radius > size
+    if not with_swap:
+        params.pop("swap")
+    x = torch.rand((n, 1, *shape), generator=torch.Generator().manual_seed(1)) * 3 - 1  # negative values too
+    got = native.intensity(x, params, num_threads=2)
+    assert_close(got, _intensity_reference(x, params, cfg), atol=2e-5, what=f"intensity {shape}")
+    # Thread count does not change the result.
+    torch.testing.assert_close(native.intensity(x, params, num_threads=1), got, rtol=0, atol=0)
+
+
+@needs_native
+def test_intensity_constant_view_out_and_errors():
+    from pcrlv2_fast.data.augment import AugmentConfig, draw_sample_params
+
+    cfg = AugmentConfig()
+    params, _ = draw_sample_params(torch.Generator().manual_seed(0), cfg, (16, 16, 8), (8, 8, 8), 0)
+    x = torch.rand(2, 1, 16, 16, 8)
+    flat = {**params, "noise_std": torch.zeros(2, dtype=torch.float64)}
+    x[1] = 0.25  # constant after blur, no noise: z-normalised to zeros (torchio would raise)
+    out = torch.empty_like(x)
+    assert native.intensity(x, flat, out=out) is out
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert_close(out[0], _intensity_reference(x[:1], {k: (v[:1] if isinstance(v, torch.Tensor) else v)
+                                                      for k, v in flat.items()}, cfg)[0], atol=2e-5)
+    in_place = x.clone()
+    assert native.intensity(in_place, flat, out=in_place) is in_place
+    torch.testing.assert_close(in_place, out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="sigmas"):
+        native.intensity(x, {**params, "sigmas": params["sigmas"][:1]})
+    with pytest.raises(ValueError, match="swap"):
+        native.intensity(x, {**params, "swap": params["swap"] + 100})
+    with pytest.raises(ValueError, match="x must be"):
+        native.intensity(x.double(), params)
+    with pytest.raises(ValueError, match="out must be"):
+        native.intensity(x, params, out=torch.empty(2, 1, 16, 16, 7))
+    with pytest.raises(ValueError, match="num_threads"):
+        native.intensity(x, params, num_threads=0)
