@@ -32,10 +32,11 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-scales", action="store_const", const=True, help="use all decoder scales every step")
     p.add_argument("--pairs-per-volume", type=int, help="samples per scan per epoch (official: 16)")
     p.add_argument("--workers", type=int, help="data loader worker processes")
-    p.add_argument("--loader", choices=["auto", "dataset", "torch", "native"],
+    p.add_argument("--loader", choices=["auto", "dataset", "torch", "native", "dali"],
                    help="how batches are built (same samples): per-sample DataLoader (dataset, uses --workers) or "
-                        "whole batches at once (torch: batched ops on --device; native: C++ kernels on the CPU); "
-                        "auto (default): native when built, else torch")
+                        "whole batches at once (torch: batched ops on --device; native: C++ kernels on the CPU; dali: "
+                        "NVIDIA DALI pipelines, pip install nvidia-dali-cuda120); auto (default): native when built, "
+                        "else torch")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--modality", choices=["auto", "ct", "mr"])
     p.add_argument("--spacing", type=float, help="isotropic resampling spacing in mm (official: 1)")

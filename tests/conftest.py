@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 from pathlib import Path
 
@@ -10,6 +11,16 @@ import pytest
 import SimpleITK as sitk
 
 PHANTOM_SPACING = (1.5, 1.5, 2.0)
+
+
+@pytest.fixture(autouse=True)
+def _process_locale_restored():
+    """SimpleITK's DICOM writer (used by the DICOM tests to build series) switches the process locale to "C",
+    which would make Python's default text encoding ASCII for every later test in the process."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)
 # (file name, shape (x, y, z), seed); at 1 mm these become 135x120x104 and 132x126x100 voxels, so every
 # official global crop (up to 112x112x96) fits.
 PHANTOMS = (("phantom_a.nii.gz", (90, 80, 52), 1), ("phantom_b.nrrd", (88, 84, 50), 2))

@@ -2,6 +2,7 @@
 
 from .augment import AugmentConfig
 from .cache import PreprocessReport, cached_volumes, is_cache, open_cache, preprocess
+from .dali import DaliLoader, dali_available, dali_load_error
 from .dataset import PretrainDataset, cut_and_resize
 from .geometry import CropConfig, SampleBoxes, box_iou, draw_sample_boxes
 from .io import MIN_SHAPE, SCAN_SUFFIXES, ScanError, Volume, find_scans, load_scan, load_volumes
@@ -24,6 +25,9 @@ __all__ = [
     "cut_and_resize",
     "LOADERS",
     "BatchLoader",
+    "DaliLoader",
+    "dali_available",
+    "dali_load_error",
     "default_loader",
     "draw_sample_params",
     "resolve_loader",

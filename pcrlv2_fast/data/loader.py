@@ -4,14 +4,15 @@
 :class:`BatchLoader` produces the same batches from the same ``(seed, epoch, index)``:
 
 1. per sample, the boxes and the ``torch.Generator`` come from :meth:`PretrainDataset.sample_geometry` (the
-   dataset's own code), and :func:`draw_sample_params` stacks what ``augment.draw_sample_views`` draws from
-   that generator: the very function the dataset draws with, noise fields included, so every parameter and
-   every noise value is the one the dataset uses;
+   dataset's own code), and ``augment.draw_sample_params`` draws the augmentation parameters from that
+   generator: the very function the dataset draws with (noise seeds included), so every parameter and every
+   noise value is the one the dataset uses;
 2. all global crops of the batch, then all local crops, are cut and resized in one go: backend ``torch``
    with :class:`~pcrlv2_fast.data.batched.VolumeBank` (on any device), backend ``native`` with the C++
    ``native.crop_resize`` per volume, straight from the (memory-mapped) arrays into a preallocated buffer;
 3. the batched ops of :mod:`~pcrlv2_fast.data.batched` augment the stacked global and local views (backend
-   ``native``: flip + affine with the C++ ``native.affine``, the intensity ops with the batched torch ops).
+   ``native``: flip + affine with the C++ ``native.affine``, blur + noise + gamma + swap + z-normalisation
+   fused per view by the C++ ``native.intensity``).
 
 The outputs equal the dataset's element-wise up to float rounding (the tests bound it by 1e-4). One
 difference: a volume whose window is (0, 1) is used as is by the dataset, while the crop kernels here clip
@@ -27,13 +28,13 @@ import numpy as np
 import torch
 
 from . import native
-from .augment import AugmentConfig, draw_sample_views
+from .augment import draw_sample_params
 from .batched import VolumeBank, intensity_batch, spatial_batch, z_normalize_batch
 from .dataset import PretrainDataset
 
 __all__ = ["LOADERS", "BatchLoader", "default_loader", "draw_sample_params", "resolve_loader"]
 
-LOADERS = ("dataset", "torch", "native")
+LOADERS = ("dataset", "torch", "native", "dali")
 
 
 def default_loader() -> str:
@@ -43,41 +44,18 @@ def default_loader() -> str:
 
 
 def resolve_loader(name: str) -> str:
-    """``name`` checked against :data:`LOADERS`; ``native`` without the compiled extension is a ValueError
-    that says why it is missing."""
+    """``name`` checked against :data:`LOADERS`; ``native`` without the compiled extension, or ``dali``
+    without NVIDIA DALI, is a ValueError that says why it is missing."""
     if name not in LOADERS:
         raise ValueError(f"loader must be one of {LOADERS}, got {name!r}")
     if name == "native" and not native.available():
         raise ValueError(f"--loader native needs the C++ extension: {native.load_error()}")
+    if name == "dali":
+        from .dali import dali_load_error  # dali.py imports this module
+
+        if (error := dali_load_error()) is not None:
+            raise ValueError(error)
     return name
-
-
-def _stack(views: list[dict]) -> dict:
-    """Per-view parameter dicts (augment.draw_sample_views) in batched.py's layout: tensors with a view axis,
-    flips as an (n, 3) bool mask."""
-    out = {}
-    for key in views[0]:
-        values = [v[key] for v in views]
-        if key == "flip":
-            out[key] = torch.tensor([[a in axes for a in range(3)] for axes in values])
-        elif isinstance(values[0], torch.Tensor):
-            out[key] = torch.stack(values)
-        else:
-            out[key] = torch.tensor(values, dtype=torch.float64)
-    return out
-
-
-def draw_sample_params(
-    generator: torch.Generator, cfg: AugmentConfig, global_shape: Sequence[int], local_shape: Sequence[int],
-    n_local: int,
-) -> tuple[dict, dict]:
-    """The augmentation parameters of one sample (``augment.draw_sample_views``, the dataset's draws) stacked
-    in the layout of :func:`~pcrlv2_fast.data.batched.stack_view_params`: ``(global_params, local_params)``
-    with 2 and ``n_local`` rows, plus ``noise_field`` rows of (1, *shape) float32 standard-normal fields."""
-    globals_, locals_ = draw_sample_views(generator, cfg, global_shape, local_shape, n_local)
-    global_params = _stack(globals_)
-    global_params["swap_patch"] = tuple(cfg.swap_patch)
-    return global_params, (_stack(locals_) if locals_ else {})
 
 
 def _cat(params: list[dict]) -> dict:
@@ -123,20 +101,16 @@ class BatchLoader:
     def _crop(self, volume_index: np.ndarray, boxes: np.ndarray, out_size) -> torch.Tensor:
         if self.bank is not None:
             return self.bank.crop_resize(torch.from_numpy(volume_index), torch.from_numpy(boxes), out_size)
-        # Crops grouped by volume, each group written by one call into its slice of a preallocated buffer.
-        order = np.argsort(volume_index, kind="stable")
+        # Each run of consecutive boxes from one volume is written by one call into its slice of the buffer.
         buffer = torch.empty((len(boxes), 1, *out_size), dtype=torch.float32)
         if len(boxes) == 0:
             return buffer
-        sorted_index = volume_index[order]
-        starts = np.flatnonzero(np.r_[True, sorted_index[1:] != sorted_index[:-1]]).tolist()
-        for start, stop in zip(starts, [*starts[1:], len(order)], strict=True):
-            volume = self.dataset.volumes[int(sorted_index[start])]
-            native.crop_resize(volume.array, boxes[order[start:stop]], out_size, volume.window,
-                               out=buffer[start:stop], num_threads=self.num_threads)
-        if np.array_equal(order, np.arange(len(order))):
-            return buffer
-        return buffer[torch.from_numpy(np.argsort(order))]
+        starts = np.flatnonzero(np.r_[True, volume_index[1:] != volume_index[:-1]]).tolist()
+        for start, stop in zip(starts, [*starts[1:], len(boxes)], strict=True):
+            volume = self.dataset.volumes[int(volume_index[start])]
+            native.crop_resize(volume.array, boxes[start:stop], out_size, volume.window, out=buffer[start:stop],
+                               num_threads=self.num_threads)
+        return buffer
 
     def _spatial(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         """Flip + affine of the stacked views: the C++ kernel (``native``) or ``batched.spatial_batch``."""
@@ -144,6 +118,12 @@ class BatchLoader:
             return spatial_batch(x, params)
         maps = native.affine_maps(params["scales"], params["degrees"], x.shape[2:])
         return native.affine(x, maps, flips=params["flip"], num_threads=self.num_threads)
+
+    def _intensity(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        """Blur, noise, gamma, swap, z-normalisation: the fused C++ kernel (``native``) or the batched torch ops."""
+        if self.bank is not None:
+            return intensity_batch(x, params)
+        return native.intensity(x, params, num_threads=self.num_threads)
 
     # ------------------------------------------------------------------------------------- batches
     def batch(self, indices: Sequence[int]) -> dict:
@@ -164,27 +144,32 @@ class BatchLoader:
         b, n_global, n_local = len(indices), global_boxes[0].shape[0], local_boxes[0].shape[0]
         volume_index = np.asarray(volume_index, dtype=np.int64)
         g_boxes, l_boxes = np.stack(global_boxes), np.stack(local_boxes)
-        g = self._crop(np.repeat(volume_index, n_global), g_boxes.reshape(-1, 6), tuple(crop.global_out))
+        # Global views view-major (all first views, then all second views): x1, x2 and gt are then contiguous
+        # slices of one buffer. Local views sample-major, as the batch's (B, n_local) layout.
+        view_major = np.arange(b * n_global).reshape(b, n_global).T.reshape(-1)
+        g = self._crop(np.tile(volume_index, n_global), g_boxes.transpose(1, 0, 2).reshape(-1, 6),
+                       tuple(crop.global_out))
         if n_local:
             loc = self._crop(np.repeat(volume_index, n_local), l_boxes.reshape(-1, 6), tuple(crop.local_out))
         else:
             loc = torch.empty((0, 1, *crop.local_out), dtype=torch.float32, device=g.device)
         if ds.augment:
             gp = _cat(g_params)
+            order = torch.from_numpy(view_major)
+            gp = {k: (v[order] if isinstance(v, torch.Tensor) else v) for k, v in gp.items()}
             spatial = self._spatial(g, gp)
-            gt = spatial[0::n_global]
-            x = intensity_batch(spatial, gp)
+            gt = spatial[:b]
+            x = self._intensity(spatial, gp)
             if n_local:
                 lp = _cat(l_params)
-                loc = intensity_batch(self._spatial(loc, lp), lp)
+                loc = self._intensity(self._spatial(loc, lp), lp)
         else:
-            gt = g[0::n_global]
+            gt = g[:b]
             x = z_normalize_batch(g)
             loc = z_normalize_batch(loc) if n_local else loc
-        x = x.view(b, n_global, *x.shape[1:])
         return {
-            "x1": x[:, 0].contiguous(),
-            "x2": x[:, 1].contiguous(),
+            "x1": x[:b],
+            "x2": x[b:2 * b],
             "gt": gt,
             "locals": loc.view(b, n_local, *loc.shape[1:]),
             "global_boxes": torch.from_numpy(g_boxes),

@@ -61,7 +61,7 @@ class PretrainConfig:
     def validate(self) -> PretrainConfig:
         choices = {"optimizer": ("sgd", "adamw"), "precision": ("fp32", "bf16", "fp16"),
                    "norm": ("bn", "gn", "in"), "act": ("relu", "prelu", "elu"), "modality": ("auto", "ct", "mr"),
-                   "loader": ("auto", "dataset", "torch", "native")}
+                   "loader": ("auto", "dataset", "torch", "native", "dali")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")

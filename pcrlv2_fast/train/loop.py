@@ -112,8 +112,13 @@ class Pretrainer:
         # "dataset": per-sample items through a DataLoader (cfg.workers processes); "torch" / "native": whole
         # batches cut and augmented in one pass (same samples, see data/loader.py).
         self.loader = resolve_loader(default_loader() if cfg.loader == "auto" else cfg.loader)
-        self.batch_loader = None if self.loader == "dataset" else BatchLoader(
-            self.dataset, self.loader, self.device if self.loader == "torch" else "cpu")
+        if self.loader == "dali":
+            from ..data.dali import DaliLoader
+
+            self.batch_loader = DaliLoader(self.dataset, self.device, batch_size=cfg.batch_size)
+        else:
+            self.batch_loader = None if self.loader == "dataset" else BatchLoader(
+                self.dataset, self.loader, self.device if self.loader == "torch" else "cpu")
         self.steps_per_epoch = len(self.dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(

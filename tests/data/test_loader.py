@@ -19,7 +19,7 @@ from pcrlv2_fast.data import (
     preprocess,
     resolve_loader,
 )
-from pcrlv2_fast.data.batched import stack_view_params
+from pcrlv2_fast.data.augment import draw_sample_views
 from pcrlv2_fast.train import PretrainConfig, Pretrainer
 
 BACKENDS = [
@@ -61,19 +61,33 @@ def test_batch_loader_without_augmentation(phantom_volumes, backend):
     assert_same_batches(reference_batches(dataset, batches), list(BatchLoader(dataset, backend).batches(batches)))
 
 
-def test_draw_sample_params_matches_view_samplers():
-    """Without the noise fields, the draws are augment.py's samplers view after view (spatial of both globals
-    first), so the noise fields sit exactly where augment.noise draws them."""
-    cfg, crop = AugmentConfig(), CropConfig()
+def test_draw_sample_params_layout_ranges_and_determinism():
+    """One sample's parameters: stacked per view kind, inside the configured ranges, a pure function of the
+    generator's seed, and the same values the per-view dicts of the dataset path see."""
+    cfg, crop = AugmentConfig(flip_axes=(0, 2)), CropConfig()
     g_params, l_params = draw_sample_params(torch.Generator().manual_seed(7), cfg, crop.global_out, crop.local_out, 6)
-    assert g_params["noise_field"].shape == (2, 1, *crop.global_out)
-    assert l_params["noise_field"].shape == (6, 1, *crop.local_out)
-    assert "swap" in g_params and "swap" not in l_params
-    # Spatial draws of view 1 come first: the same as stack_view_params' first flip/affine.
-    first = stack_view_params(torch.Generator().manual_seed(7), 1, cfg, crop.global_out, with_swap=False)
-    assert torch.equal(g_params["flip"][0], first["flip"][0])
-    assert torch.equal(g_params["scales"][0], first["scales"][0])
-    assert torch.equal(g_params["degrees"][0], first["degrees"][0])
+    again, _ = draw_sample_params(torch.Generator().manual_seed(7), cfg, crop.global_out, crop.local_out, 6)
+    for key in ("flip", "scales", "degrees", "sigmas", "noise_std", "noise_seed", "gamma", "swap"):
+        assert torch.equal(g_params[key], again[key]), key
+    assert g_params["noise_seed"].shape == (2,) and g_params["noise_seed"].dtype == torch.int64
+    assert l_params["noise_seed"].shape == (6,)
+    assert len(set(g_params["noise_seed"].tolist() + l_params["noise_seed"].tolist())) == 8
+    assert g_params["swap"].shape == (2, cfg.swap_iterations, 2, 3) and "swap" not in l_params
+    assert g_params["swap_patch"] == cfg.swap_patch
+    assert not g_params["flip"][:, 1].any() and not l_params["flip"][:, 1].any()  # axis 1 not allowed
+    for params in (g_params, l_params):
+        for key, bounds in (("scales", cfg.scales), ("degrees", cfg.degrees), ("sigmas", cfg.blur_std),
+                            ("noise_std", cfg.noise_std)):
+            assert (params[key] >= bounds[0]).all() and (params[key] <= bounds[1]).all(), key
+        log_gamma = params["gamma"].log()
+        assert (log_gamma >= cfg.log_gamma[0] - 1e-12).all() and (log_gamma <= cfg.log_gamma[1] + 1e-12).all()
+    starts = g_params["swap"]
+    assert (starts >= 0).all() and (starts < torch.tensor(crop.global_out) - torch.tensor(cfg.swap_patch)).all()
+    assert not (starts[:, :, 0] == starts[:, :, 1]).all(dim=-1).any()  # the two patches of a pair differ
+    globals_, locals_ = draw_sample_views(torch.Generator().manual_seed(7), cfg, crop.global_out, crop.local_out, 6)
+    assert globals_[1]["noise_seed"] == int(g_params["noise_seed"][1])
+    assert locals_[5]["gamma"] == float(l_params["gamma"][5])
+    assert globals_[0]["flip"] == tuple(a for a in range(3) if g_params["flip"][0, a])
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +110,11 @@ def test_batch_loader_on_memory_mapped_cache(phantom_cache, backend):
 def test_loader_choice_and_errors(phantom_volumes, monkeypatch):
     assert default_loader() == ("native" if native.available() else "torch")
     with pytest.raises(ValueError, match="loader must be one of"):
+        resolve_loader("fastest")
+    from pcrlv2_fast.data import dali
+
+    monkeypatch.setattr(dali, "dali_load_error", lambda: "--loader dali needs NVIDIA DALI: not here")
+    with pytest.raises(ValueError, match="needs NVIDIA DALI"):
         resolve_loader("dali")
     with pytest.raises(ValueError, match="loader"):
         PretrainConfig(loader="fast").validate()
