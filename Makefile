@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-cpu bench-data clean
+.PHONY: install demo test lint bench bench-cpu bench-data bench-micro clean
 
 # torch goes in first and the package builds without isolation: setup.py compiles the C++ extension
 # pcrlv2_fast._C (csrc/) against the installed torch.
@@ -38,7 +38,11 @@ bench-data: $(STAMP)
 	$(PY) benchmarks/benchmark_data.py
 	$(PY) benchmarks/benchmark_crop_resize.py
 
-bench: bench-cpu bench-data
+# Per-op CPU micro-benchmarks (pytest-benchmark; not part of `make test`).
+bench-micro: $(STAMP)
+	$(PY) -m pytest benchmarks/micro -q --benchmark-json=benchmarks/results/micro-cpu-$$(date +%F).json
+
+bench: bench-cpu bench-data bench-micro
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

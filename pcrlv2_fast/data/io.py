@@ -16,6 +16,18 @@ scales its result to float32 [0, 1], and :func:`pcrlv2_fast.data.cache.preproces
 float16 z-scores with the window that maps them to [0, 1] (:attr:`Volume.window`).
 
 Every problem with an input file raises :class:`ScanError`, whose message names the file and says what to do.
+
+DICOM series folders are checked before their pixels are read, because SimpleITK reads a broken series without
+an error: it silently leaves out files it cannot parse and stacks the remaining slices as if they were evenly
+spaced, with the average spacing (one missing slice shifts every slice after it). A folder is refused, naming
+the files concerned, when it holds more than one SeriesInstanceUID, when one of its ``.dcm`` files cannot be
+read as a DICOM image (truncated or corrupt), when slices lack their position/orientation tags or disagree on
+the orientation, when two slices share a position (several acquisitions under one series UID), when slices
+are missing (a step between neighbouring slice positions of 1.5 times the median step or more; missing slices
+at either end cannot be seen), and when the spacing is otherwise not uniform (a slice lies more than 10% of
+the median step off the evenly spaced grid between the first and last slice). These are errors, not
+warnings: the resampled volume would be geometrically wrong and the cache cannot represent the gap, so the
+scan is left out (``preprocess`` reports it and goes on with the others) until the series is repaired.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ import mmap
 import os
 import re
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +67,18 @@ MODALITIES = ("auto", "ct", "mr")
 _CT_AIR_THRESHOLD = -500.0
 _MR_PERCENTILES = (0.5, 99.5)
 _ACCEPTED = ", ".join(SCAN_SUFFIXES) + f" files or DICOM series folders (*{DICOM_SUFFIX})"
+# DICOM slice geometry checks (see the module docstring), in units of the series' median slice step: a step of
+# at least _DICOM_GAP is a gap, one below _DICOM_SAME puts two slices at one position, and a slice further than
+# _DICOM_OFF_GRID from the even grid between the first and last slice makes the spacing non-uniform. Scanner
+# position rounding (e.g. to 0.01 mm) stays far below these.
+_DICOM_GAP = 1.5
+_DICOM_SAME = 0.1
+_DICOM_OFF_GRID = 0.1
+# Largest difference between the direction cosines of two slices of one series still taken as one orientation.
+_DICOM_ORIENTATION_TOL = 1e-3
+_DICOM_POSITION, _DICOM_ORIENTATION = "0020|0032", "0020|0037"
+# At most this many files or gaps are named in one message.
+_DICOM_LISTED = 5
 
 
 class ScanError(ValueError):
@@ -260,15 +285,163 @@ def _check_metaimage_data_file(path: Path) -> None:
         raise ScanError(f"{path}: its data file {data_file} is missing; copy it next to the header.")
 
 
+def _listed(items: list[str]) -> str:
+    """The first few items joined with "; ", and how many more there are."""
+    shown = "; ".join(items[:_DICOM_LISTED])
+    return shown + (f"; and {len(items) - _DICOM_LISTED} more" if len(items) > _DICOM_LISTED else "")
+
+
+def _dicom_header(path: Path) -> sitk.ImageFileReader:
+    """A reader holding the header of one DICOM file (pixels not read); RuntimeError when GDCM cannot parse it."""
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    return reader
+
+
+def _dicom_file_problem(path: Path) -> str:
+    """Why GDCM left a .dcm file out of every series: its parse error, or its SeriesInstanceUID when it parses."""
+    size = f"{path.stat().st_size} bytes"
+    try:
+        header = _dicom_header(path)
+    except RuntimeError as error:
+        return f"not a readable DICOM image, {size}, truncated or corrupt: {_reason(error)}"
+    uid = header.GetMetaData("0020|000e").strip() if header.HasMetaDataKey("0020|000e") else "none"
+    return f"a DICOM header GDCM does not sort into a series ({size}, SeriesInstanceUID {uid})"
+
+
+def _dicom_vector(header: sitk.ImageFileReader, tag: str, n: int) -> np.ndarray | None:
+    """A multi-valued decimal tag (e.g. "0020|0032") as n floats, None when it is absent or malformed."""
+    if not header.HasMetaDataKey(tag):
+        return None
+    try:
+        values = np.array([float(v) for v in header.GetMetaData(tag).strip().split("\\")])
+    except ValueError:
+        return None
+    return values if values.shape == (n,) and np.isfinite(values).all() else None
+
+
+def _check_dicom_slices(folder: Path, files: list[Path]) -> None:
+    """Raise ScanError unless the slices of a single-frame series share one orientation and lie on an evenly
+    spaced grid along the slice normal (no missing, doubled or irregularly spaced slices)."""
+    positions, orientations, untagged = [], [], []
+    for file in files:
+        try:
+            header = _dicom_header(file)
+        except RuntimeError as error:
+            raise ScanError(f"{folder}: cannot read the DICOM header of {file} ({_reason(error)}); "
+                            "replace it with an intact copy of the series.") from error
+        position = _dicom_vector(header, _DICOM_POSITION, 3)
+        orientation = _dicom_vector(header, _DICOM_ORIENTATION, 6)
+        if position is None or orientation is None:
+            untagged.append(file.name)
+        positions.append(position)
+        orientations.append(orientation)
+    if untagged:
+        raise ScanError(
+            f"{folder}: {len(untagged)} of {len(files)} slices lack a valid ImagePositionPatient (0020,0032) or "
+            f"ImageOrientationPatient (0020,0037): {_listed(untagged)}. Without them the slices cannot be placed "
+            "in 3D; export the series with its geometry tags, or convert it to NIfTI/NRRD with a tool you trust."
+        )
+    # The orientation most slices share is the series'; the others are named.
+    counts = Counter(tuple(np.round(o / _DICOM_ORIENTATION_TOL).astype(np.int64)) for o in orientations)
+    key = counts.most_common(1)[0][0]
+    common = next(o for o in orientations if tuple(np.round(o / _DICOM_ORIENTATION_TOL).astype(np.int64)) == key)
+    differing = [f.name for f, o in zip(files, orientations) if np.abs(o - common).max() > _DICOM_ORIENTATION_TOL]
+    if differing:
+        raise ScanError(
+            f"{folder}: slices with different orientations (ImageOrientationPatient) in one series: "
+            f"{len(files) - len(differing)} slice(s) at {_dicom_text(common)}, {len(differing)} at other "
+            f"orientations: {_listed(differing)}. The folder mixes acquisitions (e.g. localizer and axial slices) "
+            "under one SeriesInstanceUID; move the slices of each orientation into their own folder."
+        )
+    normal = np.cross(common[:3], common[3:])
+    along = np.array(positions) @ normal  # mm along the slice normal
+    order = np.argsort(along, kind="stable")
+    along, names = along[order], [files[i].name for i in order]
+    steps = np.diff(along)
+    # The reference step ignores doubled positions, which would otherwise drag the median to 0.
+    distinct = steps[steps > 1e-6 * max(1.0, float(along[-1] - along[0]))]
+    step = float(np.median(distinct)) if distinct.size else 0.0
+    spacing_note = f"the median slice step is {step:.4g} mm"
+    same = np.flatnonzero(steps < _DICOM_SAME * step) if step > 0 else np.arange(len(steps))
+    if same.size:
+        pairs = [f"{names[i]} and {names[i + 1]} at {along[i]:.4g} mm" for i in same]
+        raise ScanError(
+            f"{folder}: {same.size} pair(s) of slices at the same position along the slice normal: "
+            f"{_listed(pairs)} ({spacing_note}). The series holds several acquisitions (echoes, phases, "
+            "repeats) under one SeriesInstanceUID; move each acquisition into its own folder."
+        )
+    gaps = np.flatnonzero(steps >= _DICOM_GAP * step)
+    if gaps.size:
+        descriptions = []
+        for i in gaps:
+            n_missing = max(1, round(steps[i] / step) - 1)
+            expected = ", ".join(f"{along[i] + k * steps[i] / (n_missing + 1):.4g}" for k in range(1, n_missing + 1))
+            descriptions.append(f"{n_missing} slice(s) missing between {names[i]} ({along[i]:.4g} mm) and "
+                                f"{names[i + 1]} ({along[i + 1]:.4g} mm), expected at {expected} mm")
+        raise ScanError(
+            f"{folder}: missing slices: {_listed(descriptions)} ({spacing_note}; positions in mm along the slice "
+            "normal). Copy the missing files from the original export, or re-export or re-download the series; "
+            "read as it is, every slice after a gap would be shifted."
+        )
+    grid = along[0] + np.arange(len(along)) * (along[-1] - along[0]) / (len(along) - 1)
+    off = np.abs(along - grid)
+    worst = int(off.argmax())
+    if off[worst] > _DICOM_OFF_GRID * step:
+        raise ScanError(
+            f"{folder}: non-uniform slice spacing: steps between neighbouring slices range from "
+            f"{steps.min():.4g} to {steps.max():.4g} mm ({spacing_note}), and slice {names[worst]} lies "
+            f"{off[worst]:.3g} mm off the evenly spaced grid. Read as it is, the volume would be distorted along "
+            "the slice normal; resample the series onto a uniform grid (e.g. convert it to NIfTI with a tool "
+            "that handles variable spacing) and pass that file instead."
+        )
+
+
+def _dicom_text(values: np.ndarray) -> str:
+    return "\\".join(f"{v:g}" for v in values)
+
+
+def _read_dicom_series(folder: Path) -> sitk.ImageSeriesReader:
+    """A reader for the one DICOM series in ``folder``, after the checks listed in the module docstring."""
+    dcm_files = sorted(p for p in folder.iterdir()
+                       if _is_dicom_name(p.name) and not p.name.startswith(".") and p.is_file())
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        example = f" (e.g. {dcm_files[0]}: {_dicom_file_problem(dcm_files[0])})" if dcm_files else ""
+        raise ScanError(
+            f"{folder}: no readable DICOM series in this folder: none of its {len(dcm_files)} .dcm files could be "
+            f"sorted into a series{example}. Check that the .dcm files are intact DICOM images; re-export them."
+        )
+    members = {uid: [Path(f) for f in sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)]
+               for uid in series}
+    if len(series) > 1:
+        described = [f"{uid} ({len(files)} files, e.g. {files[0].name})" for uid, files in members.items()]
+        raise ScanError(
+            f"{folder}: {len(series)} DICOM series (SeriesInstanceUID) mixed in one folder: {_listed(described)}. "
+            "Move each series into its own folder; each folder is read as one scan."
+        )
+    files = members[series[0]]
+    in_series = {f.name for f in files}
+    left_out = [f for f in dcm_files if f.name not in in_series]
+    if left_out:
+        problems = [f"{f} ({_dicom_file_problem(f)})" for f in left_out]
+        raise ScanError(
+            f"{folder}: {len(left_out)} of its {len(dcm_files)} .dcm files cannot be part of the series, which would "
+            f"silently lack those slices: {_listed(problems)}. Replace them with intact copies (re-export or "
+            "re-download the series), or delete files that do not belong to it."
+        )
+    if len(files) > 1:  # one file is a multi-frame image, whose geometry ITK reads from the file itself
+        _check_dicom_slices(folder, files)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    return reader
+
+
 def _read_image(path: Path) -> sitk.Image:
     if path.is_dir():
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-        if not series:
-            raise ScanError(f"{path}: no readable DICOM series in this folder. Check that the .dcm files are valid.")
-        if len(series) > 1:
-            raise ScanError(f"{path}: {len(series)} DICOM series in one folder; move each series into its own folder.")
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
+        reader = _read_dicom_series(path)
     else:
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(path)
