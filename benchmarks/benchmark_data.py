@@ -10,8 +10,11 @@ target, and six augmented 16^3 local views. Providers (all on the same real CT v
 - ``dataset``: this engine's per-sample ``PretrainDataset`` item (fresh crops, torch ops, one core);
 - ``torch`` / ``native``: the same samples built a whole batch (``--batch``, default 8) at a time by
   ``BatchLoader`` (all crops of the batch in one call, batched augmentation ops); seconds per sample are the
-  batch's seconds divided by its size. ``native`` needs the C++ extension (skipped without it).
-Seconds per sample are per core: every provider runs single-threaded (torch.set_num_threads(1)).
+  batch's seconds divided by its size. ``native`` needs the C++ extension (skipped without it);
+- ``dali``: the same batches from ``DaliLoader``'s NVIDIA DALI pipelines (CPU pipelines, one thread; skipped
+  without DALI).
+Seconds per sample are per core: every provider runs single-threaded (torch.set_num_threads(1)). Providers
+are timed round-robin (a batch's worth of samples each per round), so the ratios come from the same moments.
 
 Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 20] [--batch 8]
 Needs torchio and scikit-image for the official providers (``pip install -e .[bench]``).
@@ -33,7 +36,10 @@ from utils import environment, write_rows  # noqa: E402
 from pcrlv2_fast.data import (  # noqa: E402
     BatchLoader,
     CropConfig,
+    DaliLoader,
     PretrainDataset,
+    dali_available,
+    dali_load_error,
     draw_sample_boxes,
     load_volumes,
     native,
@@ -74,22 +80,24 @@ def official_augment(globals_, locals_, transforms):
     return x1, x2, gt, loc
 
 
-def time_per_sample(fn, n: int) -> float:
-    fn(0)  # warm-up
-    t0 = time.perf_counter()
-    for i in range(1, n + 1):
-        fn(i)
-    return (time.perf_counter() - t0) / n
-
-
-def time_per_sample_batched(fn, n: int, batch: int) -> float:
-    """Seconds per sample of ``fn(i)``, which builds batch ``i`` of ``batch`` samples (ceil(n / batch) timed)."""
-    fn(0)  # warm-up
-    calls = max(1, -(-n // batch))
-    t0 = time.perf_counter()
-    for i in range(1, calls + 1):
-        fn(i)
-    return (time.perf_counter() - t0) / (calls * batch)
+def time_interleaved(providers: dict, batched: set, n: int, batch: int) -> dict[str, float]:
+    """Seconds per sample of every provider, timed round-robin so load changes on the machine hit all of them
+    alike: each round gives every provider ``batch`` samples (one ``fn(i)`` call of a batched provider, which
+    builds batch i, or ``batch`` calls of a per-sample one); ceil(n / batch) rounds after one warm-up call."""
+    for fn in providers.values():
+        fn(0)  # warm-up
+    rounds = max(1, -(-n // batch))
+    spent = dict.fromkeys(providers, 0.0)
+    for r in range(1, rounds + 1):
+        for name, fn in providers.items():
+            t0 = time.perf_counter()
+            if name in batched:
+                fn(r)
+            else:
+                for i in range(batch):
+                    fn(r * batch + i)
+            spent[name] += time.perf_counter() - t0
+    return {name: total / (rounds * batch) for name, total in spent.items()}
 
 
 def main() -> None:
@@ -108,6 +116,7 @@ def main() -> None:
     volumes = load_volumes(args.data)
     cfg = CropConfig()
     providers = {}
+    n_items = (-(-args.samples // args.batch) + 1) * args.batch  # sample indices used (warm-up round included)
 
     try:
         transforms = official_transforms()
@@ -116,7 +125,7 @@ def main() -> None:
         print(f"official providers skipped: {exc} (pip install torchio scikit-image)")
     else:
         rng = np.random.default_rng(0)
-        cut = [official_crops(volumes[i % len(volumes)].array, rng, cfg) for i in range(args.samples + 1)]
+        cut = [official_crops(volumes[i % len(volumes)].array, rng, cfg) for i in range(n_items)]
         providers["official_augment"] = lambda i: official_augment(*cut[i], transforms)
 
         def crop_and_augment(i):
@@ -125,8 +134,7 @@ def main() -> None:
 
         providers["official_crop_augment"] = crop_and_augment
 
-    n_batches = -(-args.samples // args.batch) + 1
-    per_volume = max(args.samples + 1, n_batches * args.batch) // len(volumes) + 1
+    per_volume = n_items // len(volumes) + 1
     dataset = PretrainDataset(volumes, cfg, seed=0, pairs_per_volume=per_volume)
     providers["dataset"] = lambda i: dataset[i]
     batched = {"torch"} | ({"native"} if native.available() else set())
@@ -135,12 +143,16 @@ def main() -> None:
     for backend in sorted(batched, reverse=True):
         loader = BatchLoader(dataset, backend, num_threads=1)
         providers[backend] = lambda i, loader=loader: loader.batch(range(i * args.batch, (i + 1) * args.batch))
+    if dali_available():
+        dali_loader = DaliLoader(dataset, num_threads=1, batch_size=args.batch)
+        providers["dali"] = lambda i: dali_loader.batch(range(i * args.batch, (i + 1) * args.batch))
+        batched.add("dali")
+    else:
+        print(f"dali provider skipped: {dali_load_error()}")
 
-    times = {}
-    for name, fn in providers.items():
-        times[name] = (time_per_sample_batched(fn, args.samples, args.batch) if name in batched
-                       else time_per_sample(fn, args.samples))
-        print(f"{name:<22} {times[name] * 1e3:9.2f} ms/sample/core", flush=True)
+    times = time_interleaved(providers, batched, args.samples, args.batch)
+    for name, seconds in times.items():
+        print(f"{name:<22} {seconds * 1e3:9.2f} ms/sample/core", flush=True)
 
     base_name = "official_augment" if "official_augment" in times else None
     env = environment(torch.device("cpu"))
