@@ -56,15 +56,6 @@ struct RowScratch {
   explicit RowScratch(int64_t n) : offset(n), wx(n), wy(n), wz(n), inside(n) {}
 };
 
-// Low corner and weight along one axis: s clamped to [0, hi = n - 1], corner min(floor(s), last = max(n - 2, 0))
-// so the upper neighbour exists (weight 1 at s = n - 1); an axis of length 1 has corner 0 and weight 0.
-inline int32_t corner(double s, double hi, int32_t last, float& w) {
-  s = std::min(std::max(s, 0.0), hi);
-  const int32_t i = std::min(static_cast<int32_t>(s), last);
-  w = static_cast<float>(s - static_cast<double>(i));
-  return i;
-}
-
 // One output x-slab (Y x Z) of one sample: src the sample's (X, Y, Z) input, M its row-major (3, 4) map of the
 // flipped input (flips folded in), T its inside tables. Two passes per output row: coordinates, weights and
 // the inside decision (arithmetic only), then the eight reads and the interpolation.
@@ -89,6 +80,8 @@ PCRLV2_AFFINE_CLONES void affine_slab(const float* __restrict src, const double*
                 lz = static_cast<int32_t>(std::max<int64_t>(Z - 2, 0));
   const int32_t plane32 = static_cast<int32_t>(plane), Z32 = static_cast<int32_t>(Z);
   const double mx = M[2], my = M[6], mz = M[10];  // steps of the source index along output z
+  // Per axis: the source index is clamped to [0, n - 1] and the low corner is min(floor(s), max(n - 2, 0)), so
+  // the upper neighbour exists (weight 1 at s = n - 1); an axis of length 1 has corner 0 and weight 0.
   for (int64_t j = 0; j < Y; ++j) {
     const double dj = static_cast<double>(j);
     const double bx = M[0] * di + M[1] * dj + M[3];
@@ -103,11 +96,18 @@ PCRLV2_AFFINE_CLONES void affine_slab(const float* __restrict src, const double*
               static_cast<int32_t>(s1 >= a1.lower) & static_cast<int32_t>(s1 < a1.upper) &
               static_cast<int32_t>(s2 >= a2.lower) & static_cast<int32_t>(s2 < a2.upper);
     }
+#pragma omp simd
     for (int64_t k = 0; k < Z; ++k) {
       const double dk = static_cast<double>(k);
-      const int32_t cx = corner(bx + mx * dk, hx, lx, wx[k]);
-      const int32_t cy = corner(by + my * dk, hy, ly, wy[k]);
-      const int32_t cz = corner(bz + mz * dk, hz, lz, wz[k]);
+      const double sx = std::min(std::max(bx + mx * dk, 0.0), hx);
+      const double sy = std::min(std::max(by + my * dk, 0.0), hy);
+      const double sz = std::min(std::max(bz + mz * dk, 0.0), hz);
+      const int32_t cx = std::min(static_cast<int32_t>(sx), lx);
+      const int32_t cy = std::min(static_cast<int32_t>(sy), ly);
+      const int32_t cz = std::min(static_cast<int32_t>(sz), lz);
+      wx[k] = static_cast<float>(sx - static_cast<double>(cx));
+      wy[k] = static_cast<float>(sy - static_cast<double>(cy));
+      wz[k] = static_cast<float>(sz - static_cast<double>(cz));
       off[k] = cx * plane32 + cy * Z32 + cz;
     }
     float* __restrict d = dst + j * Z;

@@ -3,7 +3,7 @@
 :class:`DaliLoader` gives the batches of :class:`~pcrlv2_fast.data.loader.BatchLoader` (same dict, keys, shapes,
 dtypes) for the same dataset, seed and epoch. The geometry and every augmentation parameter come from the draws
 the other loaders use: :meth:`PretrainDataset.sample_geometry` (boxes and the sample's generator) and
-:func:`~pcrlv2_fast.data.loader.draw_sample_params` (``augment.draw_sample_views``). The host cuts the raw
+:func:`~pcrlv2_fast.data.loader.draw_sample_params` (``augment.draw_sample_params``). The host cuts the raw
 crops out of the (memory-mapped) arrays in numpy, in their storage dtype (int16 HU, float16 or float32), and
 hands them with the per-view parameters to the pipelines through ``fn.external_source``, batch by batch in the
 sampler's order. Two pipelines are built once per loader and reused (global views, local views); per view:
