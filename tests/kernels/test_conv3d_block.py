@@ -1,0 +1,352 @@
+"""conv3d_block (kernels/conv3d_block.py) against the plain-PyTorch reference, plus its implementation chooser.
+
+fp32 is compared element-wise with tight tolerances (TF32 off, so cuDNN is exact fp32 on a GPU too). bf16/fp16
+use the relative rule err(fused, fp32 reference) <= 2 * err(eager same dtype, fp32 reference) + atol, the fp32
+reference running on the low-precision input upcast (exactly) and the fp32 parameters. Shapes are odd on
+purpose (C_in in {1, 3, 17, 32}, C_out in {1, 8, 17, 40}, spatial 3x5x7, 4x6x5, 3x4x5) so that tiles are
+partial along M, K and C_out, both K loops (flat for C < 16, tap by tap otherwise, with and without a
+channel mask) run in the forward, data-gradient and weight-gradient kernels, and C_out = 40 spans two tiles.
+"""
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import assert_close
+
+pytest.importorskip("triton")
+
+from pcrlv2_fast.kernels import conv3d_block as cb  # noqa: E402  (after the conftest chose the interpreter)
+from pcrlv2_fast.kernels import conv3d_reference as ref  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# fp32 (atol, rtol): y, dx (magnitudes ~1); weight/bias grads and the channel sums (sums over N*D*H*W ~ 200
+# terms, magnitudes up to ~500 for the sums of squares).
+FP32_TOL = {"value": (2e-5, 1e-5), "sum": (2e-4, 1e-5)}
+# low precision: the atol added to 2 * eager error, relative to the largest reference magnitude.
+LOW_REL_ATOL = {BF16: 2e-3, F16: 5e-4}
+# Unit roundoff (half an ulp, relative) of the low-precision dtypes.
+ROUNDOFF = {BF16: 2.0**-8, F16: 2.0**-11}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    """TF32 off for both implementations (it is torch's default for cuDNN convolutions on Ampere+)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def _make_x(N, C, spatial, layout, dtype, seed=0):
+    """(N, C, *spatial) in layout 'ncdhw', 'ndhwc' (channels_last_3d), 'strided' (a spatial transpose of a
+    dense tensor: neither layout) or 'strided_cl' (a slice of a channels-last tensor)."""
+    g = torch.Generator().manual_seed(seed)
+    if layout == "strided":
+        x = torch.randn(N, C, *spatial[::-1], generator=g).to(dtype).to(DEVICE).transpose(2, 4)
+    elif layout == "strided_cl":
+        base = torch.randn(N, C, spatial[0] + 1, *spatial[1:], generator=g).to(dtype).to(DEVICE)
+        x = base.contiguous(memory_format=torch.channels_last_3d)[:, :, 1:]
+    else:
+        x = torch.randn(N, C, *spatial, generator=g).to(dtype).to(DEVICE)
+        if layout == "ndhwc":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+    assert x.shape == (N, C, *spatial)
+    return x
+
+
+def _params(C_in, C_out, bias, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(C_out, C_in, 3, 3, 3, generator=g) / (27 * C_in) ** 0.5).to(DEVICE)
+    b = (torch.randn(C_out, generator=g) * 0.5).to(DEVICE) if bias else None
+    return w, b
+
+
+def _run(fn, x, w, b, dy, g_sums):
+    """Forward + backward of sum(y * dy) (+ the channel sums weighted by g_sums): outputs and grads."""
+    x = x.detach().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    b = b.detach().clone().requires_grad_() if b is not None else None
+    y, s, ss = fn(x, w, b)
+    loss = (y.float() * dy.float()).sum()
+    if g_sums is not None:
+        loss = loss + (s * g_sums[0]).sum() + (ss * g_sums[1]).sum()
+    loss.backward()
+    return {"y": y.detach(), "ch_sum": s.detach(), "ch_sumsq": ss.detach(), "dx": x.grad, "dw": w.grad,
+            "db": b.grad if b is not None else None}
+
+
+def _compare(fused, expected, eager, dtype):
+    errs = {}
+    for k, v in fused.items():
+        if v is None:
+            assert expected[k] is None
+            continue
+        e = expected[k]
+        errs[k] = f"{(v.double() - e.double()).abs().max().item():.2g}"
+        if dtype == F32:
+            atol, rtol = FP32_TOL["value" if k in ("y", "dx") else "sum"]
+            assert_close(v, e, atol=atol, rtol=rtol, what=k)
+        else:
+            eager_err = (eager[k].double() - e.double()).abs().max().item()
+            errs[k] += f" (eager {eager_err:.2g}, max|ref| {e.abs().max().item():.2g})"
+            atol = 2 * eager_err + LOW_REL_ATOL[dtype] * e.abs().max().item()
+            assert_close(v, e, atol=atol, what=f"{k} (eager err {eager_err:.3g})")
+    return errs
+
+
+# (C_in, C_out, spatial, layout, dtype, bias, sum grads)
+CASES = [
+    (1, 8, (3, 5, 7), "ncdhw", F32, True, False),
+    (3, 17, (4, 6, 5), "ndhwc", F32, True, True),
+    (17, 1, (3, 5, 7), "strided", F32, True, False),
+    (17, 17, (4, 6, 5), "ndhwc", F32, False, True),
+    (32, 40, (3, 4, 5), "strided_cl", F32, True, False),
+    (3, 8, (3, 5, 7), "strided_cl", BF16, True, True),
+    (17, 17, (4, 6, 5), "ndhwc", BF16, True, False),
+    (1, 17, (4, 6, 5), "ncdhw", F16, True, False),
+    (17, 8, (3, 5, 7), "ndhwc", F16, False, True),
+]
+
+
+@pytest.mark.parametrize(
+    "C_in,C_out,spatial,layout,dtype,bias,sum_grads", CASES,
+    ids=[f"{c[0]}to{c[1]}-{'x'.join(map(str, c[2]))}-{c[3]}-{str(c[4])[6:]}{'' if c[5] else '-nobias'}"
+         f"{'-sumgrads' if c[6] else ''}" for c in CASES])
+def test_triton_matches_reference(C_in, C_out, spatial, layout, dtype, bias, sum_grads):
+    x = _make_x(2, C_in, spatial, layout, dtype)
+    w, b = _params(C_in, C_out, bias)
+    g = torch.Generator().manual_seed(7)
+    # dy in NCDHW even for a channels-last y; rounded to the dtype so the fp32 reference sees the same values.
+    dy = torch.randn(2, C_out, *spatial, generator=g).to(dtype).to(DEVICE)
+    g_sums = (torch.randn(C_out, generator=g).to(DEVICE), torch.randn(C_out, generator=g).to(DEVICE) * 0.1) \
+        if sum_grads else None
+    fused = _run(lambda x, w, b: cb.conv3d_bn_stats(x, w, b, impl="triton"), x, w, b, dy, g_sums)
+    assert fused["y"].dtype == dtype and fused["dx"].dtype == dtype
+    assert fused["y"].is_contiguous(memory_format=torch.channels_last_3d)
+    assert fused["ch_sum"].dtype == F32 and fused["ch_sumsq"].dtype == F32
+    assert fused["dw"].dtype == F32 and fused["dx"].shape == x.shape
+    expected = _run(ref.conv3d_bn_stats, x.float(), w, b, dy, g_sums)
+    eager = None if dtype == F32 else _run(ref.conv3d_bn_stats, x, w, b, dy, g_sums)
+    errs = _compare(fused, expected, eager, dtype)
+    print("; ".join(f"{k} {v}" for k, v in errs.items()))
+    if dtype != F32:
+        _check_rounding_only(fused, x, w, b, dy, g_sums, dtype)
+
+
+def _check_rounding_only(fused, x, w, b, dy, g_sums, dtype):
+    """The stronger low-precision check: against fp32 math on the operands as the kernels see them (x, weight,
+    bias rounded to the dtype), the only error left is the final rounding, at most one ulp (two unit
+    roundoffs: the accumulation order may move a value across a rounding boundary). The channel sums come from
+    the fp32 accumulator, so they match to fp32 accuracy. With gradients on the sums, dy + g_s + 2 y g_ss is
+    rounded to the dtype before the backward GEMMs, an error relative to the largest gradient instead."""
+    u = ROUNDOFF[dtype]
+    rb = b.to(dtype).float() if b is not None else None
+    exact = _run(ref.conv3d_bn_stats, x.float(), w.to(dtype).float(), rb, dy, g_sums)
+    for k, v in fused.items():
+        if v is None:
+            continue
+        e = exact[k]
+        scale = e.abs().max().item()
+        if k in ("ch_sum", "ch_sumsq"):
+            assert_close(v, e, atol=1e-6 * scale, rtol=1e-5, what=f"{k} vs rounded-operand fp32")
+        elif g_sums is not None and k != "y":
+            assert_close(v, e, atol=2 * u * scale, rtol=2 * u, what=f"{k} vs rounded-operand fp32")
+        else:
+            assert_close(v, e, atol=1e-3 * u * scale, rtol=2 * u, what=f"{k} vs rounded-operand fp32")
+
+
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+def test_torch_path_matches_reference(impl):
+    """The cuDNN path (and "auto", which is torch on CPU) gives the same API outputs as the reference."""
+    x = _make_x(2, 3, (3, 5, 7), "strided", F32)
+    w, b = _params(3, 8, True)
+    dy = torch.randn(2, 8, 3, 5, 7, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    g_sums = (torch.randn(8).to(DEVICE), torch.randn(8).to(DEVICE))
+    choices = dict(cb.CHOOSER.choices)
+    out = _run(lambda x, w, b: cb.conv3d_bn_stats(x, w, b, impl=impl), x, w, b, dy, g_sums)
+    expected = _run(ref.conv3d_bn_stats, x, w, b, dy, g_sums)
+    _compare(out, expected, None, F32)
+    assert out["y"].is_contiguous(memory_format=torch.channels_last_3d)
+    if DEVICE == "cpu":
+        assert cb.CHOOSER.choices == choices, "auto must not measure on CPU"
+
+
+@pytest.mark.parametrize("which", ["ch_sum", "ch_sumsq"])
+def test_sums_alone_carry_gradients(which):
+    """A loss that reads only the channel sums (y's own gradient is None) still reaches x, weight and bias."""
+    x = _make_x(2, 3, (3, 4, 5), "ndhwc", F32)
+    w, b = _params(3, 8, True)
+    gs = torch.randn(8, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    grads = []
+    for fn in (lambda x, w, b: cb.conv3d_bn_stats(x, w, b, impl="triton"), ref.conv3d_bn_stats):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        out = dict(zip(("y", "ch_sum", "ch_sumsq"), fn(*leaves)))
+        grads.append(torch.autograd.grad((out[which] * gs).sum(), leaves))
+    for name, g, g_ref in zip(("dx", "dw", "db"), *grads):
+        assert_close(g, g_ref, *FP32_TOL["sum"], what=name)
+
+
+def test_colsum_two_levels_is_exact_order_sum():
+    g = torch.Generator().manual_seed(0)
+    part = torch.randn(2, 37, 19, generator=g, dtype=torch.float64).float().to(DEVICE)
+    out = cb._colsum(part)
+    assert out.shape == (2, 19)
+    assert_close(out, part.double().sum(1), atol=1e-5, what="column sums")
+    assert torch.equal(out, cb._colsum(part)), "deterministic"
+
+
+def test_autocast_casts_like_a_convolution():
+    x = _make_x(2, 3, (3, 4, 5), "ncdhw", F32)
+    w, b = _params(3, 8, True)
+    w.requires_grad_()
+    with torch.autocast(DEVICE, dtype=BF16):
+        y, s, _ = cb.conv3d_bn_stats(x, w, b, impl="triton")
+        y_ref = torch.nn.functional.conv3d(x, w, b, padding=1)
+    assert y.dtype == BF16 == y_ref.dtype
+    assert_close(y.float(), y_ref.float(), atol=2e-2, what="y under autocast")
+    y.float().sum().backward()
+    assert w.grad.dtype == F32
+
+
+def test_invalid_arguments():
+    x = _make_x(1, 3, (3, 4, 5), "ncdhw", F32)
+    w, b = _params(3, 4, True)
+    with pytest.raises(ValueError, match="impl must be"):
+        cb.conv3d_bn_stats(x, w, b, impl="cudnn")
+    with pytest.raises(ValueError, match="weight must have shape"):
+        cb.conv3d_bn_stats(x, w[:, :2], b)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        cb.conv3d_bn_stats(x, w, b[:3])
+    with pytest.raises(ValueError, match="N, C_in, D, H, W"):
+        cb.conv3d_bn_stats(x[0], w, b)
+    with pytest.raises(TypeError, match="x's dtype"):
+        torch.ops.pcrlv2.conv3d_bn_stats_fwd(x, w.double(), b, "torch")
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (meta) implementations, autograd registration and AOT dispatch with dynamic shapes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 2, 3, 4, generator=g).to(DEVICE).contiguous(memory_format=torch.channels_last_3d)
+    w = torch.randn(5, 3, 3, 3, 3, generator=g).to(DEVICE)
+    b = torch.randn(5, generator=g).to(DEVICE)
+    dy = torch.randn(2, 5, 2, 3, 4, generator=g).to(DEVICE)
+    ops = torch.ops.pcrlv2
+    cases = [
+        (ops.conv3d_bn_stats_fwd.default, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), "triton")),
+        (ops.conv3d_bn_stats_fwd.default, (x.detach(), w.detach(), None, "torch")),
+        (ops.conv3d_bn_stats_bwd.default, (dy, x.detach(), w.detach(), True, True, True, "triton")),
+        (ops.conv3d_bn_stats_bwd.default, (dy, x.detach(), w.detach(), False, True, False, "torch")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 3, 4, 5, generator=g).to(DEVICE)
+    w = (torch.randn(8, 3, 3, 3, 3, generator=g) * 0.2).to(DEVICE).requires_grad_()
+    b = torch.randn(8, generator=g).to(DEVICE).requires_grad_()
+
+    def f(x):
+        y, s, ss = cb.conv3d_bn_stats(x, w, b, impl="triton")
+        n = y.numel() / y.shape[1]
+        mean = s / n
+        var = ss / n - mean * mean
+        return ((y - mean.view(1, -1, 1, 1, 1)) * var.view(1, -1, 1, 1, 1).rsqrt()).square().mean() + y.mean()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        xg = x.clone().requires_grad_()
+        loss = fn(xg)
+        results.append((loss, *torch.autograd.grad(loss, (xg, w, b))))
+    for name, eager, comp in zip(("loss", "dx", "dw", "db"), *results):
+        assert_close(comp, eager, atol=1e-6, rtol=1e-6, what=name)
+
+
+# ----------------------------------------------------------------------------------------------- chooser
+class _FakeTimer:
+    """Stands in for the CUDA timer: fixed milliseconds per candidate name, counting the calls."""
+
+    def __init__(self, ms):
+        self.ms, self.calls = ms, []
+
+    def __call__(self, fn):
+        name = fn()
+        self.calls.append(name)
+        return self.ms[name]
+
+
+def _candidates():
+    return {"cudnn": lambda: "cudnn", "triton": lambda: "triton"}
+
+
+def test_chooser_measures_once_prints_and_caches(tmp_path):
+    lines = []
+    timer = _FakeTimer({"cudnn": 1.23, "triton": 0.98})
+    chooser = cb.ImplChooser(cache_file=tmp_path / "choices.json", timer=timer, log=lines.append)
+    assert chooser.choose("k1", "conv3d_block 32->64 64x64x32 N=8 bf16 fwd", _candidates()) == "triton"
+    assert lines == ["conv3d_block 32->64 64x64x32 N=8 bf16 fwd: cudnn 1.230 ms, triton 0.980 ms -> triton"]
+    # Remembered: no new measurement, no new line.
+    assert chooser.choose("k1", "label", _candidates()) == "triton"
+    assert timer.calls == ["cudnn", "triton"] and len(lines) == 1
+    timer.ms = {"cudnn": 0.5, "triton": 0.7}
+    assert chooser.choose("k2", "other", _candidates()) == "cudnn"
+    assert lines[-1] == "other: cudnn 0.500 ms, triton 0.700 ms -> cudnn"
+    assert json.loads((tmp_path / "choices.json").read_text()) == {"k1": "triton", "k2": "cudnn"}
+
+    # A new process reads the file back: no measurement, one "cached" line per key.
+    lines2 = []
+    timer2 = _FakeTimer({"cudnn": 9.0, "triton": 9.0})
+    chooser2 = cb.ImplChooser(cache_file=tmp_path / "choices.json", timer=timer2, log=lines2.append)
+    assert chooser2.choose("k1", "label1", _candidates()) == "triton"
+    assert chooser2.choose("k1", "label1", _candidates()) == "triton"
+    assert timer2.calls == [] and lines2 == [f"label1: triton (cached in {tmp_path / 'choices.json'})"]
+
+
+def test_chooser_without_file_and_with_a_candidate_that_does_not_fit(tmp_path):
+    lines = []
+
+    def timer(fn):
+        if fn() == "triton":
+            raise cb.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return 2.0
+
+    chooser = cb.ImplChooser(cache_file=None, timer=timer, log=lines.append)
+    assert chooser.choose("k", "lbl", _candidates()) == "cudnn"
+    assert "does not fit" in lines[0] and lines[1] == "lbl: cudnn 2.000 ms -> cudnn"
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    chooser = cb.ImplChooser(cache_file=bad, timer=_FakeTimer({"cudnn": 2.0, "triton": 1.0}), log=lines.append)
+    assert chooser.choose("k", "lbl", _candidates()) == "triton"
+    assert any("unreadable" in line for line in lines)
+    assert json.loads(bad.read_text()) == {"k": "triton"}
+
+
+def test_shape_key_names_shape_dtype_direction_and_stack():
+    x = torch.empty(8, 32, 64, 64, 32, device="meta", dtype=BF16)
+    w = torch.empty(64, 32, 3, 3, 3, device="meta", dtype=BF16)
+    key, label = cb._shape_key(x, w, "fwd")
+    assert label == "conv3d_block 32->64 64x64x32 N=8 bf16 fwd"
+    assert key.endswith(label) and torch.__version__ in key and cb.triton.__version__ in key
+    key32, label32 = cb._shape_key(x.float(), w.float(), "bwd")
+    assert label32 == "conv3d_block 32->64 64x64x32 N=8 fp32 bwd ieee"  # TF32 off (fixture)
+    assert key32 != key
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the measured choice runs on CUDA only")
+def test_auto_measures_on_cuda(tmp_path, monkeypatch):
+    lines = []
+    monkeypatch.setattr(cb, "CHOOSER", cb.ImplChooser(cache_file=tmp_path / "c.json", log=lines.append))
+    x = _make_x(2, 17, (4, 6, 5), "ndhwc", BF16)
+    w, b = _params(17, 8, True)
+    dy = torch.randn(2, 8, 4, 6, 5, device=DEVICE, dtype=BF16)
+    out = _run(lambda x, w, b: cb.conv3d_bn_stats(x, w, b, impl="auto"), x, w, b, dy, None)
+    expected = _run(ref.conv3d_bn_stats, x.float(), w, b, dy, None)
+    eager = _run(ref.conv3d_bn_stats, x, w, b, dy, None)
+    _compare(out, expected, eager, BF16)
+    assert len(lines) == 2 and " fwd: " in lines[0] and " bwd: " in lines[1]
