@@ -16,7 +16,11 @@ target, and six augmented 16^3 local views. Providers (all on the same real CT v
 Seconds per sample are per core: every provider runs single-threaded (torch.set_num_threads(1)). Providers
 are timed round-robin (a batch's worth of samples each per round), so the ratios come from the same moments.
 
-Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 20] [--batch 8]
+With ``--device cuda`` the GPU backends are timed instead, in samples/s of the whole device: ``torch``
+(``BatchLoader`` with its volume bank on the GPU) and ``dali`` (``DaliLoader(device="cuda")``), each call
+synchronised, against ``native`` on all CPU threads for reference.
+
+Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 20] [--batch 8] [--device cuda]
 Needs torchio and scikit-image for the official providers (``pip install -e .[bench]``).
 """
 
@@ -100,14 +104,54 @@ def time_interleaved(providers: dict, batched: set, n: int, batch: int) -> dict[
     return {name: total / (rounds * batch) for name, total in spent.items()}
 
 
+def gpu_main(args, volumes, cfg) -> None:
+    """GPU backends, whole-device throughput (see the module docstring)."""
+    from utils import sync  # noqa: E402
+
+    device = torch.device(args.device)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    n_items = (-(-args.samples // args.batch) + 1) * args.batch
+    dataset = PretrainDataset(volumes, cfg, seed=0, pairs_per_volume=n_items // len(volumes) + 1)
+    providers = {"torch": BatchLoader(dataset, "torch", device=device)}
+    if native.available():
+        providers["native"] = BatchLoader(dataset, "native")
+    if dali_available():
+        providers["dali"] = DaliLoader(dataset, device=device, batch_size=args.batch)
+    else:
+        print(f"dali provider skipped: {dali_load_error()}")
+    rounds = max(1, -(-args.samples // args.batch))
+    spent = dict.fromkeys(providers, 0.0)
+    for loader in providers.values():
+        loader.batch(range(args.batch))  # warm-up
+    for r in range(1, rounds + 1):
+        for name, loader in providers.items():
+            sync(device)
+            t0 = time.perf_counter()
+            loader.batch(range(r * args.batch, (r + 1) * args.batch))
+            sync(device)
+            spent[name] += time.perf_counter() - t0
+    env = environment(device)
+    rows = []
+    for name, total in spent.items():
+        per_sample = total / (rounds * args.batch)
+        rows.append({"benchmark": "data", "provider": name, **env, "backend_device": "cpu" if name == "native"
+                     else str(device), "threads": torch.get_num_threads(), "samples": rounds * args.batch,
+                     "batch": args.batch, "s_per_sample": per_sample, "samples_per_s": 1.0 / per_sample,
+                     "volumes": [v.name for v in volumes]})
+        print(f"{name:<10} {1.0 / per_sample:10.1f} samples/s")
+    print(f"rows written to {write_rows(rows, 'data', device, args.out)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="folder of CT scans (default: the pyradiomics sample CTs, downloaded once)")
     p.add_argument("--samples", type=int, default=20, help="timed samples per provider")
     p.add_argument("--batch", type=int, default=8, help="batch size of the torch and native batch loaders")
-    p.add_argument("--out", help="result JSON path (default benchmarks/results/data-cpu-<date>.json)")
+    p.add_argument("--device", default="cpu", help="cpu (per-core comparison with the official cost) or cuda")
+    p.add_argument("--out", help="result JSON path (default benchmarks/results/data-<cpu|cuda>-<date>.json)")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    if args.device != "cpu" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here")
 
     if args.data is None:
         from pcrlv2_fast.samples import fetch_samples
@@ -115,6 +159,10 @@ def main() -> None:
         args.data = str(fetch_samples() / "ct")
     volumes = load_volumes(args.data)
     cfg = CropConfig()
+    if args.device != "cpu":
+        gpu_main(args, volumes, cfg)
+        return
+    torch.set_num_threads(1)
     providers = {}
     n_items = (-(-args.samples // args.batch) + 1) * args.batch  # sample indices used (warm-up round included)
 

@@ -24,3 +24,31 @@ def test_train_step_benchmark_writes_rows(tmp_path):
         assert 1.0 < r["gflop_per_sample"] < 20.0
     assert rows[0]["speedup_vs_eager_fp32"] == 1.0
     assert "speed-up" in proc.stdout
+
+
+def test_data_benchmark_whole_device_mode_writes_rows(tmp_path, phantom_volumes):
+    """The --device cuda path of benchmark_data (whole-device samples/s of each backend), run on the CPU."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import benchmark_data
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from pcrlv2_fast.data import CropConfig, native
+
+    out = tmp_path / "rows.json"
+    benchmark_data.gpu_main(argparse.Namespace(device="cpu", samples=2, batch=2, out=str(out)), phantom_volumes,
+                            CropConfig())
+    rows = json.loads(out.read_text())
+    providers = {r["provider"] for r in rows}
+    assert "torch" in providers and ("native" in providers) == native.available()
+    for r in rows:
+        assert r["samples_per_s"] > 0 and r["samples"] == 2 and r["batch"] == 2
+
+
+def test_gpu_only_benchmarks_exit_cleanly_on_cpu():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark_conv3d_block.py"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "GPU only" in proc.stdout
