@@ -11,6 +11,11 @@ Per step, with cos(a, b) the cosine similarity over the feature dimension and sg
 
 ``all_scales=True`` is the paper's multi-task form: every pair and the deep supervision use all three
 scales, averaged, instead of one random scale. All terms are computed in float32 whatever the autocast dtype.
+
+``kernels="triton"`` computes the same terms with the fused kernels (one launch for every cosine pair, one
+for the restoration MSEs, reading the deep-supervision masks at their own resolution) from the same scale
+draws in the same order. Masks may be given upsampled to the target's size or at their own resolution
+(``NonSkipUNet3D(upsample_masks=False)``) on either path.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..nn.dispatch import check_kernels, triton_usable
 
 Features = list  # per scale: [proj (B, C), pred (B, C)]
 
@@ -77,15 +84,29 @@ def split_views(feats: Features, n_views: int) -> list[Features]:
     return out
 
 
-class PCRLv2Loss:
-    """Combines the four PCRLv2 terms; scale draws come from the ``random.Random`` passed per call."""
+def full_size(mask: torch.Tensor, size) -> torch.Tensor:
+    """A deep-supervision mask upsampled to ``size`` as the model does (trilinear, align_corners=False, by the
+    integer factor per dimension); a full-size mask is returned as is."""
+    if tuple(mask.shape[2:]) == tuple(size):
+        return mask
+    factors = tuple(float(big // small) for small, big in zip(mask.shape[2:], size))
+    return F.interpolate(mask, scale_factor=factors, mode="trilinear", align_corners=False)
 
-    def __init__(self, total_epochs: float, n_local: int = 6, all_scales: bool = False):
+
+class PCRLv2Loss:
+    """Combines the four PCRLv2 terms; scale draws come from the ``random.Random`` passed per call.
+
+    ``kernels``: "torch" (the formulas as written) or "triton" (the fused loss kernels; on CPU tensors they run
+    only under the Triton interpreter, elsewhere the torch path runs and the fallback is logged once).
+    """
+
+    def __init__(self, total_epochs: float, n_local: int = 6, all_scales: bool = False, kernels: str = "torch"):
         if total_epochs <= 0:
             raise ValueError(f"total_epochs must be positive, got {total_epochs}")
         self.total_epochs = total_epochs
         self.n_local = n_local
         self.all_scales = all_scales
+        self.kernels = check_kernels(kernels)
 
     def __call__(
         self,
@@ -98,17 +119,19 @@ class PCRLv2Loss:
         epoch: float,
         rng: random.Random,
     ) -> LossTerms:
+        if self.kernels == "triton" and triton_usable(restoration, "PCRLv2Loss"):
+            return self._fused(restoration, masks, feats1, feats2, local_feats, gt, epoch, rng)
         n_scales = len(feats1)
         gt = gt.float()
         beta = beta_schedule(epoch, self.total_epochs)
         if self.all_scales:
             scale = -1
             loss_global = pair_loss_all_scales(feats1, feats2)
-            deep = torch.stack([F.mse_loss(m.float(), gt) for m in masks]).mean()
+            deep = torch.stack([F.mse_loss(full_size(m, gt.shape[2:]).float(), gt) for m in masks]).mean()
         else:
             scale = rng.randint(0, n_scales - 1)
             loss_global = pair_loss(feats1, feats2, scale)
-            deep = F.mse_loss(masks[scale].float(), gt)
+            deep = F.mse_loss(full_size(masks[scale], gt.shape[2:]).float(), gt)
         loss_local = restoration.new_zeros((), dtype=torch.float32)
         if local_feats is not None and self.n_local > 0:
             terms = []
@@ -121,5 +144,25 @@ class PCRLv2Loss:
             loss_local = torch.stack(terms).mean()
         restore = F.mse_loss(restoration.float(), gt)
         deep = beta * deep
+        total = loss_global + loss_local + restore + deep
+        return LossTerms(total, loss_global, loss_local, restore, deep, beta, scale)
+
+    def _fused(self, restoration, masks, feats1, feats2, local_feats, gt, epoch, rng) -> LossTerms:
+        """The same terms through the fused kernels; the scale draws are taken in the torch path's order (the
+        global scale, then per local view the scales of its pairs with x1 and with x2)."""
+        from ..kernels.cosine_loss import pcrlv2_cosine_losses
+        from ..kernels.restoration_loss import pcrlv2_restoration_losses
+
+        n_scales = len(feats1)
+        beta = beta_schedule(epoch, self.total_epochs)
+        has_local = local_feats is not None and self.n_local > 0
+        if self.all_scales:
+            scale, global_scale, local_scales = -1, None, None
+        else:
+            scale = global_scale = rng.randint(0, n_scales - 1)
+            local_scales = [rng.randint(0, n_scales - 1) for _ in range(2 * self.n_local)] if has_local else None
+        loss_global, loss_local = pcrlv2_cosine_losses(feats1, feats2, local_feats if has_local else None,
+                                                       self.n_local, global_scale, local_scales)
+        restore, deep = pcrlv2_restoration_losses(restoration, masks, gt, beta, scale)
         total = loss_global + loss_local + restore + deep
         return LossTerms(total, loss_global, loss_local, restore, deep, beta, scale)

@@ -104,18 +104,26 @@ class OutputTransition(nn.Module):
 class NonSkipUNet3D(nn.Module):
     """PCRLv2's 3D pretraining network (official name ``PCRLv23d``).
 
-    ``forward(x, local=False)`` returns ``(restoration, features, masks)``:
+    ``forward(x, local=False, upsample_masks=None)`` returns ``(restoration, features, masks)``:
     - ``restoration``: (B, n_class, X, Y, Z) sigmoid output of ``out_tr`` at full resolution;
     - ``features``: ``[[proj, pred]]`` for the decoder scales 256, 128, 64 (official widths), each (B, C);
-    - ``masks``: the three deep-supervision outputs upsampled trilinearly to full size (x4, x2, x1);
-      empty for local views (``local=True``), whose restorations the objective does not use.
+    - ``masks``: the three deep-supervision outputs upsampled trilinearly to full size (x4, x2, x1), or at their
+      own resolution (1/4, 1/2, 1/1) when ``upsample_masks`` is False (None: the constructor's choice), which is
+      what ``PCRLv2Loss(kernels="triton")`` reads without materialising the upsampled volumes; empty for local
+      views (``local=True``), whose restorations the objective does not use.
     Every spatial size must be divisible by 8 (three max-pools).
+
+    ``kernels="triton"`` runs every conv block fused (:func:`pcrlv2_fast.nn.fuse_model`); parameter and buffer
+    names, hence checkpoints, are the same for both values.
     """
 
-    def __init__(self, n_class: int = 1, act: str = "relu", norm: str = "bn", in_channels: int = 1, width: int = 32):
+    def __init__(self, n_class: int = 1, act: str = "relu", norm: str = "bn", in_channels: int = 1, width: int = 32,
+                 kernels: str = "torch", upsample_masks: bool = True):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
         w = width
         self.width, self.norm, self.act, self.in_channels, self.n_class = w, norm, act, in_channels, n_class
         self.maxpool = nn.MaxPool3d(2)
@@ -127,6 +135,11 @@ class NonSkipUNet3D(nn.Module):
         self.up_tr128 = UpTransition(8 * w, 4 * w, act, norm)
         self.up_tr64 = UpTransition(4 * w, 2 * w, act, norm)
         self.out_tr = OutputTransition(2 * w, n_class)
+        self.kernels, self.upsample_masks = kernels, upsample_masks
+        if kernels == "triton":
+            from ..nn import fuse_model  # here: pcrlv2_fast.nn builds on this module
+
+            fuse_model(self, kernels)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's feature pyramid (full, 1/2, 1/4, 1/8 resolution)."""
@@ -136,7 +149,7 @@ class NonSkipUNet3D(nn.Module):
         f512 = self.down_tr512(self.maxpool(f256))
         return [f64, f128, f256, f512]
 
-    def forward(self, x: torch.Tensor, local: bool = False):
+    def forward(self, x: torch.Tensor, local: bool = False, upsample_masks: bool | None = None):
         if x.dim() != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}")
         if any(s % 8 for s in x.shape[2:]):
@@ -149,7 +162,11 @@ class NonSkipUNet3D(nn.Module):
             low_masks.append(mask)
         restoration = self.out_tr(out)
         masks = []
-        if not local:
+        if upsample_masks is None:
+            upsample_masks = self.upsample_masks
+        if not local and not upsample_masks:
+            masks = low_masks
+        elif not local:
             masks = [
                 F.interpolate(low_masks[0], scale_factor=4, mode="trilinear"),
                 F.interpolate(low_masks[1], scale_factor=2, mode="trilinear"),
