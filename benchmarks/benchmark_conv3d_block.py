@@ -1,16 +1,17 @@
-"""conv3d_block: the fused 3x3x3 conv + bias + BatchNorm sums vs cuDNN, on the PCRLv2 network's conv shapes.
+"""conv3d_block: the fused 3x3x3 conv + bias + BatchNorm statistics vs cuDNN, on the PCRLv2 network's conv shapes.
 
 Providers (``--providers``):
-- ``triton``: ``conv3d_bn_stats(impl="triton")``: implicit-GEMM kernels, sums in the forward's epilogue.
-- ``torch``: ``conv3d_bn_stats(impl="torch")``: F.conv3d / aten.convolution_backward (cuDNN) and a torch
-  reduction for the sums.
+- ``triton``: ``conv3d_bn_stats(impl="triton")``: implicit-GEMM kernels, per-tile (count, mean, M2) in the
+  forward's epilogue merged by a small Chan-formula kernel.
+- ``torch``: ``conv3d_bn_stats(impl="torch")``: F.conv3d / aten.convolution_backward (cuDNN) and
+  torch.var_mean for the mean and variance.
 - ``torch_compile``: the plain-PyTorch reference (kernels/conv3d_reference.py) under torch.compile.
 - ``auto``: ``conv3d_bn_stats(impl="auto")``, the per-shape measured choice (it prints its decisions).
 Modes (``--modes``): ``fwd``; ``bwd`` (dx, dweight, dbias from a saved forward); ``full`` (fwd + bwd);
 ``block``: a whole LUConv step, conv -> BatchNorm3d (training) -> ReLU, forward and backward. There the
 torch provider is eager cuDNN conv + F.batch_norm + ReLU, and triton / auto are conv3d_bn_stats followed by
 the fused bn_act3d kernel (kernels/norm_act.py), which still gathers its own statistics. That is one pass
-over y more than a BatchNorm applied from ch_sum/ch_sumsq would need.
+over y more than a BatchNorm applied from the returned mean/var would need.
 TFLOP/s counts the convolution only: 2 * N*D*H*W * 27 * C_in * C_out per GEMM (forward 1, backward 2).
 
 GPU only (``--device cuda``); on a CPU it prints why and exits 0.
@@ -65,7 +66,7 @@ def make_case(shape, batch: int, dtype: torch.dtype, device: torch.device):
 
 
 def conv_fn(provider: str, compiled: dict):
-    """fn(x, w, b) -> (y, ch_sum, ch_sumsq) for a provider."""
+    """fn(x, w, b) -> (y, mean, var) for a provider."""
     from pcrlv2_fast.kernels import conv3d_block, conv3d_reference
 
     if provider == "torch_compile":

@@ -1,19 +1,23 @@
-"""3x3x3 Conv3d (stride 1, padding 1) with the bias and the following BatchNorm's per-channel sums fused in.
+"""3x3x3 Conv3d (stride 1, padding 1) with the bias and the following BatchNorm's batch statistics fused in.
 
-``conv3d_bn_stats(x, weight, bias)`` returns ``(y, ch_sum, ch_sumsq)``: y = conv3d(x, weight, bias) in
-channels_last_3d and x's dtype, and the fp32 per-channel sum and sum of squares of y over N*D*H*W, so the
+``conv3d_bn_stats(x, weight, bias)`` returns ``(y, mean, var)``: y = conv3d(x, weight, bias) in
+channels_last_3d and x's dtype, and the fp32 per-channel mean and biased variance of y over N*D*H*W, so the
 BatchNorm after the convolution gets its batch statistics without reading y again.
 
 Triton implementation: every pass is an implicit GEMM over NDHWC tensors (M = N*D*H*W output voxels);
 the 27 shifted copies of x that a 3x3x3 conv multiplies are never materialised, each K step gathers its
 tile straight from x with masked loads standing in for the zero padding.
 - forward: Y[M, C_out] = X_shift[M, 27*C_in] @ Wp[27*C_in, C_out], fp32 accumulation (tl.dot); the
-  epilogue adds the bias, stores y and writes the tile's per-channel sum and sum of squares into a
-  (num_m_tiles, C_out) buffer, summed by a small second kernel (no atomics: deterministic).
+  epilogue adds the bias, stores y and writes the tile's per-channel (count, mean, M2) into a
+  (4, num_m_tiles, C_out) buffer (the mean as an fp32 pair hi + lo), M2 being the sum of squared
+  deviations from the tile's own mean, taken from the accumulator still in registers. A small second
+  kernel merges the tiles with Chan's parallel formula in a fixed order (no atomics: deterministic). No
+  sum of squares is ever formed: E[y^2] - E[y]^2 in fp32 cancels catastrophically when a channel's mean
+  is large against its spread (outputs of mean 1000 and spread 0.7: variance errors of tens of percent).
 - data gradient: the same kernel run on dy with the flipped, transposed weights (the adjoint of a
-  stride-1 "same" conv is the conv with the kernel mirrored and C_in/C_out swapped), no bias, no sums.
+  stride-1 "same" conv is the conv with the kernel mirrored and C_in/C_out swapped), no bias, no statistics.
 - weight gradient: dW^T[C_out, 27*C_in] = dY^T @ X_shift, a reduction over M split across programs
-  (per-split partials, summed by the same small kernel); the bias gradient (the sum of dy over M) rides
+  (per-split partials, summed by a small column-sum kernel); the bias gradient (the sum of dy over M) rides
   along in the programs of the first K tile.
 K index k = tap * C_in + ci with tap = (kd * 3 + kh) * 3 + kw. When C_in >= 16 the K loop steps tap by tap
 over C_in chunks (one padding mask per row per tap); for C_in < 16 (the 1-channel input layer, the
@@ -21,14 +25,14 @@ over C_in chunks (one padding mask per row per tap); for C_in < 16 (the 1-channe
 tl.dot instead of each padding a 1-channel K step to the minimum dot size of 16.
 
 Which implementation runs is ``impl``: "triton", "torch" (cuDNN via F.conv3d and aten.convolution_backward,
-with the sums from a torch reduction) or "auto": on CUDA, a per-shape choice made by timing both on first
+with the statistics from torch.var_mean) or "auto": on CUDA, a per-shape choice made by timing both on first
 use, per direction (forward, backward), kept in memory and in a JSON file, and printed once; on CPU
 always torch. The Triton forward/backward are the custom ops ``pcrlv2::conv3d_bn_stats_fwd`` / ``_bwd``
 (fake implementations and autograd registered), so torch.compile traces through them.
 
-ch_sum/ch_sumsq are differentiable: a gradient g_s, g_ss on them adds g_s + 2 * y * g_ss to dy (one extra
-elementwise pass, only when such gradients exist). A BatchNorm that computes its own backward from y and
-dy (as the fused norm_act kernels do) passes none, and the conv backward then reads dy only.
+mean/var are differentiable: gradients g_m, g_v on them add (g_m + 2 * (y - mean) * g_v) / n to dy (one
+extra elementwise pass, only when such gradients exist). A BatchNorm that computes its own backward from y
+and dy (as the fused norm_act kernels do) passes none, and the conv backward then reads dy only.
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def _conv3d_fwd_kernel(
     W_ptr,  # (27 * C_in, C_out) packed weight in X's dtype: row tap * C_in + ci
     B_ptr,  # (C_out,) bias, read when HAS_BIAS
     Y_ptr,  # (N, D, H, W, C_out) output, dense channels-last
-    P_ptr,  # (2, num_m_tiles, C_out) fp32 per-tile sum and sum of squares, written when STATS
+    P_ptr,  # (4, num_m_tiles, C_out) fp32 per-tile count, mean (hi + lo) and M2, written when STATS
     M, D, H, W, C_in, C_out,  # M = N * D * H * W
     P_plane,  # num_m_tiles * C_out
     FLAT: tl.constexpr,  # K loop over k = tap * C_in + ci (C_in < 16) instead of tap by tap
@@ -170,11 +174,21 @@ def _conv3d_fwd_kernel(
     out_ok = m_ok[:, None] & co_ok[None, :]
     tl.store(Y_ptr + m[:, None] * C_out + co[None, :], _to_out(acc, Y_ptr.dtype.element_ty, ROUND_BF16), mask=out_ok)
     if STATS:
-        # BatchNorm partials from the fp32 accumulator (before rounding y); rows past M hold the bias only.
-        v = tl.where(out_ok, acc, 0.0)
+        # BatchNorm partials from the fp32 accumulator (before rounding y); rows past M hold the bias only and
+        # are left out. Passes over the registers, no sum of squares of y: the tile mean, then the squared
+        # deviations from it. The mean is kept as hi + lo: an fp32 mean of 1000 is only good to 3e-5, which
+        # next to a unit spread costs the merged variance a few 1e-5 relative through the between-tile term;
+        # lo is the mean of acc - hi (exact differences when the spread is small against the mean).
+        n_t = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        hi = tl.sum(tl.where(out_ok, acc, 0.0), axis=0) / n_t
+        dev = tl.where(out_ok, acc - hi[None, :], 0.0)
+        lo = tl.sum(dev, axis=0) / n_t
+        dev = tl.where(out_ok, dev - lo[None, :], 0.0)
         p = P_ptr + pid_m * C_out + co
-        tl.store(p, tl.sum(v, axis=0), mask=co_ok)
-        tl.store(p + P_plane, tl.sum(v * v, axis=0), mask=co_ok)
+        tl.store(p, tl.zeros([BLOCK_N], dtype=tl.float32) + n_t, mask=co_ok)
+        tl.store(p + P_plane, hi, mask=co_ok)
+        tl.store(p + 2 * P_plane, lo, mask=co_ok)
+        tl.store(p + 3 * P_plane, tl.sum(dev * dev, axis=0), mask=co_ok)
 
 
 @triton.jit
@@ -257,6 +271,59 @@ def _colsum_kernel(
     tl.store(Out_ptr + (q * NSPLIT + split).to(tl.int64) * C + c, acc, mask=c_ok)
 
 
+@triton.jit
+def _stats_combine_kernel(
+    P_ptr,  # (4, R, C) fp32 partials: count, mean as hi + lo, M2 (deviations from that partial's mean)
+    Out_ptr,  # (4, NSPLIT, C) fp32 partials of blocks of ROWS rows, same format, written unless FINAL
+    Mean_ptr, Var_ptr,  # (C,) fp32 mean and biased variance, written when FINAL (NSPLIT == 1)
+    R, C, ROWS, NSPLIT,
+    FINAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Chan's parallel formula in a fixed order (deterministic); called again on its own output while
+    # NSPLIT > 1. Each step folds BLOCK_R partials at once (M2 about their joint mean) and merges the block
+    # into the running triple: the correction terms are squared differences of means, never of raw sums.
+    # Means are taken relative to a per-channel shift, row 0's hi (the same for every program), so they are
+    # of the size of the spread and fp32 holds them to full relative precision whatever the channel's mean.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    c_ok = c < C
+    plane = R * C
+    shift = tl.load(P_ptr + plane + c, mask=c_ok, other=0.0)
+    n_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    r_lo = split * ROWS
+    r_hi = tl.minimum(r_lo + ROWS, R)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        mask = (r < r_hi)[:, None] & c_ok[None, :]
+        off = r[:, None] * C + c[None, :]
+        cnt = tl.load(P_ptr + off, mask=mask, other=0.0)
+        hi = tl.load(P_ptr + plane + off, mask=mask, other=0.0)
+        lo = tl.load(P_ptr + 2 * plane + off, mask=mask, other=0.0)
+        q = tl.load(P_ptr + 3 * plane + off, mask=mask, other=0.0)
+        mu = tl.where(mask, (hi - shift[None, :]) + lo, 0.0)
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(cnt * mu, axis=0) / tl.maximum(n_b, 1.0)
+        dev = tl.where(mask, mu - mean_b[None, :], 0.0)
+        m2_b = tl.sum(q + cnt * dev * dev, axis=0)
+        n = n_a + n_b
+        frac = n_b / tl.maximum(n, 1.0)
+        delta = mean_b - mean_a
+        mean_a += delta * frac
+        m2_a += m2_b + delta * delta * n_a * frac
+        n_a = n
+    if FINAL:
+        tl.store(Mean_ptr + c, shift + mean_a, mask=c_ok)
+        tl.store(Var_ptr + c, m2_a / tl.maximum(n_a, 1.0), mask=c_ok)
+    else:
+        out = Out_ptr + split * C + c
+        tl.store(out, n_a, mask=c_ok)
+        tl.store(out + NSPLIT * C, shift, mask=c_ok)
+        tl.store(out + 2 * NSPLIT * C, mean_a, mask=c_ok)
+        tl.store(out + 3 * NSPLIT * C, m2_a, mask=c_ok)
+
+
 # ------------------------------------------------------------------------------------------- launchers
 # (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_K of the flat loop) under the interpreter, whose cost is per operation and
 # iteration rather than per element: the smallest tiles that still leave the tests' odd shapes with partial
@@ -332,6 +399,29 @@ def _colsum(part: Tensor) -> Tensor:
         part, R = out, nsplit
 
 
+def _combine_stats(part: Tensor) -> tuple[Tensor, Tensor]:
+    """(4, R, C) fp32 partials (count, mean as hi + lo, M2) -> per-channel mean and biased variance, (C,) fp32
+    each, merged by Chan's formula in a fixed order: blocks of rows, then those blocks' partials again."""
+    _, R, C = part.shape
+    # Under the interpreter two rows per program, so that small inputs go through several levels.
+    rows = 2 if _interpreting() else 256
+    block_r = 2 if _interpreting() else 32
+    block_c = _np2(C, 16, 128)
+    while True:
+        nsplit = triton.cdiv(R, rows)
+        if nsplit == 1:
+            # Two separate (C,) tensors: a custom op's outputs may not alias one another.
+            mean = torch.empty(C, device=part.device, dtype=torch.float32)
+            var = torch.empty_like(mean)
+            _stats_combine_kernel[(triton.cdiv(C, block_c), 1)](part, mean, mean, var, R, C, rows, 1, FINAL=True,
+                                                                 BLOCK_R=block_r, BLOCK_C=block_c)
+            return mean, var
+        out = torch.empty((4, nsplit, C), device=part.device, dtype=torch.float32)
+        _stats_combine_kernel[(triton.cdiv(C, block_c), nsplit)](part, out, out, out, R, C, rows, nsplit, FINAL=False,
+                                                                 BLOCK_R=block_r, BLOCK_C=block_c)
+        part, R = out, nsplit
+
+
 def _cl(t: Tensor) -> Tensor:
     """t as dense channels-last (a copy only when it is not already)."""
     return t.contiguous(memory_format=_CL)
@@ -350,26 +440,26 @@ def _pack_weight(weight: Tensor, transpose: bool) -> Tensor:
 
 
 def _launch_gemm(x: Tensor, wp: Tensor, c_out: int, bias: Tensor | None, stats: bool):
-    """Forward-shaped implicit GEMM: y (N, c_out, D, H, W) channels-last and, with stats, (2, C) sums."""
+    """Forward-shaped implicit GEMM: y (N, c_out, D, H, W) channels-last and, with stats, the (mean, var)
+    pair of (c_out,) fp32 tensors (else None)."""
     N, C, D, H, W = x.shape
     M = N * D * H * W
     y = _empty_cl((N, c_out, D, H, W), x)
     cfg = _gemm_config(M, C, c_out, x)
     n_mt = triton.cdiv(M, cfg["BLOCK_M"])
-    part = torch.empty((2, n_mt, c_out), device=x.device, dtype=torch.float32) if stats else y
+    part = torch.empty((4, n_mt, c_out), device=x.device, dtype=torch.float32) if stats else y
     grid = (n_mt, triton.cdiv(c_out, cfg["BLOCK_N"]))
     _conv3d_fwd_kernel[grid](
         x, wp, bias if bias is not None else wp, y, part, M, D, H, W, C, c_out, n_mt * c_out,
         HAS_BIAS=bias is not None, STATS=stats, ROUND_BF16=_interpreting() and y.dtype == torch.bfloat16,
         DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_interpreting(), **cfg)
-    return y, (_colsum(part) if stats else None)
+    return y, (_combine_stats(part) if stats else None)
 
 
 def triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, ch_sum, ch_sumsq) by the Triton kernels; x dense channels-last, weight/bias in x's dtype."""
-    y, sums = _launch_gemm(x, _pack_weight(weight, False), weight.shape[0], bias, stats=True)
-    # Two separate (C_out,) tensors: a custom op's outputs may not alias one another.
-    return y, sums[0], sums[1].clone()
+    """(y, mean, var) by the Triton kernels; x dense channels-last, weight/bias in x's dtype."""
+    y, (mean, var) = _launch_gemm(x, _pack_weight(weight, False), weight.shape[0], bias, stats=True)
+    return y, mean, var
 
 
 def _wgrad_config(M: int, c_in: int, c_out: int, t: Tensor) -> tuple[dict, int, int]:
@@ -425,18 +515,12 @@ def triton_backward(dy: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_d
 
 
 def torch_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, ch_sum, ch_sumsq) by F.conv3d (cuDNN on GPU) and a torch reduction of the rounded y."""
+    """(y, mean, var) by F.conv3d (cuDNN on GPU) and torch's (Welford) var_mean of the rounded y in fp32."""
     with torch.autocast(x.device.type, enabled=False):
         y = F.conv3d(x, weight, bias, padding=1)
     y = _as_cl_strides(y)
-    dims = (0, 2, 3, 4)
-    s = torch.sum(y, dim=dims, dtype=torch.float32)
-    if y.dtype == torch.float32:
-        ss = torch.sum(y * y, dim=dims)
-    else:
-        # No fp32 copy of y: the norm accumulates in fp32 (its square root costs an ulp or so of sumsq).
-        ss = torch.linalg.vector_norm(y, 2, dim=dims, dtype=torch.float32).square()
-    return y, s, ss
+    var, mean = torch.var_mean(y.float(), dim=(0, 2, 3, 4), correction=0)
+    return y, mean, var
 
 
 def torch_backward(dy: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_dw: bool, need_db: bool):
@@ -603,7 +687,7 @@ def _stat_like(x: Tensor, weight: Tensor) -> Tensor:
 
 @torch.library.custom_op("pcrlv2::conv3d_bn_stats_fwd", mutates_args=())
 def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, ch_sum, ch_sumsq): y (N, C_out, D, H, W) channels-last in x's dtype, the sums (C_out,) fp32."""
+    """(y, mean, var): y (N, C_out, D, H, W) channels-last in x's dtype, mean/var (C_out,) fp32."""
     _check_inputs(x, weight, bias, impl)
     xc = _cl(x)
     with _device_guard(xc):
@@ -645,23 +729,25 @@ def _(dy, x, weight, need_dx, need_dw, need_db, impl):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, impl = inputs
-    y = output[0]
-    # Unused outputs' gradients arrive as None (not zeros): the sums' gradient pass runs only when needed.
+    y, mean, _ = output
+    # Unused outputs' gradients arrive as None (not zeros): the statistics' gradient pass runs only when needed.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, weight, y)
+    ctx.save_for_backward(x, weight, y, mean)
     ctx.has_bias = bias is not None
     ctx.impl = impl
 
 
-def _backward(ctx, dy, d_sum, d_sumsq):
-    x, weight, y = ctx.saved_tensors
-    if d_sum is not None or d_sumsq is not None:
-        # d ch_sum / dy = 1 and d ch_sumsq / dy = 2 y, per channel; summed in fp32 (the op casts to x's dtype).
+def _backward(ctx, dy, d_mean, d_var):
+    x, weight, y, mean = ctx.saved_tensors
+    if d_mean is not None or d_var is not None:
+        # d mean / dy = 1 / n and d var / dy = 2 (y - mean) / n per channel (the mean's own dependence on y drops
+        # out: the deviations sum to zero); summed in fp32 (the op casts to x's dtype).
+        n = y.numel() // y.shape[1]
         dy = torch.zeros(y.shape, device=y.device) if dy is None else dy.float()
-        if d_sum is not None:
-            dy = dy + d_sum.view(1, -1, 1, 1, 1)
-        if d_sumsq is not None:
-            dy = dy + 2 * y.float() * d_sumsq.view(1, -1, 1, 1, 1)
+        if d_mean is not None:
+            dy = dy + (d_mean / n).view(1, -1, 1, 1, 1)
+        if d_var is not None:
+            dy = dy + (y.float() - mean.view(1, -1, 1, 1, 1)) * (2 * d_var / n).view(1, -1, 1, 1, 1)
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_db = ctx.has_bias and ctx.needs_input_grad[2]
     if dy is None or not (need_dx or need_dw or need_db):
@@ -676,14 +762,16 @@ torch.library.register_autograd("pcrlv2::conv3d_bn_stats_fwd", _backward, setup_
 # --------------------------------------------------------------------------------------------- public
 def conv3d_bn_stats(x: Tensor, weight: Tensor, bias: Tensor | None = None, impl: str = "auto"
                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """y = conv3d(x, weight, bias, padding=1) and the fp32 per-channel sum and sum of squares of y over N*D*H*W.
+    """y = conv3d(x, weight, bias, padding=1) and the fp32 per-channel mean and biased variance of y over N*D*H*W.
 
     x: (N, C_in, D, H, W) fp32/bf16/fp16 in any memory format (converted to channels_last_3d); weight
     (C_out, C_in, 3, 3, 3); bias (C_out,) or None. weight and bias are cast to x's dtype (the compute dtype);
     under autocast everything is first cast to the autocast dtype, as torch does for convolutions.
-    Returns y (N, C_out, D, H, W) channels_last_3d in the compute dtype, and ch_sum, ch_sumsq (C_out,) fp32:
-    with impl "triton" the sums of the fp32 accumulator before y is rounded to a low-precision dtype, with
-    "torch" the sums of the rounded y. All three outputs are differentiable (grads for x, weight, bias).
+    Returns y (N, C_out, D, H, W) channels_last_3d in the compute dtype, and mean, var (C_out,) fp32, var being
+    the biased variance (divided by N*D*H*W; a running variance wants var * n / (n - 1)): with impl "triton"
+    the statistics of the fp32 accumulator before y is rounded to a low-precision dtype (per-tile mean and M2
+    merged by Chan's formula), with "torch" those of the rounded y (torch.var_mean in fp32). All three outputs
+    are differentiable (grads for x, weight, bias).
     impl: "triton", "torch" (F.conv3d: cuDNN on GPU) or "auto" (per-shape measured choice on CUDA, torch on CPU).
     """
     if x.dim() != 5:

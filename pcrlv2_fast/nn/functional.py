@@ -7,8 +7,9 @@ network; only the forward changes:
 - norm + activation: one ``bn_act3d`` / ``gn_act3d`` call (pcrlv2_fast.kernels.norm_act) with the module's
   parameters, buffers and BatchNorm bookkeeping (``num_batches_tracked``, cumulative momentum) reproduced;
 - conv + BatchNorm with batch statistics: when ``pcrlv2_fast.kernels.conv3d_block.conv3d_bn_stats`` is
-  available, the conv also returns per-channel sums of its output, so the normalisation skips its statistics
-  pass over the conv output; otherwise the conv runs as ``F.conv3d`` followed by the fused norm + activation.
+  available, the conv also returns the per-channel mean and biased variance of its output, so the
+  normalisation skips its statistics pass over the conv output; otherwise the conv runs as ``F.conv3d``
+  followed by the fused norm + activation.
 
 ``kernels="torch"`` is the plain path: ``act(norm(conv(x)))`` through the modules' own forwards.
 """
@@ -185,18 +186,18 @@ class _BnActFromStats(torch.autograd.Function):
                 da if prelu_weight is not None and ctx.act == "prelu" and need[3] else None, None, None, None, None)
 
 
-def _conv_bn_from_sums(x: Tensor, conv: nn.Conv3d, bn: nn.BatchNorm3d, act: nn.Module | None, conv_impl: str,
-                       stats_fn) -> Tensor:
+def _conv_bn_from_stats(x: Tensor, conv: nn.Conv3d, bn: nn.BatchNorm3d, act: nn.Module | None, conv_impl: str,
+                        stats_fn) -> Tensor:
     _norm_act_kernels()  # registers the pcrlv2::bn_act3d_* ops used by _BnActFromStats
     _, factor, rm, rv = _bn_state(bn)
-    # conv3d_bn_stats casts to the autocast dtype itself, as F.conv3d does under autocast.
-    y, ch_sum, ch_sumsq = stats_fn(x, conv.weight, conv.bias, impl=conv_impl)
+    # conv3d_bn_stats casts to the autocast dtype itself, as F.conv3d does under autocast. Its mean and biased
+    # variance are fp32 (per-tile M2 merged by Chan's formula: no E[y^2] - E[y]^2 cancellation); detached because
+    # _BnActFromStats' backward already includes the terms through the batch statistics.
+    y, mean, var = stats_fn(x, conv.weight, conv.bias, impl=conv_impl)
     n = y.numel() // y.shape[1]
     if n < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got input {tuple(y.shape)}")
-    # Biased variance from the fp32 sums; clamped because rounding can make E[y^2] - E[y]^2 slightly negative.
-    mean = ch_sum.detach().float() / n
-    var = (ch_sumsq.detach().float() / n - mean * mean).clamp_min(0.0)
+    mean, var = mean.detach(), var.detach()
     if bn.training and rm is not None:
         with torch.no_grad():
             rm.copy_((1.0 - factor) * rm.float() + factor * mean)
@@ -217,5 +218,5 @@ def conv_norm_act(x: Tensor, conv: nn.Module, norm: nn.Module, act: nn.Module | 
     stats_fn = conv_bn_stats_fn()
     if (stats_fn is not None and norm_kind(norm) == "bn" and is_conv3x3(conv)
             and (norm.training or norm.running_mean is None)):
-        return _conv_bn_from_sums(x, conv, norm, act, conv_impl, stats_fn)
+        return _conv_bn_from_stats(x, conv, norm, act, conv_impl, stats_fn)
     return _fused_norm_act(conv(x), norm, act)

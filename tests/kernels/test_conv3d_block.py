@@ -6,6 +6,8 @@ reference running on the low-precision input upcast (exactly) and the fp32 param
 purpose (C_in in {1, 3, 17, 32}, C_out in {1, 8, 17, 40}, spatial 3x5x7, 4x6x5, 3x4x5) so that tiles are
 partial along M, K and C_out, both K loops (flat for C < 16, tap by tap otherwise, with and without a
 channel mask) run in the forward, data-gradient and weight-gradient kernels, and C_out = 40 spans two tiles.
+The batch statistics (mean, biased variance) are also checked against fp64 on outputs with a large mean, where
+E[y^2] - E[y]^2 in fp32 fails.
 """
 
 import json
@@ -22,9 +24,10 @@ from pcrlv2_fast.kernels import conv3d_reference as ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-# fp32 (atol, rtol): y, dx (magnitudes ~1); weight/bias grads and the channel sums (sums over N*D*H*W ~ 200
-# terms, magnitudes up to ~500 for the sums of squares).
-FP32_TOL = {"value": (2e-5, 1e-5), "sum": (2e-4, 1e-5)}
+# fp32 (atol, rtol): y, dx (magnitudes ~1); weight/bias grads (sums over N*D*H*W ~ 200 terms); the channel
+# mean and variance (magnitudes ~1, fp32 reductions in another order than torch's).
+FP32_TOL = {"value": (2e-5, 1e-5), "sum": (2e-4, 1e-5), "stat": (2e-6, 1e-5)}
+STATS = ("mean", "var")
 # low precision: the atol added to 2 * eager error, relative to the largest reference magnitude.
 LOW_REL_ATOL = {BF16: 2e-3, F16: 5e-4}
 # Unit roundoff (half an ulp, relative) of the low-precision dtypes.
@@ -64,18 +67,24 @@ def _params(C_in, C_out, bias, seed=1):
     return w, b
 
 
-def _run(fn, x, w, b, dy, g_sums):
-    """Forward + backward of sum(y * dy) (+ the channel sums weighted by g_sums): outputs and grads."""
+def _run(fn, x, w, b, dy, g_stats):
+    """Forward + backward of sum(y * dy) (+ the channel mean and variance weighted by g_stats): outputs, grads."""
     x = x.detach().requires_grad_()
     w = w.detach().clone().requires_grad_()
     b = b.detach().clone().requires_grad_() if b is not None else None
-    y, s, ss = fn(x, w, b)
+    y, mean, var = fn(x, w, b)
     loss = (y.float() * dy.float()).sum()
-    if g_sums is not None:
-        loss = loss + (s * g_sums[0]).sum() + (ss * g_sums[1]).sum()
+    if g_stats is not None:
+        loss = loss + (mean * g_stats[0]).sum() + (var * g_stats[1]).sum()
     loss.backward()
-    return {"y": y.detach(), "ch_sum": s.detach(), "ch_sumsq": ss.detach(), "dx": x.grad, "dw": w.grad,
+    return {"y": y.detach(), "mean": mean.detach(), "var": var.detach(), "dx": x.grad, "dw": w.grad,
             "db": b.grad if b is not None else None}
+
+
+def _g_stats(C_out, n, g):
+    """Gradients on (mean, var), scaled by n so that their share of dy ((g_m + 2 (y - mean) g_v) / n) is of the
+    size of dy itself."""
+    return (torch.randn(C_out, generator=g).to(DEVICE) * n, torch.randn(C_out, generator=g).to(DEVICE) * 0.1 * n)
 
 
 def _compare(fused, expected, eager, dtype):
@@ -87,7 +96,7 @@ def _compare(fused, expected, eager, dtype):
         e = expected[k]
         errs[k] = f"{(v.double() - e.double()).abs().max().item():.2g}"
         if dtype == F32:
-            atol, rtol = FP32_TOL["value" if k in ("y", "dx") else "sum"]
+            atol, rtol = FP32_TOL["value" if k in ("y", "dx") else "stat" if k in STATS else "sum"]
             assert_close(v, e, atol=atol, rtol=rtol, what=k)
         else:
             eager_err = (eager[k].double() - e.double()).abs().max().item()
@@ -97,7 +106,7 @@ def _compare(fused, expected, eager, dtype):
     return errs
 
 
-# (C_in, C_out, spatial, layout, dtype, bias, sum grads)
+# (C_in, C_out, spatial, layout, dtype, bias, grads on mean/var)
 CASES = [
     (1, 8, (3, 5, 7), "ncdhw", F32, True, False),
     (3, 17, (4, 6, 5), "ndhwc", F32, True, True),
@@ -112,47 +121,47 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    "C_in,C_out,spatial,layout,dtype,bias,sum_grads", CASES,
+    "C_in,C_out,spatial,layout,dtype,bias,stat_grads", CASES,
     ids=[f"{c[0]}to{c[1]}-{'x'.join(map(str, c[2]))}-{c[3]}-{str(c[4])[6:]}{'' if c[5] else '-nobias'}"
-         f"{'-sumgrads' if c[6] else ''}" for c in CASES])
-def test_triton_matches_reference(C_in, C_out, spatial, layout, dtype, bias, sum_grads):
+         f"{'-statgrads' if c[6] else ''}" for c in CASES])
+def test_triton_matches_reference(C_in, C_out, spatial, layout, dtype, bias, stat_grads):
     x = _make_x(2, C_in, spatial, layout, dtype)
     w, b = _params(C_in, C_out, bias)
     g = torch.Generator().manual_seed(7)
     # dy in NCDHW even for a channels-last y; rounded to the dtype so the fp32 reference sees the same values.
     dy = torch.randn(2, C_out, *spatial, generator=g).to(dtype).to(DEVICE)
-    g_sums = (torch.randn(C_out, generator=g).to(DEVICE), torch.randn(C_out, generator=g).to(DEVICE) * 0.1) \
-        if sum_grads else None
-    fused = _run(lambda x, w, b: cb.conv3d_bn_stats(x, w, b, impl="triton"), x, w, b, dy, g_sums)
+    g_stats = _g_stats(C_out, 2 * spatial[0] * spatial[1] * spatial[2], g) if stat_grads else None
+    fused = _run(lambda x, w, b: cb.conv3d_bn_stats(x, w, b, impl="triton"), x, w, b, dy, g_stats)
     assert fused["y"].dtype == dtype and fused["dx"].dtype == dtype
     assert fused["y"].is_contiguous(memory_format=torch.channels_last_3d)
-    assert fused["ch_sum"].dtype == F32 and fused["ch_sumsq"].dtype == F32
+    assert fused["mean"].dtype == F32 and fused["var"].dtype == F32
     assert fused["dw"].dtype == F32 and fused["dx"].shape == x.shape
-    expected = _run(ref.conv3d_bn_stats, x.float(), w, b, dy, g_sums)
-    eager = None if dtype == F32 else _run(ref.conv3d_bn_stats, x, w, b, dy, g_sums)
+    expected = _run(ref.conv3d_bn_stats, x.float(), w, b, dy, g_stats)
+    eager = None if dtype == F32 else _run(ref.conv3d_bn_stats, x, w, b, dy, g_stats)
     errs = _compare(fused, expected, eager, dtype)
     print("; ".join(f"{k} {v}" for k, v in errs.items()))
     if dtype != F32:
-        _check_rounding_only(fused, x, w, b, dy, g_sums, dtype)
+        _check_rounding_only(fused, x, w, b, dy, g_stats, dtype)
 
 
-def _check_rounding_only(fused, x, w, b, dy, g_sums, dtype):
+def _check_rounding_only(fused, x, w, b, dy, g_stats, dtype):
     """The stronger low-precision check: against fp32 math on the operands as the kernels see them (x, weight,
     bias rounded to the dtype), the only error left is the final rounding, at most one ulp (two unit
-    roundoffs: the accumulation order may move a value across a rounding boundary). The channel sums come from
-    the fp32 accumulator, so they match to fp32 accuracy. With gradients on the sums, dy + g_s + 2 y g_ss is
-    rounded to the dtype before the backward GEMMs, an error relative to the largest gradient instead."""
+    roundoffs: the accumulation order may move a value across a rounding boundary). The channel mean and
+    variance come from the fp32 accumulator, so they match to fp32 accuracy. With gradients on them,
+    dy + (g_m + 2 (y - mean) g_v) / n is rounded to the dtype before the backward GEMMs, an error relative to
+    the largest gradient instead."""
     u = ROUNDOFF[dtype]
     rb = b.to(dtype).float() if b is not None else None
-    exact = _run(ref.conv3d_bn_stats, x.float(), w.to(dtype).float(), rb, dy, g_sums)
+    exact = _run(ref.conv3d_bn_stats, x.float(), w.to(dtype).float(), rb, dy, g_stats)
     for k, v in fused.items():
         if v is None:
             continue
         e = exact[k]
         scale = e.abs().max().item()
-        if k in ("ch_sum", "ch_sumsq"):
+        if k in STATS:
             assert_close(v, e, atol=1e-6 * scale, rtol=1e-5, what=f"{k} vs rounded-operand fp32")
-        elif g_sums is not None and k != "y":
+        elif g_stats is not None and k != "y":
             assert_close(v, e, atol=2 * u * scale, rtol=2 * u, what=f"{k} vs rounded-operand fp32")
         else:
             assert_close(v, e, atol=1e-3 * u * scale, rtol=2 * u, what=f"{k} vs rounded-operand fp32")
@@ -163,30 +172,80 @@ def test_torch_path_matches_reference(impl):
     """The cuDNN path (and "auto", which is torch on CPU) gives the same API outputs as the reference."""
     x = _make_x(2, 3, (3, 5, 7), "strided", F32)
     w, b = _params(3, 8, True)
-    dy = torch.randn(2, 8, 3, 5, 7, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    g_sums = (torch.randn(8).to(DEVICE), torch.randn(8).to(DEVICE))
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randn(2, 8, 3, 5, 7, generator=g).to(DEVICE)
+    g_stats = _g_stats(8, 2 * 3 * 5 * 7, g)
     choices = dict(cb.CHOOSER.choices)
-    out = _run(lambda x, w, b: cb.conv3d_bn_stats(x, w, b, impl=impl), x, w, b, dy, g_sums)
-    expected = _run(ref.conv3d_bn_stats, x, w, b, dy, g_sums)
+    out = _run(lambda x, w, b: cb.conv3d_bn_stats(x, w, b, impl=impl), x, w, b, dy, g_stats)
+    expected = _run(ref.conv3d_bn_stats, x, w, b, dy, g_stats)
     _compare(out, expected, None, F32)
     assert out["y"].is_contiguous(memory_format=torch.channels_last_3d)
     if DEVICE == "cpu":
         assert cb.CHOOSER.choices == choices, "auto must not measure on CPU"
 
 
-@pytest.mark.parametrize("which", ["ch_sum", "ch_sumsq"])
-def test_sums_alone_carry_gradients(which):
-    """A loss that reads only the channel sums (y's own gradient is None) still reaches x, weight and bias."""
+@pytest.mark.parametrize("which", STATS)
+def test_stats_alone_carry_gradients(which):
+    """A loss that reads only the channel mean or variance (y's own gradient is None) still reaches x, weight and
+    bias."""
     x = _make_x(2, 3, (3, 4, 5), "ndhwc", F32)
     w, b = _params(3, 8, True)
     gs = torch.randn(8, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     grads = []
     for fn in (lambda x, w, b: cb.conv3d_bn_stats(x, w, b, impl="triton"), ref.conv3d_bn_stats):
         leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
-        out = dict(zip(("y", "ch_sum", "ch_sumsq"), fn(*leaves)))
+        out = dict(zip(("y", *STATS), fn(*leaves)))
         grads.append(torch.autograd.grad((out[which] * gs).sum(), leaves))
     for name, g, g_ref in zip(("dx", "dw", "db"), *grads):
-        assert_close(g, g_ref, *FP32_TOL["sum"], what=name)
+        assert_close(g, g_ref, *FP32_TOL["stat"], what=name)
+
+
+LARGE_MEAN = [("triton", F32), ("torch", F32), ("triton", BF16)]
+
+
+@pytest.mark.parametrize("impl,dtype", LARGE_MEAN, ids=[f"{i}-{str(d)[6:]}" for i, d in LARGE_MEAN])
+def test_statistics_of_a_large_mean_output_match_fp64(impl, dtype):
+    """Outputs of mean ~1000 and spread ~0.7 (bias 1000): mean and variance to 1e-4 relative of fp64 math on the
+    operands as the kernels see them. The fp32 accumulator holds such values to ~3e-5, which bounds the
+    variance's agreement at ~1e-5 relative; E[y^2] - E[y]^2 from the fp32 sums of the same y cancels
+    catastrophically (errors of tens of percent) and is checked to fail the same tolerance."""
+    x = _make_x(2, 3, (4, 6, 5), "ndhwc", dtype)
+    w, b = _params(3, 8, True)
+    b = b + 1000.0
+    y, mean, var = cb.conv3d_bn_stats(x, w, b, impl=impl)
+    assert mean.dtype == F32 and var.dtype == F32
+    # fp64 on the rounded operands; the torch path's statistics are those of y as rounded to the dtype.
+    y64 = torch.nn.functional.conv3d(x.double(), w.to(dtype).double(), b.to(dtype).double(), padding=1)
+    if impl == "torch":
+        y64 = y64.to(dtype).double()
+    var64, mean64 = torch.var_mean(y64, dim=(0, 2, 3, 4), correction=0)
+    assert_close(mean, mean64, atol=0.0, rtol=1e-6, what="mean")
+    assert_close(var, var64, atol=0.0, rtol=1e-4, what="var")
+    yf = y.float()
+    n = y.numel() // y.shape[1]
+    naive = (yf * yf).sum((0, 2, 3, 4)) / n - (yf.sum((0, 2, 3, 4)) / n) ** 2
+    naive_err = ((naive.double() - var64) / var64).abs().max().item()
+    assert naive_err > 1e-2, f"E[y^2] - E[y]^2 unexpectedly accurate here ({naive_err:.3g}): the test lost its point"
+    print(f"var rel err: {((var.double() - var64) / var64).abs().max().item():.2g}, "
+          f"E[y^2] - E[y]^2: {naive_err:.2g}")
+
+
+def test_stats_combine_matches_fp64_and_is_deterministic():
+    """Chan's merge of per-tile (count, hi + lo mean, M2) partials over several levels, on data of mean 1000."""
+    g = torch.Generator().manual_seed(0)
+    counts = [64] * 8 + [23]  # the last tile partial, as past the end of M
+    data = [torch.randn(c, 5, generator=g, dtype=torch.float64) * 0.5 + 1000.0 for c in counts]
+    hi = torch.stack([d.mean(0) for d in data]).float()
+    lo = torch.stack([(d - h.double()).mean(0) for d, h in zip(data, hi)]).float()
+    m2 = torch.stack([((d - d.mean(0)) ** 2).sum(0) for d in data]).float()
+    cnt = torch.tensor(counts, dtype=torch.float32)[:, None].expand(-1, 5)
+    part = torch.stack([cnt, hi, lo, m2]).contiguous().to(DEVICE)
+    mean, var = cb._combine_stats(part)
+    var64, mean64 = torch.var_mean(torch.cat(data), dim=0, correction=0)
+    assert_close(mean, mean64, atol=0.0, rtol=1e-7, what="mean")
+    assert_close(var, var64, atol=0.0, rtol=1e-6, what="var")
+    mean2, var2 = cb._combine_stats(part)
+    assert torch.equal(mean, mean2) and torch.equal(var, var2), "deterministic"
 
 
 def test_colsum_two_levels_is_exact_order_sum():
@@ -203,7 +262,7 @@ def test_autocast_casts_like_a_convolution():
     w, b = _params(3, 8, True)
     w.requires_grad_()
     with torch.autocast(DEVICE, dtype=BF16):
-        y, s, _ = cb.conv3d_bn_stats(x, w, b, impl="triton")
+        y, _, _ = cb.conv3d_bn_stats(x, w, b, impl="triton")
         y_ref = torch.nn.functional.conv3d(x, w, b, padding=1)
     assert y.dtype == BF16 == y_ref.dtype
     assert_close(y.float(), y_ref.float(), atol=2e-2, what="y under autocast")
@@ -251,10 +310,7 @@ def test_torch_compile_traces_without_graph_breaks():
     b = torch.randn(8, generator=g).to(DEVICE).requires_grad_()
 
     def f(x):
-        y, s, ss = cb.conv3d_bn_stats(x, w, b, impl="triton")
-        n = y.numel() / y.shape[1]
-        mean = s / n
-        var = ss / n - mean * mean
+        y, mean, var = cb.conv3d_bn_stats(x, w, b, impl="triton")
         return ((y - mean.view(1, -1, 1, 1, 1)) * var.view(1, -1, 1, 1, 1).rsqrt()).square().mean() + y.mean()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
