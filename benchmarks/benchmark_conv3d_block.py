@@ -5,7 +5,7 @@ Providers (``--providers``):
   forward's epilogue merged by a small Chan-formula kernel.
 - ``torch``: ``conv3d_bn_stats(impl="torch")``: F.conv3d / aten.convolution_backward (cuDNN) and
   torch.var_mean for the mean and variance.
-- ``torch_compile``: the plain-PyTorch reference (kernels/conv3d_reference.py) under torch.compile.
+- ``torch_compile``: the plain-PyTorch reference (pcrlv2_fast/reference/conv3d_block.py) under torch.compile.
 - ``auto``: ``conv3d_bn_stats(impl="auto")``, the per-shape measured choice (it prints its decisions).
 Modes (``--modes``): ``fwd``; ``bwd`` (dx, dweight, dbias from a saved forward); ``full`` (fwd + bwd);
 ``block``: a whole LUConv step, conv -> BatchNorm3d (training) -> ReLU, forward and backward. There the
@@ -67,7 +67,9 @@ def make_case(shape, batch: int, dtype: torch.dtype, device: torch.device):
 
 def conv_fn(provider: str, compiled: dict):
     """fn(x, w, b) -> (y, mean, var) for a provider."""
-    from pcrlv2_fast.kernels import conv3d_block, conv3d_reference
+    from pcrlv2_fast.kernels import conv3d_block
+
+    from pcrlv2_fast.reference import conv3d_block as conv3d_reference
 
     if provider == "torch_compile":
         if "conv" not in compiled:

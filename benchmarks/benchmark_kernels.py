@@ -69,7 +69,8 @@ def norm_act_cases(op: str, batch: int, width: int, dtype: torch.dtype, device: 
                    view=VIEW) -> list[Case]:
     """The conv-block activations of the encoder levels: (B, 2w * 2**k, X / 2**k, Y / 2**k, Z / 2**k)."""
     from pcrlv2_fast.kernels import norm_act
-    from pcrlv2_fast.kernels import norm_act_reference as ref
+
+    from pcrlv2_fast.reference import norm_act as ref
 
     cases = []
     for level in range(4):
@@ -104,8 +105,9 @@ def norm_act_cases(op: str, batch: int, width: int, dtype: torch.dtype, device: 
 
 
 def restoration_cases(batch: int, dtype: torch.dtype, device: torch.device, view=VIEW) -> list[Case]:
-    from pcrlv2_fast.kernels import loss_reference as ref
     from pcrlv2_fast.kernels import restoration_loss as rl
+
+    from pcrlv2_fast.reference import fused_losses as ref
 
     target = torch.rand(batch, 1, *view, device=device)
     restored = torch.rand(batch, 1, *view, device=device, dtype=dtype)

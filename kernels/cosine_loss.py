@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .loss_reference import CosineTerm
+from pcrlv2_fast.reference.fused_losses import CosineTerm
 
 __all__ = ["CosineTerm", "cosine_pair_loss", "pair_terms", "pcrlv2_cosine_losses"]
 

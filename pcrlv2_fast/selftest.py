@@ -82,7 +82,7 @@ def _randn(*shape, gen, device, scale=1.0, shift=0.0):
 
 def _check_bn_act3d(dtype_name, device):
     from .kernels import norm_act
-    from .kernels import norm_act_reference as ref
+    from .reference import norm_act as ref
 
     g = torch.Generator().manual_seed(0)
     C = 5
@@ -103,7 +103,7 @@ def _check_bn_act3d(dtype_name, device):
 
 def _check_gn_act3d(dtype_name, device):
     from .kernels import norm_act
-    from .kernels import norm_act_reference as ref
+    from .reference import norm_act as ref
 
     g = torch.Generator().manual_seed(1)
     C = 6
@@ -122,8 +122,8 @@ def _check_gn_act3d(dtype_name, device):
 
 
 def _check_restoration_loss(dtype_name, device):
-    from .kernels import loss_reference as ref
     from .kernels import restoration_loss as rl
+    from .reference import fused_losses as ref
 
     g = torch.Generator().manual_seed(2)
     full = (8, 12, 16)
@@ -145,7 +145,7 @@ def _check_restoration_loss(dtype_name, device):
 
 def _check_cosine_pair_loss(dtype_name, device):
     from .kernels import cosine_loss as cl
-    from .kernels import loss_reference as ref
+    from .reference import fused_losses as ref
 
     g = torch.Generator().manual_seed(3)
     preds = [_randn(4, 24, gen=g, device=device), _randn(8, 24, gen=g, device=device)]

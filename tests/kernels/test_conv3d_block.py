@@ -20,7 +20,8 @@ from tests.helpers import assert_close
 pytest.importorskip("triton")
 
 from pcrlv2_fast.kernels import conv3d_block as cb  # noqa: E402  (after the conftest chose the interpreter)
-from pcrlv2_fast.kernels import conv3d_reference as ref  # noqa: E402
+
+from pcrlv2_fast.reference import conv3d_block as ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

@@ -1,5 +1,5 @@
 """Fused PCRLv2 losses (kernels/restoration_loss.py, kernels/cosine_loss.py) against the plain-PyTorch
-references (kernels/loss_reference.py) and against the objective in pcrlv2_fast/losses/pcrlv2.py.
+references (pcrlv2_fast/reference/fused_losses.py) and against the objective in pcrlv2_fast/losses/pcrlv2.py.
 
 Shapes follow the model's ratios on odd sizes: target 12x20x28 with deep-supervision outputs at 3x5x7 (x4),
 6x10x14 (x2) and 12x20x28 (x1). fp32 is compared element-wise with tight tolerances. For bf16/fp16 the
@@ -25,8 +25,9 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
 
 from pcrlv2_fast.kernels import cosine_loss as cl  # noqa: E402  (after the conftest chose the interpreter)
-from pcrlv2_fast.kernels import loss_reference as ref  # noqa: E402
 from pcrlv2_fast.kernels import restoration_loss as rl  # noqa: E402
+
+from pcrlv2_fast.reference import fused_losses as ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16

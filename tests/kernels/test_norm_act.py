@@ -14,7 +14,8 @@ from tests.helpers import assert_close
 pytest.importorskip("triton")
 
 from pcrlv2_fast.kernels import norm_act  # noqa: E402  (after the conftest chose the interpreter)
-from pcrlv2_fast.kernels import norm_act_reference as ref  # noqa: E402
+
+from pcrlv2_fast.reference import norm_act as ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
