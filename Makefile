@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-cpu bench-data bench-micro clean
+.PHONY: install demo test lint bench bench-cpu bench-data bench-micro bench-gpu clean
 
 # torch goes in first and the package builds without isolation: setup.py compiles the C++ extension
 # pcrlv2_fast._C (csrc/) against the installed torch.
@@ -43,6 +43,15 @@ bench-micro: $(STAMP)
 	$(PY) -m pytest benchmarks/micro -q --benchmark-json=benchmarks/results/micro-cpu-$$(date +%F).json
 
 bench: bench-cpu bench-data bench-micro
+
+# On a CUDA machine: kernel selftest, per-kernel and conv-block benchmarks, the train step and the GPU data
+# loaders; JSON rows in benchmarks/results/.
+bench-gpu: $(STAMP)
+	$(PY) -m pcrlv2_fast selftest --device cuda
+	$(PY) benchmarks/benchmark_kernels.py --device cuda
+	$(PY) benchmarks/benchmark_conv3d_block.py --device cuda
+	$(PY) benchmarks/benchmark_train_step.py --device cuda --baseline-precision bf16
+	$(PY) benchmarks/benchmark_data.py --device cuda
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -2,19 +2,31 @@
 
 ``load_pretrained`` reads official PCRLv2 3D checkpoints (saved from ``model.module`` or, with a
 ``module.`` prefix, from the DataParallel wrapper) and ours, with strict key and shape checking.
+
+A training run keeps its last checkpoints as ``checkpoint-<step>.pt`` next to ``checkpoint.pt`` (the newest,
+a hard link to the newest numbered file): :func:`save_rotating_checkpoint` writes them and
+:func:`find_latest_checkpoint` picks the newest readable one when a run resumes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 
 from .models import NonSkipUNet3D
-from .utils.io import atomic_torch_save
+from .utils.io import _fsync_dir, atomic_torch_save, atomic_write
 
 STATE_KEYS = ("state_dict", "model", "model_state_dict")
+LATEST = "checkpoint.pt"
+NUMBERED = re.compile(r"^checkpoint-(\d+)\.pt$")
+# What a resumable training checkpoint must hold besides the official fields.
+TRAINING_KEYS = ("state_dict", "optimizer", "step")
 PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
@@ -130,3 +142,92 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, ep
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(state, path)
     return path
+
+
+# ------------------------------------------------------------------------------------ training runs
+def numbered_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-<step>.pt`` in ``folder``, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NUMBERED.match(p.name))]
+    return sorted(found)
+
+
+def _point_latest(path: Path, latest: Path) -> None:
+    """Make ``latest`` name the file ``path`` in one atomic step: a hard link where the file system has them,
+    else a copy."""
+    tmp = latest.with_name(f".{latest.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        os.link(path, tmp)
+    except OSError:
+        with atomic_write(latest, "wb") as dst, open(path, "rb") as src:
+            shutil.copyfileobj(src, dst)
+        return
+    try:
+        os.replace(tmp, latest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(latest.parent)
+
+
+def save_rotating_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer=None, epoch: int = 0,
+                             keep: int = 2, **extra) -> Path:
+    """Save a training checkpoint as ``folder/checkpoint-<step>.pt`` with ``folder/checkpoint.pt`` naming it, and
+    keep only the ``keep`` newest numbered files (numbered files of later steps, left by a run that this one
+    resumed before, are removed too). ``keep=0`` writes ``checkpoint.pt`` alone. Returns ``checkpoint.pt``."""
+    folder = Path(folder)
+    latest = folder / LATEST
+    if keep < 1:
+        return save_checkpoint(latest, model, optimizer, epoch=epoch, step=step, **extra)
+    path = save_checkpoint(folder / f"checkpoint-{step}.pt", model, optimizer, epoch=epoch, step=step, **extra)
+    _point_latest(path, latest)
+    older = [p for s, p in numbered_checkpoints(folder) if s < step]
+    stale = [p for s, p in numbered_checkpoints(folder) if s > step]
+    for p in older[:max(0, len(older) - (keep - 1))] + stale:
+        p.unlink(missing_ok=True)
+    return latest
+
+
+def read_training_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint that a training run can continue from; CheckpointError when it is unreadable or lacks
+    the training state."""
+    ckpt = read_checkpoint(path, map_location=map_location)
+    for key in TRAINING_KEYS:
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: has no {key!r}; only pcrlv2_fast training checkpoints can be resumed "
+                                  "(use load_pretrained to start from official weights)")
+    return ckpt
+
+
+def find_latest_checkpoint(folder: str | Path, map_location="cpu",
+                           on_skip: Callable[[Path, CheckpointError], None] | None = None) -> tuple[Path, dict] | None:
+    """The newest readable training checkpoint in ``folder`` as ``(path, checkpoint)``, or None when there is none.
+
+    ``checkpoint.pt`` is read first; numbered checkpoints of later steps (a save that stopped before it moved
+    ``checkpoint.pt``) and, when it is unreadable, of earlier steps are tried newest first. Each unreadable
+    file is passed to ``on_skip`` and passed over.
+    """
+    folder = Path(folder)
+    best: tuple[int, Path, dict] | None = None
+    latest = folder / LATEST
+    if latest.exists():
+        try:
+            ckpt = read_training_checkpoint(latest, map_location)
+            best = (int(ckpt["step"]), latest, ckpt)
+        except CheckpointError as error:
+            if on_skip is not None:
+                on_skip(latest, error)
+    for step, path in reversed(numbered_checkpoints(folder)):
+        if best is not None and step <= best[0]:
+            break
+        try:
+            ckpt = read_training_checkpoint(path, map_location)
+        except CheckpointError as error:
+            if on_skip is not None:
+                on_skip(path, error)
+            continue
+        best = (int(ckpt["step"]), path, ckpt)
+        break
+    return None if best is None else (best[1], best[2])

@@ -20,11 +20,23 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16"],
+                   help="fp32 (TF32 off) | tf32 (TF32 matmuls/convolutions on CUDA) | bf16 autocast | fp16 autocast "
+                        "with a gradient scaler (overflowing steps are skipped and counted)")
+    p.add_argument("--accumulate", type=int, metavar="K",
+                   help="gradient accumulation: each process runs its share of --batch-size as K micro-batches")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="batch-norm statistics over the batch of all processes (default: on with several processes)")
+    p.add_argument("--optim-impl", choices=["auto", "fused", "foreach", "loop"],
+                   help="optimizer update kernels; auto (default): fused on CUDA, foreach on the CPU")
     p.add_argument("--channels-last", action="store_const", const=True, help="channels_last_3d memory format")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
+    p.add_argument("--cuda-graphs", action="store_const", const=True,
+                   help="not supported (the per-step random scale choice and the non-finite skip change every step); "
+                        "the error says why")
     p.add_argument("--seed", type=int)
-    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for OUT/checkpoint.pt if present")
+    p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for the newest readable checkpoint in OUT "
+                   "(unreadable ones are skipped with a warning; none: a fresh start)")
     p.add_argument("--overwrite", action="store_const", const=True, help="start afresh in a folder holding a run")
     p.add_argument("--width", type=int, help="base channel count (32 = official)")
     p.add_argument("--norm", choices=["bn", "gn", "in"])
@@ -37,10 +49,20 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                         "whole batches at once (torch: batched ops on --device; native: C++ kernels on the CPU; dali: "
                         "NVIDIA DALI pipelines, pip install nvidia-dali-cuda120); auto (default): native when built, "
                         "else torch")
+    p.add_argument("--kernels", choices=["torch", "triton"],
+                   help="plain PyTorch ops (default) or the fused Triton kernels for the conv blocks and the loss")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--modality", choices=["auto", "ct", "mr"])
     p.add_argument("--spacing", type=float, help="isotropic resampling spacing in mm (official: 1)")
     p.add_argument("--save-every", type=int, help="also checkpoint every N steps")
+    p.add_argument("--keep-checkpoints", type=int, metavar="K",
+                   help="keep the last K checkpoints as OUT/checkpoint-<step>.pt beside checkpoint.pt (default 2)")
+    p.add_argument("--max-nonfinite", type=int, metavar="N",
+                   help="stop (after saving) when N steps in a row have a non-finite loss or gradient (default 5; "
+                        "0: never)")
+    p.add_argument("--log-every", type=int, metavar="N", help="write metrics every N steps (default 1)")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
+                   help="no TensorBoard event files (written when the tensorboard package is installed)")
     p.add_argument("--no-pictures", dest="pictures", action="store_const", const=False)
 
 
@@ -53,6 +75,8 @@ def _pretrain_config(args: argparse.Namespace):
 
 
 def _print_summary(summary: dict) -> None:
+    if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return
     print("\nresults:")
     for name, path in summary["files"].items():
         print(f"  {name:<12} {path}")
@@ -138,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int)
     p.add_argument("--cache", type=Path)
     p.set_defaults(func=cmd_demo)
+
+    from .selftest import add_selftest_parser
+
+    add_selftest_parser(sub)
     return parser
 
 

@@ -5,6 +5,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+CUDA_GRAPHS_UNSUPPORTED = (
+    "--cuda-graphs is not supported: a CUDA graph replays one fixed sequence of kernels, and the PCRLv2 step is not "
+    "one. (1) Each step draws random decoder scales for the global pair, the deep supervision and each of the 12 "
+    "local pairs, so the loss reads different outputs and the backward pass runs different kernels from step to "
+    "step (3^13 variants), and with several processes the set of parameters that receive gradients changes with "
+    "them. (2) Skipping a step with a non-finite loss or gradient (and fp16's overflow check) is a decision on the "
+    "host from values on the device. (Batch-norm running-statistic updates alone would be fine inside a graph.) "
+    "Use --compile to cut kernel-launch overhead instead."
+)
+
 
 @dataclass
 class PretrainConfig:
@@ -14,16 +24,29 @@ class PretrainConfig:
     # weight anneal over the run's own length either way.
     epochs: int = 240
     steps: int | None = None
+    # The global batch of one optimizer step: split over the processes of a torchrun launch and then into
+    # `accumulate` micro-batches per process (gradient accumulation), so the recipe does not depend on the
+    # number of devices.
     batch_size: int = 32
+    accumulate: int = 1
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
     optimizer: str = "sgd"  # sgd (official) | adamw
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    # auto (fused on CUDA, foreach on the CPU) | fused | foreach | loop: how the optimizer updates the tensors
+    optim_impl: str = "auto"
+    # fp32 (TF32 off) | tf32 (fp32 with TF32 matmuls/convolutions on CUDA) | bf16 (autocast) | fp16 (autocast and
+    # a gradient scaler; steps whose gradients overflow are skipped and counted)
+    precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    # Capture of the training step in CUDA graphs is not supported (see validate); the field exists so that
+    # --cuda-graphs gives the reason instead of an unknown-option error.
+    cuda_graphs: bool = False
+    # Batch-norm statistics over the batch of all processes; None: on when there are several processes.
+    sync_bn: bool | None = None
     seed: int = 0
-    resume: str | None = None  # a checkpoint path, or "auto" for RUN_DIR/checkpoint.pt when present
+    resume: str | None = None  # a checkpoint path, or "auto" for the newest readable checkpoint in `out`, if any
     overwrite: bool = False  # start afresh in a run folder that holds an earlier run
     width: int = 32
     norm: str = "bn"
@@ -34,12 +57,19 @@ class PretrainConfig:
     # auto (native when the C++ extension is built, else torch) | dataset (per-sample DataLoader with `workers`
     # processes) | torch | native (whole batches at once); all give the same samples.
     loader: str = "auto"
+    # torch (plain PyTorch ops) | triton (the fused kernels of pcrlv2_fast.kernels for the conv blocks and the
+    # loss; on CPU tensors they need TRITON_INTERPRET=1, otherwise the torch path runs with a logged warning)
+    kernels: str = "torch"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     modality: str = "auto"  # auto | ct | mr
     spacing: float = 1.0
     skip_loss_above: float = 1000.0  # official: skip steps with loss > 1000 after epoch 10
+    # Stop (after saving) when this many steps in a row had a non-finite loss or gradient; 0: never stop.
+    max_nonfinite: int = 5
     save_every: int = 0  # also checkpoint every N steps (0: at each epoch end and at the end only)
+    keep_checkpoints: int = 2  # checkpoint-<step>.pt files kept beside checkpoint.pt (0: checkpoint.pt only)
     log_every: int = 1
+    tensorboard: bool = True  # event files next to metrics.jsonl, when the tensorboard package is installed
     pictures: bool = True
 
     PRESETS = {
@@ -59,13 +89,14 @@ class PretrainConfig:
         return cls(**{**cls.PRESETS[name], **overrides})
 
     def validate(self) -> PretrainConfig:
-        choices = {"optimizer": ("sgd", "adamw"), "precision": ("fp32", "bf16", "fp16"),
+        choices = {"optimizer": ("sgd", "adamw"), "precision": ("fp32", "tf32", "bf16", "fp16"),
+                   "optim_impl": ("auto", "fused", "foreach", "loop"),
                    "norm": ("bn", "gn", "in"), "act": ("relu", "prelu", "elu"), "modality": ("auto", "ct", "mr"),
-                   "loader": ("auto", "dataset", "torch", "native", "dali")}
+                   "loader": ("auto", "dataset", "torch", "native", "dali"), "kernels": ("torch", "triton")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
-        positive = ("epochs", "batch_size", "width", "pairs_per_volume", "log_every")
+        positive = ("epochs", "batch_size", "accumulate", "width", "pairs_per_volume", "log_every")
         for field in positive:
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
@@ -75,6 +106,13 @@ class PretrainConfig:
             raise ValueError("batch_size must be >= 2: the projection BatchNorm1d layers need 2 samples per batch")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        for field in ("max_nonfinite", "save_every", "keep_checkpoints"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if self.batch_size % self.accumulate:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of accumulate {self.accumulate}")
+        if self.cuda_graphs:
+            raise ValueError(CUDA_GRAPHS_UNSUPPORTED)
         return self
 
     def to_dict(self) -> dict:

@@ -1,9 +1,35 @@
-"""The pretraining loop: one process, CPU or GPU, AMP and channels_last_3d, exact resume.
+"""The pretraining loop: one process or a torchrun launch (DistributedDataParallel), CPU or GPU, AMP and
+channels_last_3d, exact resume, a clean stop on SIGTERM/SIGINT.
 
 Reproducibility: the sample drawn at position i of epoch e is a pure function of (seed, e, i) (see
 ``PretrainDataset``), the batch order of an epoch a pure function of (seed, e), and the scale draws of a
 step a pure function of (seed, step). A run resumed from a checkpoint therefore continues exactly as an
 uninterrupted run would.
+
+Scale: ``batch_size`` is the global batch of a step. With N processes and ``accumulate`` K, each process
+takes its contiguous N-th of the step's items and runs it as K micro-batches (see ``distributed.py``);
+every micro-batch uses the step's scale draws and the gradients are averaged, so the step optimises the
+loss of the same global batch as a single process would. With synchronised batch norm (``sync_bn``, on by
+default for several processes) and K = 1 the numbers equal the single-process run up to rounding; with
+K > 1 batch norm sees each micro-batch separately. A run may resume with another number of processes.
+
+Precision: ``fp32`` (TF32 off), ``tf32`` (fp32 tensors, TF32 matmuls and convolutions on CUDA), ``bf16``
+(autocast) or ``fp16`` (autocast and a gradient scaler). The objective is always computed in fp32.
+
+Skipped steps leave parameters, optimizer state and batch-norm running statistics as they were. A step is
+skipped when its loss (over all processes) is not finite, its gradient is not finite, the fp16 scaler finds
+an overflow, or, as in the official code, its loss exceeds ``skip_loss_above`` after epoch 10. After
+``max_nonfinite`` steps in a row with a non-finite loss or gradient the run saves and stops with
+``NonFiniteLossError``.
+
+Stopping: SIGTERM or SIGINT lets the current step finish, saves a checkpoint and returns normally (the
+command exits 0); a second signal interrupts at once. The processes of a torchrun launch agree after every
+step on whether any of them was signalled, so all stop after the same step (torchrun forwards SIGTERM to
+them; it reports the signal itself with a non-zero exit). ``--resume auto`` continues from the newest
+readable checkpoint.
+
+CUDA graphs are not supported (``config.CUDA_GRAPHS_UNSUPPORTED`` says why): the random per-step scale choice
+changes the kernels of every step, and the non-finite skip is a host decision on device values.
 """
 
 from __future__ import annotations
@@ -11,6 +37,9 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -18,19 +47,47 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
-from ..data import BatchLoader, CropConfig, PretrainDataset, Volume, cached_volumes, default_loader, resolve_loader
+from ..checkpoint import (
+    LATEST,
+    CheckpointError,
+    check_state_dict,
+    find_latest_checkpoint,
+    read_training_checkpoint,
+    save_rotating_checkpoint,
+)
+from ..data import (
+    BatchLoader,
+    CropConfig,
+    PretrainDataset,
+    ScanError,
+    Volume,
+    cached_volumes,
+    default_loader,
+    is_cache,
+    open_cache,
+    resolve_loader,
+)
 from ..losses import PCRLv2Loss
+from ..losses.pcrlv2 import full_size
 from ..models import NonSkipUNet3D
 from ..utils.io import atomic_write
+from . import distributed as D
 from .config import PretrainConfig
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # What a run writes into its folder (removed by --overwrite before a fresh start).
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", "restoration.png", "loss_curve.png")
+RUN_GLOBS = ("checkpoint-*.pt", "events.out.tfevents.*")
+TERMS = ("loss", "loss_global", "loss_local", "loss_restore", "loss_deep", "beta")
+PERF_KEYS = ("samples_per_s", "data_s", "step_s", "data_wait", "gpu_mem_gb")
+
+
+class NonFiniteLossError(ValueError):
+    """Too many steps in a row had a non-finite loss or gradient; the message says what was saved and what to try."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,31 +119,107 @@ def local_batch(locals_: torch.Tensor) -> torch.Tensor:
     return locals_.transpose(0, 1).reshape(v * b, *locals_.shape[2:])
 
 
+def set_float32_precision(precision: str) -> None:
+    """TF32 for fp32 matmuls and convolutions on CUDA: off for ``fp32``, on for ``tf32`` and for the fp32 parts of
+    ``bf16``/``fp16`` runs. The CPU ignores both flags."""
+    tf32 = precision != "fp32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def optimizer_impl(name: str, device: torch.device) -> str:
+    """``auto``: one fused kernel per update on CUDA, multi-tensor (foreach) ops on the CPU."""
+    if name == "auto":
+        return "fused" if device.type == "cuda" else "foreach"
+    return name
+
+
 def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    impl = optimizer_impl(cfg.optim_impl, next(model.parameters()).device)
+    kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               **kwargs)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
-def pretrain_step(forward, loss_fn: PCRLv2Loss, optimizer, scaler, x1, x2, gt, loc, epoch: int, rng: random.Random,
-                  amp_dtype: torch.dtype | None = None, skip_loss_above: float = 1000.0):
-    """One PCRLv2 optimisation step: the official three forward passes (x1, x2, all local views batched),
-    the objective, backward and the optimizer step. Returns (terms, skipped, (restoration, masks))."""
+def grad_norm(params) -> torch.Tensor:
+    """The 2-norm of all gradients together (inf or nan when one of them is)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: multi-tensor norms
+        return torch.nn.utils.get_total_norm(grads)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+
+
+def forward_objective(forward, loss_fn: PCRLv2Loss, x1, x2, gt, loc, epoch: float, rng: random.Random,
+                      amp_dtype: torch.dtype | None = None):
+    """The official three forward passes (x1, x2, all local views batched) and the objective.
+    Returns (terms, restoration, masks)."""
     autocast = torch.autocast(x1.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with autocast:
         restoration, feats1, masks = forward(x1)
         _, feats2, _ = forward(x2)
         _, feats_local, _ = forward(loc, local=True)
     terms = loss_fn(restoration, masks, feats1, feats2, feats_local, gt, epoch, rng)
-    loss = terms.total.detach()
-    # Non-finite losses are never applied; the official code also skips losses > 1000 after epoch 10.
-    skip = not bool(torch.isfinite(loss)) or (float(loss) > skip_loss_above and epoch > 10)
+    return terms, restoration, masks
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params) -> tuple[float, bool]:
+    """Unscale the gradients (fp16), measure their norm and take the optimizer step unless one is not finite.
+    Returns (grad_norm, applied); with the scaler enabled, a step it skips for an overflow lowers its scale."""
+    scaler.unscale_(optimizer)
+    norm = float(grad_norm(params))
+    if scaler.is_enabled():
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        return norm, scaler.get_scale() >= scale
+    if not math.isfinite(norm):
+        return norm, False
+    optimizer.step()
+    return norm, True
+
+
+def pretrain_step(forward, loss_fn: PCRLv2Loss, optimizer, scaler, x1, x2, gt, loc, epoch: int, rng: random.Random,
+                  amp_dtype: torch.dtype | None = None, skip_loss_above: float = 1000.0):
+    """One single-process PCRLv2 optimisation step: forward passes, objective, backward and the optimizer step.
+    Returns (terms, skipped, (restoration, masks)); a step with a non-finite loss or gradient, an fp16 overflow,
+    or (official) a loss above ``skip_loss_above`` after epoch 10 is skipped."""
+    terms, restoration, masks = forward_objective(forward, loss_fn, x1, x2, gt, loc, epoch, rng, amp_dtype)
+    loss = float(terms.total.detach())
+    skip = not math.isfinite(loss) or (loss > skip_loss_above and epoch > 10)
     if not skip:
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(terms.total).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        _, applied = apply_update(optimizer, scaler, [p for g in optimizer.param_groups for p in g["params"]])
+        skip = not applied
     return terms, skip, (restoration, masks)
+
+
+class StepModule(nn.Module):
+    """One micro-batch's forward passes and objective as one module call.
+
+    DistributedDataParallel then sees one forward per backward and, from the returned loss alone, finds the
+    parameters that the step's random scale draws leave without a gradient (with ``find_unused_parameters``).
+    Returns (loss, the detached terms [loss, global, local, restore, deep, beta], restoration, masks).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: PCRLv2Loss, forward=None):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        # In a list: a torch.compile wrapper is not registered as a second copy of the model's parameters.
+        self._forward = [forward if forward is not None else model]
+
+    def forward(self, x1, x2, gt, loc, epoch: float, rng: random.Random, amp_dtype: torch.dtype | None):
+        terms, restoration, masks = forward_objective(self._forward[0], self.loss_fn, x1, x2, gt, loc, epoch, rng,
+                                                      amp_dtype)
+        total = terms.total
+        stats = torch.stack([total.detach(), terms.global_.detach(), terms.local.detach(), terms.restore.detach(),
+                             terms.deep.detach(), total.new_tensor(terms.beta)]).float()
+        return total, stats, restoration.detach(), [m.detach() for m in masks]
 
 
 @dataclass
@@ -94,20 +227,43 @@ class StepOutput:
     terms: dict
     skipped: bool
     sample: dict = field(default_factory=dict)  # first sample's views and outputs (on the device), for pictures
+    reason: str | None = None  # why the step was skipped: nonfinite_loss, nonfinite_grad, fp16_overflow, loss_limit
+    grad_norm: float = math.nan
 
 
 class Pretrainer:
-    """Builds data, model, objective and optimizer from a ``PretrainConfig`` and runs the loop."""
+    """Builds data, model, objective and optimizer from a ``PretrainConfig`` and runs the loop.
+
+    Under torchrun every process builds one; rank 0 alone writes checkpoints, metrics, event files, pictures
+    and the summary. ``close()`` (called by :func:`pretrain`) leaves the process group it joined.
+    """
 
     def __init__(self, cfg: PretrainConfig, volumes: list[Volume] | None = None):
         self.cfg = cfg.validate()
         self.out = Path(cfg.out)
-        self.device = resolve_device(cfg.device)
+        self.ddp = None
+        self.dist, self.device = D.init_distributed(resolve_device(cfg.device))
+        try:
+            self._build(volumes)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, volumes: list[Volume] | None) -> None:
+        cfg, world = self.cfg, self.dist.world_size
+        if cfg.batch_size % (world * cfg.accumulate):
+            raise ValueError(f"--batch-size {cfg.batch_size} (the global batch) must be a multiple of processes x "
+                             f"--accumulate = {world} x {cfg.accumulate}")
+        self.micro_batch = cfg.batch_size // (world * cfg.accumulate)
+        self.sync_bn = world > 1 and (cfg.sync_bn if cfg.sync_bn is not None else True)
+        bn_rows = self.micro_batch * (world if self.sync_bn else 1)
+        if bn_rows < 2:
+            fixes = "raise --batch-size or lower --accumulate" + (" or use --sync-bn" if world > 1 else "")
+            raise ValueError(
+                f"each batch-norm batch would hold {bn_rows} sample (--batch-size {cfg.batch_size} over {world} "
+                f"process(es) x {cfg.accumulate} micro-batch(es)); the projection BatchNorm1d layers need 2: {fixes}")
         if volumes is None:
-            # A cache is memory-mapped as it is; raw scans are preprocessed into OUT/cache first (resumable).
-            s = cfg.spacing
-            volumes = cached_volumes(cfg.data, self.out / "cache", spacing=(s, s, s), modality=cfg.modality,
-                                     workers=max(1, cfg.workers))
+            volumes = self._load_volumes()
         self.dataset = PretrainDataset(volumes, CropConfig(), seed=cfg.seed, pairs_per_volume=cfg.pairs_per_volume)
         # "dataset": per-sample items through a DataLoader (cfg.workers processes); "torch" / "native": whole
         # batches cut and augmented in one pass (same samples, see data/loader.py).
@@ -115,7 +271,7 @@ class Pretrainer:
         if self.loader == "dali":
             from ..data.dali import DaliLoader
 
-            self.batch_loader = DaliLoader(self.dataset, self.device, batch_size=cfg.batch_size)
+            self.batch_loader = DaliLoader(self.dataset, self.device, batch_size=self.micro_batch)
         else:
             self.batch_loader = None if self.loader == "dataset" else BatchLoader(
                 self.dataset, self.loader, self.device if self.loader == "torch" else "cpu")
@@ -128,40 +284,104 @@ class Pretrainer:
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
 
+        set_float32_precision(cfg.precision)
         torch.manual_seed(cfg.seed)
-        self.model = NonSkipUNet3D(width=cfg.width, norm=cfg.norm, act=cfg.act).to(self.device)
+        # Fused kernels: the loss reads the low-resolution deep-supervision masks directly.
+        model = NonSkipUNet3D(width=cfg.width, norm=cfg.norm, act=cfg.act, kernels=cfg.kernels,
+                              upsample_masks=cfg.kernels == "torch")
+        if self.sync_bn:
+            model = D.convert_sync_batchnorm(model, self.device)
         self.memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
+        self.model = model.to(self.device).to(memory_format=self.memory_format)
         self.optimizer = build_optimizer(cfg, self.model)
+        self.optim_impl = optimizer_impl(cfg.optim_impl, self.device)
         self.amp_dtype = AMP_DTYPES.get(cfg.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.loss_fn = PCRLv2Loss(total_epochs=self.total_epochs, n_local=self.dataset.crop.n_local,
-                                  all_scales=cfg.all_scales)
+                                  all_scales=cfg.all_scales, kernels=cfg.kernels)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.step_module = StepModule(self.model, self.loss_fn, self.forward)
+        if self.dist.enabled:
+            # Random scales leave some heads without a gradient in a step (the same ones on every rank); with
+            # all_scales every parameter is used. Synchronised batch norm keeps the buffers equal on all ranks.
+            self.ddp = D.wrap_ddp(self.step_module, self.device, find_unused_parameters=not cfg.all_scales,
+                                  sync_buffers=not self.sync_bn)
+        self._params = list(self.model.parameters())
+        self._buffers = list(self.model.buffers())
         self.step = 0
         self.skipped = 0
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.skip_counts: dict[str, int] = {}
+        self.nonfinite_streak = 0
+        self.stop_signal: str | None = None
+        self.resumed_from: Path | None = None
+        self.skipped_checkpoints: list[Path] = []
+        self._saved_step: int | None = None
+
+    def _load_volumes(self) -> list[Volume]:
+        """Raw scans are preprocessed into OUT/cache first (resumable); with several processes rank 0 does it and
+        the others open the finished cache. A cache given as --data is memory-mapped as it is."""
+        cfg = self.cfg
+        s = cfg.spacing
+        kwargs = dict(spacing=(s, s, s), modality=cfg.modality, workers=max(1, cfg.workers))
+        if not self.dist.enabled or is_cache(cfg.data):
+            return cached_volumes(cfg.data, self.out / "cache", **kwargs)
+        payload, volumes = None, None
+        if self.dist.is_main:
+            try:
+                volumes = cached_volumes(cfg.data, self.out / "cache", **kwargs)
+                payload = ("ok", [v.name for v in volumes])
+            except Exception as exc:
+                D.broadcast_object(("error", f"{type(exc).__name__}: {exc}"), self.dist)
+                raise
+        payload = D.broadcast_object(payload, self.dist)
+        if self.dist.is_main:
+            return volumes
+        if payload[0] == "error":
+            raise ScanError(f"rank 0 could not prepare the data: {payload[1]}")
+        return open_cache(self.out / "cache", names=payload[1])
+
+    def close(self) -> None:
+        """Leave the process group this trainer joined (the DDP wrapper goes first: it holds the group)."""
+        self.ddp = None
+        D.destroy(self.dist)
 
     # ----------------------------------------------------------------------------------------- state
+    def resolved(self) -> dict:
+        """What the configuration turned into on this launch."""
+        return {
+            "device": str(self.device), "world_size": self.dist.world_size, "micro_batch": self.micro_batch,
+            "accumulate": self.cfg.accumulate, "sync_bn": self.sync_bn, "optim_impl": self.optim_impl,
+            "loader": self.loader, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "total_epochs": self.total_epochs, "torch": torch.__version__,
+        }
+
     def state(self) -> dict:
         return {
-            "step": self.step,
             "skipped": self.skipped,
+            "skip_counts": dict(self.skip_counts),
+            "nonfinite_streak": self.nonfinite_streak,
             "scaler": self.scaler.state_dict(),
             "config": self.cfg.to_dict(),
+            "resolved": self.resolved(),
             "pcrlv2_fast_version": __version__,
             "arch": {"width": self.cfg.width, "norm": self.cfg.norm, "act": self.cfg.act},
         }
 
     def save(self) -> Path:
-        return save_checkpoint(self.out / "checkpoint.pt", self.model, self.optimizer,
-                               epoch=self.step // self.steps_per_epoch, **self.state())
+        """Checkpoint the current step (rank 0; once per step), keeping ``keep_checkpoints`` older ones."""
+        latest = self.out / LATEST
+        if not self.dist.is_main or self._saved_step == self.step:
+            return latest
+        save_rotating_checkpoint(self.out, self.step, self.model, self.optimizer,
+                                 epoch=self.step // self.steps_per_epoch, keep=self.cfg.keep_checkpoints,
+                                 **self.state())
+        self._saved_step = self.step
+        return latest
 
     def resume(self, path: str | Path) -> None:
-        ckpt = read_checkpoint(path, map_location=self.device)
-        for key in ("state_dict", "optimizer", "step"):
-            if key not in ckpt:
-                raise CheckpointError(f"{path}: has no {key!r}; only pcrlv2_fast training checkpoints can be resumed "
-                                      "(use load_pretrained to start from official weights)")
+        self._load(read_training_checkpoint(path), path)
+
+    def _load(self, ckpt: dict, path: str | Path) -> None:
         check_state_dict(self.model, ckpt["state_dict"], path)
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -169,14 +389,59 @@ class Pretrainer:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self.skipped = int(ckpt.get("skipped", 0))
-        self._truncate_metrics(self.step)
+        self.skip_counts = dict(ckpt.get("skip_counts", {}))
+        self.nonfinite_streak = int(ckpt.get("nonfinite_streak", 0))
+        self._saved_step = self.step
+        # Settings that change the samples, the schedule or the objective make the continuation another run.
+        saved = {**(ckpt.get("config") or {}), **(ckpt.get("resolved") or {})}
+        now = {**self.cfg.to_dict(), **self.resolved()}
+        changed = [k for k in ("seed", "batch_size", "pairs_per_volume", "total_steps", "lr", "optimizer", "all_scales")
+                   if k in saved and saved[k] != now[k]]
+        if changed and self.dist.is_main:
+            print(f"warning: {path} was saved with other settings ({', '.join(f'{k}={saved[k]!r}' for k in changed)});"
+                  " the continuation will differ from an uninterrupted run", file=sys.stderr)
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
 
-    def _claim_run_folder(self) -> None:
-        """A fresh run never mixes its metrics or checkpoint with an earlier run's in the same folder."""
+    def _resume_for_run(self) -> Path | None:
+        """Load the checkpoint --resume names (``auto``: the newest readable one in the run folder, if any)."""
+        cfg = self.cfg
+        if not cfg.resume:
+            return None
+        if cfg.resume == "auto":
+            found = find_latest_checkpoint(self.out, on_skip=self._skip_checkpoint)
+            if found is None:
+                if self.skipped_checkpoints:
+                    raise CheckpointError(f"{self.out}: no checkpoint there is readable "
+                                          f"({', '.join(p.name for p in self.skipped_checkpoints)}); pass --overwrite "
+                                          "to start again")
+                return None
+            path, ckpt = found
+        else:
+            path = Path(cfg.resume)
+            ckpt = read_training_checkpoint(path)
+        self._load(ckpt, path)
+        steps = D.gather_objects(self.step, self.dist)
+        if len(set(steps)) > 1:
+            raise CheckpointError(f"the processes resumed at different steps {steps}: every process must read the same "
+                                  "--out folder (a shared file system)")
+        self.resumed_from = Path(path)
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step}")
+        return self.resumed_from
+
+    def _skip_checkpoint(self, path: Path, error: CheckpointError) -> None:
+        self.skipped_checkpoints.append(path)
+        if self.dist.is_main:
+            print(f"warning: skipping an unreadable checkpoint: {error}", file=sys.stderr)
+
+    def _claim_run_folder(self, force: bool) -> None:
+        """A fresh run never mixes its metrics or checkpoints with an earlier run's in the same folder."""
         previous = [self.out / name for name in RUN_FILES if (self.out / name).exists()]
+        previous += [p for pattern in RUN_GLOBS for p in sorted(self.out.glob(pattern))]
         if not previous:
             return
-        if not self.cfg.overwrite:
+        if not force:
             raise ValueError(
                 f"{self.out} already holds a run ({', '.join(p.name for p in previous)}); pass --resume auto to "
                 "continue it, --overwrite to start again, or choose another --out"
@@ -185,12 +450,19 @@ class Pretrainer:
             path.unlink()
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric rows logged after the checkpoint we resume from (they will be produced again)."""
+        """Drop metric rows logged after the checkpoint we resume from (they will be produced again), and a last
+        line cut short by a killed run."""
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
-        keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line)
         with atomic_write(path, "w") as f:
             f.write("".join(line + "\n" for line in keep))
 
@@ -198,23 +470,65 @@ class Pretrainer:
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
-    def train_step(self, batch: dict, epoch: int) -> StepOutput:
-        x1, x2, gt = (self.to_device(batch[k]) for k in ("x1", "x2", "gt"))
-        loc = self.to_device(local_batch(batch["locals"]))
-        terms, skip, (restoration, masks) = pretrain_step(
-            self.forward, self.loss_fn, self.optimizer, self.scaler, x1, x2, gt, loc, epoch,
-            step_rng(self.cfg.seed, self.step), self.amp_dtype, self.cfg.skip_loss_above)
-        # Views of the first sample, kept on the device: only the last step's are copied out, for the pictures.
-        sample = {"x1": x1[0], "gt": gt[0], "restoration": restoration[0].detach(),
-                  "masks": [m[0].detach() for m in masks]}
-        return StepOutput(terms.as_dict(), skip, sample)
+    def train_step(self, batch: dict | list[dict], epoch: int) -> StepOutput:
+        """One optimizer step on this process's micro-batches (a batch dict, or a list of ``accumulate`` of them)."""
+        micro = batch if isinstance(batch, list) else [batch]
+        k = len(micro)
+        module = self.ddp if self.ddp is not None else self.step_module
+        saved_buffers = [b.detach().clone() for b in self._buffers]
+        self.optimizer.zero_grad(set_to_none=True)
+        stats_sum, done, reason, sample = None, 0, None, {}
+        for m, mb in enumerate(micro):
+            x1, x2, gt = (self.to_device(mb[key]) for key in ("x1", "x2", "gt"))
+            loc = self.to_device(local_batch(mb["locals"]))
+            # Gradients are averaged over ranks once, in the backward of the last micro-batch.
+            sync = self.ddp is None or m == k - 1
+            with nullcontext() if sync else self.ddp.no_sync():
+                total, stats, restoration, masks = module(x1, x2, gt, loc, epoch, step_rng(self.cfg.seed, self.step),
+                                                          self.amp_dtype)
+                stats = D.mean_across(stats, self.dist)
+                stats_sum = stats if stats_sum is None else stats_sum + stats
+                done += 1
+                if m == 0:
+                    # Views of the first sample, kept on the device: only the last step's are copied out.
+                    sample = {"x1": x1[0], "gt": gt[0], "restoration": restoration[0],
+                              "masks": [full_size(t[:1], gt.shape[2:])[0] for t in masks]}
+                loss = float(stats[0])
+                if not math.isfinite(loss):
+                    reason = "nonfinite_loss"
+                elif loss > self.cfg.skip_loss_above and epoch > 10:
+                    reason = "loss_limit"
+                if reason is not None:
+                    break
+                self.scaler.scale(total / k if k > 1 else total).backward()
+        norm = math.nan
+        if reason is None:
+            norm, applied = apply_update(self.optimizer, self.scaler, self._params)
+            if not applied:
+                reason = "fp16_overflow" if self.scaler.is_enabled() else "nonfinite_grad"
+        if reason is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in zip(self._buffers, saved_buffers):
+                    b.copy_(saved)
+        terms = dict(zip(TERMS, (stats_sum / done).tolist(), strict=True))
+        return StepOutput(terms, reason is not None, sample, reason, norm)
 
     # ------------------------------------------------------------------------------------------- run
-    def batches(self, epoch: int, start: int):
+    def batch_indices(self, epoch: int, start: int) -> list[list[int]]:
+        """This process's micro-batches (item indices) for steps ``start ..`` of ``epoch``, in order."""
         order = epoch_order(self.cfg.seed, epoch, len(self.dataset))
         bs = self.cfg.batch_size
         # Incomplete last batches are dropped: the projection BatchNorm1d layers fail on a batch of one.
-        batch_indices = [order[i * bs:(i + 1) * bs].tolist() for i in range(start, self.steps_per_epoch)]
+        out = []
+        for i in range(start, self.steps_per_epoch):
+            out += D.rank_micro_batches(order[i * bs:(i + 1) * bs].tolist(), self.dist.rank, self.dist.world_size,
+                                        self.cfg.accumulate)
+        return out
+
+    def batches(self, epoch: int, start: int):
+        """This process's micro-batches for steps ``start ..`` of ``epoch`` (``accumulate`` per step)."""
+        batch_indices = self.batch_indices(epoch, start)
         self.dataset.set_epoch(epoch)
         if self.batch_loader is not None:
             return self.batch_loader.batches(batch_indices)
@@ -222,77 +536,187 @@ class Pretrainer:
                                            pin_memory=self.device.type == "cuda")
 
     def run(self) -> dict:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        resumed = False
-        if cfg.resume:
-            path = self.out / "checkpoint.pt" if cfg.resume == "auto" else Path(cfg.resume)
-            if path.exists() or cfg.resume != "auto":
-                self.resume(path)
-                resumed = True
-                print(f"resumed from {path} at step {self.step}")
-        if not resumed:
-            self._claim_run_folder()
-        with atomic_write(self.out / "config.json", "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
+        cfg, main = self.cfg, self.dist.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for tmp in self.out.glob(".*.tmp"):  # left by a save that a SIGKILL or power loss interrupted
+                tmp.unlink(missing_ok=True)
+        D.barrier(self.dist)
+        resumed = self._resume_for_run() is not None
+        if not resumed and main:
+            # --resume auto without a checkpoint (a run killed before its first save) starts again.
+            self._claim_run_folder(force=cfg.overwrite or cfg.resume == "auto")
+        D.barrier(self.dist)
+        if main:
+            with atomic_write(self.out / "config.json", "w") as f:
+                json.dump({**cfg.to_dict(), "resolved": self.resolved()}, f, indent=2)
         self.model.train()
         rates, last = [], None
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True)
-        with open(self.out / "metrics.jsonl", "a") as metrics:
-            while self.step < self.total_steps:
-                epoch, start = divmod(self.step, self.steps_per_epoch)
-                lr = lr_at_epoch(cfg.lr, epoch, self.total_epochs)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                t_data = time.perf_counter()
-                for batch in self.batches(epoch, start):
-                    t_step = time.perf_counter()
-                    last = self.train_step(batch, epoch)
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
-                    t_end = time.perf_counter()
-                    self.step += 1
-                    self.skipped += last.skipped
-                    rate = cfg.batch_size / (t_end - t_data)
-                    rates.append(rate)
-                    row = {"step": self.step, "epoch": epoch, **last.terms, "lr": lr, "samples_per_s": rate,
-                           "data_s": t_step - t_data, "step_s": t_end - t_step, "skipped": last.skipped}
-                    if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                        metrics.write(json.dumps(row) + "\n")
-                        metrics.flush()
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", glob=f"{row['loss_global']:.3f}",
-                                    loc=f"{row['loss_local']:.3f}", rest=f"{row['loss_restore']:.4f}",
-                                    sps=f"{rate:.2f}")
-                    bar.update(1)
-                    if cfg.save_every and self.step % cfg.save_every == 0:
-                        self.save()
-                    if self.step >= self.total_steps:
-                        break
-                    t_data = time.perf_counter()
-                self.save()
-        bar.close()
+        writer = self._open_tensorboard(resumed) if main else None
+        metrics = open(self.out / "metrics.jsonl", "a") if main else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
+                   disable=not main)
+        handlers = self._catch_stop_signals()
+        try:
+            last = self._loop(rates, metrics, writer, bar)
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+            if writer is not None:
+                writer.close()
         return self.finish(rates, last)
 
+    def _loop(self, rates: list[float], metrics, writer, bar) -> StepOutput | None:
+        cfg, last = self.cfg, None
+        while self.step < self.total_steps and self.stop_signal is None:
+            epoch, start = divmod(self.step, self.steps_per_epoch)
+            lr = lr_at_epoch(cfg.lr, epoch, self.total_epochs)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            micro = []
+            t_data = time.perf_counter()
+            for batch in self.batches(epoch, start):
+                micro.append(batch)
+                if len(micro) < cfg.accumulate:
+                    continue
+                t_step = time.perf_counter()
+                last = self.train_step(micro, epoch)
+                micro = []
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t_end = time.perf_counter()
+                self.step += 1
+                self._count(last)
+                stop, data_s = self._agree(t_step - t_data)
+                rate = cfg.batch_size / (t_end - t_data)
+                rates.append(rate)
+                row = {"step": self.step, "epoch": epoch, **last.terms, "lr": lr, "grad_norm": last.grad_norm,
+                       "samples_per_s": rate, "data_s": data_s, "step_s": t_end - t_step,
+                       "data_wait": data_s / (t_end - t_data), "skipped": last.skipped, "skip_reason": last.reason,
+                       "skipped_total": self.skipped}
+                if self.scaler.is_enabled():
+                    row["loss_scale"] = self.scaler.get_scale()
+                if self.device.type == "cuda":
+                    row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps or stop:
+                    self._log(row, metrics, writer)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", glob=f"{row['loss_global']:.3f}",
+                                loc=f"{row['loss_local']:.3f}", rest=f"{row['loss_restore']:.4f}", sps=f"{rate:.2f}")
+                bar.update(1)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+                if cfg.max_nonfinite and self.nonfinite_streak >= cfg.max_nonfinite:
+                    path = self.save()
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_streak} steps in a row (steps {self.step - self.nonfinite_streak + 1}-"
+                        f"{self.step}) had a non-finite loss or gradient, so the run stopped (--max-nonfinite "
+                        f"{cfg.max_nonfinite}); step {self.step} is saved in {path}. Lower --lr, use --precision bf16 "
+                        "instead of fp16, or check the scans; --resume auto continues after these steps")
+                if stop:
+                    self.stop_signal = self.stop_signal or "a signal to another process"
+                    path = self.save()
+                    if self.dist.is_main:
+                        print(f"\nstopped by {self.stop_signal} after step {self.step}; saved {path} "
+                              "(continue with --resume auto)", file=sys.stderr)
+                    break
+                if self.step >= self.total_steps:
+                    break
+                t_data = time.perf_counter()
+            self.save()
+        return last
+
+    def _count(self, out: StepOutput) -> None:
+        if out.skipped:
+            self.skipped += 1
+            self.skip_counts[out.reason] = self.skip_counts.get(out.reason, 0) + 1
+        if out.reason in ("nonfinite_loss", "nonfinite_grad"):
+            self.nonfinite_streak += 1
+        elif not out.skipped:
+            self.nonfinite_streak = 0
+
+    def _agree(self, data_s: float) -> tuple[bool, float]:
+        """(stop, data_s): whether any process was asked to stop, and the data wait averaged over processes, in
+        one reduction so that every process leaves the loop after the same step."""
+        values = torch.tensor([float(self.stop_signal is not None), data_s], dtype=torch.float64, device=self.device)
+        values = D.sum_across(values, self.dist).tolist()
+        return values[0] > 0, values[1] / self.dist.world_size
+
+    def _log(self, row: dict, metrics, writer) -> None:
+        if metrics is not None:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+        if writer is not None:
+            for key, value in row.items():
+                if key in ("step", "epoch", "skipped") or not isinstance(value, int | float):
+                    continue
+                group = "loss" if key.startswith("loss") and key != "loss_scale" else (
+                    "perf" if key in PERF_KEYS else "train")
+                writer.add_scalar(f"{group}/{key}", value, row["step"])
+
+    def _open_tensorboard(self, resumed: bool):
+        if not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            print(f"note: no TensorBoard event files ({exc}); pip install tensorboard to get them", file=sys.stderr)
+            return None
+        # A resumed run drops the events an interrupted run logged after its checkpoint.
+        writer = SummaryWriter(log_dir=str(self.out), purge_step=self.step + 1 if resumed else None, flush_secs=30)
+        writer.add_text("config", "```\n" + json.dumps({**self.cfg.to_dict(), "resolved": self.resolved()},
+                                                       indent=2) + "\n```", self.step)
+        return writer
+
+    def _catch_stop_signals(self) -> dict:
+        """SIGTERM / SIGINT set a flag that ends the loop after the current step (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_stop_signal)
+        return previous
+
+    def _on_stop_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.stop_signal = signal.Signals(signum).name
+        if self.dist.is_main:
+            print(f"\n{self.stop_signal}: finishing step {self.step + 1}, then saving a checkpoint (send it again to "
+                  "stop at once)", file=sys.stderr)
+
     def finish(self, rates: list[float], last: StepOutput | None) -> dict:
+        # Throughput excludes the first steps (allocator and compile warm-up) when there are enough of them.
+        steady = rates[min(3, len(rates) // 2):] if rates else []
+        files = {"checkpoint": str(self.out / LATEST), "metrics": str(self.out / "metrics.jsonl")}
+        summary = {
+            "steps": self.step,
+            "skipped_steps": self.skipped,
+            "skip_counts": dict(self.skip_counts),
+            "samples_per_s": float(np.median(steady)) if steady else None,
+            "device": str(self.device),
+            "world_size": self.dist.world_size,
+            "rank": self.dist.rank,
+            "precision": self.cfg.precision,
+            "stopped_by": self.stop_signal,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "files": files,
+        }
+        if not self.dist.is_main:
+            return summary
         from ..viz import save_loss_curve_png, save_restoration_png
 
-        files = {"checkpoint": str(self.out / "checkpoint.pt"), "metrics": str(self.out / "metrics.jsonl")}
         if self.cfg.pictures and last is not None:
             s = {k: _cpu(v) for k, v in last.sample.items()}
             save_restoration_png(self.out / "restoration.png", s["x1"], s["gt"], s["restoration"], s["masks"],
                                  title=f"step {self.step}")
             save_loss_curve_png(self.out / "metrics.jsonl", self.out / "loss_curve.png")
             files.update(restoration=str(self.out / "restoration.png"), loss_curve=str(self.out / "loss_curve.png"))
-        # Throughput excludes the first steps (allocator and compile warm-up) when there are enough of them.
-        steady = rates[min(3, len(rates) // 2):] if rates else []
-        summary = {
-            "steps": self.step,
-            "skipped_steps": self.skipped,
-            "samples_per_s": float(np.median(steady)) if steady else None,
-            "device": str(self.device),
-            "precision": self.cfg.precision,
-            "files": files,
-        }
+        if any(self.out.glob("events.out.tfevents.*")):
+            files["tensorboard"] = str(self.out)
         with atomic_write(self.out / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
         return summary
@@ -305,4 +729,11 @@ def _cpu(t):
 
 
 def pretrain(cfg: PretrainConfig, volumes: list[Volume] | None = None) -> dict:
-    return Pretrainer(cfg, volumes).run()
+    trainer = Pretrainer(cfg, volumes)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+__all__ = ["NonFiniteLossError", "Pretrainer", "StepModule", "StepOutput", "pretrain", "pretrain_step"]
