@@ -81,6 +81,8 @@ setup(
         "SimpleITK>=2.2",
         "tqdm>=4.60",
         "matplotlib>=3.6",
+        # Fine-tuning: Dice/CE losses, sliding-window inference, Dice / HD95 / AUC metrics (>= 1.3: HD95 in mm).
+        "monai>=1.3",
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.5", "triton>=3.0", "torchio>=0.19", "tensorboard>=2.10"],

@@ -163,9 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path)
     p.set_defaults(func=cmd_demo)
 
+    from .finetune.cli import add_finetune_parsers
     from .selftest import add_selftest_parser
 
     add_selftest_parser(sub)
+    add_finetune_parsers(sub)
     return parser
 
 

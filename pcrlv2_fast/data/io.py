@@ -439,7 +439,8 @@ def _read_dicom_series(folder: Path) -> sitk.ImageSeriesReader:
     return reader
 
 
-def _read_image(path: Path) -> sitk.Image:
+def read_image(path: Path) -> sitk.Image:
+    """The SimpleITK image of a scan file or DICOM series folder; every failure is a ScanError naming the file."""
     if path.is_dir():
         reader = _read_dicom_series(path)
     else:
@@ -517,7 +518,7 @@ def read_resampled(
     _check_arguments(spacing, modality)
     if not path.exists():
         raise ScanError(f"{path}: no such file or folder.")
-    image = _read_image(path)
+    image = read_image(path)
     _check_geometry(path, image)
     image = sitk.Cast(image, sitk.sitkFloat32)
     original = sitk.GetArrayViewFromImage(image)
