@@ -51,6 +51,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import to_out as _to_out
+
 # Read once, as triton.jit does when the kernels below are decorated.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -60,17 +62,6 @@ _CL = torch.channels_last_3d
 
 
 # ----------------------------------------------------------------------------------------------- kernels
-@triton.jit
-def _to_out(y, OUT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
-    # fp32 -> output dtype. The interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even, so
-    # under the interpreter ROUND_BF16 rounds by hand (same result for finite values).
-    if ROUND_BF16:
-        u = y.to(tl.uint32, bitcast=True)
-        u = u + (0x7FFF + ((u >> 16) & 1))
-        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return y.to(OUT_DTYPE)
-
-
 @triton.jit
 def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # acc + a @ b in fp32. UPCAST (interpreter only, whose dot reads bf16 operands as raw integers) widens the

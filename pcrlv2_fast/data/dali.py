@@ -68,7 +68,7 @@ from . import native
 from .augment import _SIGMA_EPS, _TRUNCATE, normal_field
 from .batched import _affine_theta, _inside_bounds, swap_batch, z_normalize_batch
 from .dataset import PretrainDataset
-from .loader import _cat, draw_sample_params
+from .loader import _cat, draw_batch
 
 __all__ = ["DaliLoader", "dali_available", "dali_load_error", "INSTALL_HINT"]
 
@@ -358,21 +358,8 @@ class DaliLoader:
     def batch(self, indices: Sequence[int]) -> dict:
         """The batch of items ``indices`` (the dataset's current epoch)."""
         ds, crop = self.dataset, self.dataset.crop
-        if len(indices) == 0:
-            raise ValueError("a batch needs at least one index")
-        volume_index, global_boxes, local_boxes, g_params, l_params = [], [], [], [], []
-        for index in indices:
-            v, boxes, generator = ds.sample_geometry(int(index))
-            volume_index.append(v)
-            global_boxes.append(boxes.global_boxes.astype(np.int64))
-            local_boxes.append(boxes.local_boxes.astype(np.int64).reshape(-1, 6))
-            if ds.augment:
-                gp, lp = draw_sample_params(generator, ds.augment_cfg, crop.global_out, crop.local_out, crop.n_local)
-                g_params.append(gp)
-                l_params.append(lp)
-        b, n_global, n_local = len(indices), global_boxes[0].shape[0], local_boxes[0].shape[0]
-        volume_index = np.asarray(volume_index, dtype=np.int64)
-        g_boxes, l_boxes = np.stack(global_boxes), np.stack(local_boxes)
+        volume_index, g_boxes, l_boxes, g_params, l_params = draw_batch(ds, indices)
+        b, n_global, n_local = len(indices), g_boxes.shape[1], l_boxes.shape[1]
         gp = _cat(g_params) if ds.augment else None
         spatial, x = self._views("global", np.repeat(volume_index, n_global), g_boxes.reshape(-1, 6), gp, n_global)
         gt = spatial[0::n_global]

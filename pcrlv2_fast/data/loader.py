@@ -58,6 +58,28 @@ def resolve_loader(name: str) -> str:
     return name
 
 
+def draw_batch(dataset: PretrainDataset, indices: Sequence[int]):
+    """The draws of the items ``indices``, as the per-sample dataset makes them: ``(volume_index (B,), global
+    boxes (B, 2, 6), local boxes (B, n_local, 6), global params, local params)`` (int64 arrays; per-sample
+    ``augment.draw_sample_params`` dicts, empty lists without augmentation)."""
+    if len(indices) == 0:
+        raise ValueError("a batch needs at least one index")
+    crop = dataset.crop
+    volume_index, global_boxes, local_boxes, g_params, l_params = [], [], [], [], []
+    for index in indices:
+        v, boxes, generator = dataset.sample_geometry(int(index))
+        volume_index.append(v)
+        global_boxes.append(boxes.global_boxes.astype(np.int64))
+        local_boxes.append(boxes.local_boxes.astype(np.int64).reshape(-1, 6))
+        if dataset.augment:
+            gp, lp = draw_sample_params(generator, dataset.augment_cfg, crop.global_out, crop.local_out,
+                                        crop.n_local)
+            g_params.append(gp)
+            l_params.append(lp)
+    return (np.asarray(volume_index, dtype=np.int64), np.stack(global_boxes), np.stack(local_boxes), g_params,
+            l_params)
+
+
 def _cat(params: list[dict]) -> dict:
     """Per-sample parameter dicts concatenated along the view axis (sample-major)."""
     return {k: (torch.cat([p[k] for p in params]) if isinstance(params[0][k], torch.Tensor) else params[0][k])
@@ -129,21 +151,8 @@ class BatchLoader:
     def batch(self, indices: Sequence[int]) -> dict:
         """The batch of items ``indices`` (the dataset's current epoch)."""
         ds, crop = self.dataset, self.dataset.crop
-        if len(indices) == 0:
-            raise ValueError("a batch needs at least one index")
-        volume_index, global_boxes, local_boxes, g_params, l_params = [], [], [], [], []
-        for index in indices:
-            v, boxes, generator = ds.sample_geometry(int(index))
-            volume_index.append(v)
-            global_boxes.append(boxes.global_boxes.astype(np.int64))
-            local_boxes.append(boxes.local_boxes.astype(np.int64).reshape(-1, 6))
-            if ds.augment:
-                gp, lp = draw_sample_params(generator, ds.augment_cfg, crop.global_out, crop.local_out, crop.n_local)
-                g_params.append(gp)
-                l_params.append(lp)
-        b, n_global, n_local = len(indices), global_boxes[0].shape[0], local_boxes[0].shape[0]
-        volume_index = np.asarray(volume_index, dtype=np.int64)
-        g_boxes, l_boxes = np.stack(global_boxes), np.stack(local_boxes)
+        volume_index, g_boxes, l_boxes, g_params, l_params = draw_batch(ds, indices)
+        b, n_global, n_local = len(indices), g_boxes.shape[1], l_boxes.shape[1]
         # Global views view-major (all first views, then all second views): x1, x2 and gt are then contiguous
         # slices of one buffer. Local views sample-major, as the batch's (B, n_local) layout.
         view_major = np.arange(b * n_global).reshape(b, n_global).T.reshape(-1)
