@@ -13,3 +13,18 @@ def to_out(y, OUT_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
         u = u + (0x7FFF + ((u >> 16) & 1))
         return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return y.to(OUT_DTYPE)
+
+
+@triton.jit
+def chan_merge(n_a, mean_a, m2_a, cnt, mu, q, mask):
+    # Merges a block of partial statistics (rows of count cnt, mean mu, M2 q; masked rows hold zeros) into the
+    # running (n_a, mean_a, m2_a) per column: the block's own count/mean/M2 about its joint mean, then Chan's
+    # parallel combination. Returns the new (n, mean, m2).
+    n_b = tl.sum(cnt, axis=0)
+    mean_b = tl.sum(cnt * mu, axis=0) / tl.maximum(n_b, 1.0)
+    dev = tl.where(mask, mu - mean_b[None, :], 0.0)
+    m2_b = tl.sum(q + cnt * dev * dev, axis=0)
+    n = n_a + n_b
+    frac = n_b / tl.maximum(n, 1.0)
+    delta = mean_b - mean_a
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac

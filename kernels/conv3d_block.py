@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import chan_merge as _chan_merge
 from .common import to_out as _to_out
 
 # Read once, as triton.jit does when the kernels below are decorated.
@@ -294,16 +295,7 @@ def _stats_combine_kernel(
         lo = tl.load(P_ptr + 2 * plane + off, mask=mask, other=0.0)
         q = tl.load(P_ptr + 3 * plane + off, mask=mask, other=0.0)
         mu = tl.where(mask, (hi - shift[None, :]) + lo, 0.0)
-        n_b = tl.sum(cnt, axis=0)
-        mean_b = tl.sum(cnt * mu, axis=0) / tl.maximum(n_b, 1.0)
-        dev = tl.where(mask, mu - mean_b[None, :], 0.0)
-        m2_b = tl.sum(q + cnt * dev * dev, axis=0)
-        n = n_a + n_b
-        frac = n_b / tl.maximum(n, 1.0)
-        delta = mean_b - mean_a
-        mean_a += delta * frac
-        m2_a += m2_b + delta * delta * n_a * frac
-        n_a = n
+        n_a, mean_a, m2_a = _chan_merge(n_a, mean_a, m2_a, cnt, mu, q, mask)
     if FINAL:
         tl.store(Mean_ptr + c, shift + mean_a, mask=c_ok)
         tl.store(Var_ptr + c, m2_a / tl.maximum(n_a, 1.0), mask=c_ok)

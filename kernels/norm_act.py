@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .common import chan_merge as _chan_merge
 from .common import to_out as _to_out
 
 # Read once, as triton.jit does when the kernels below are decorated.
@@ -184,16 +185,7 @@ def _combine_kernel(
         mu = tl.load(P_ptr + P_plane + off, mask=m, other=0.0)
         q = tl.load(P_ptr + 2 * P_plane + off, mask=m, other=0.0)
         # Fold BLOCK_J partials at once (M2 about their joint mean), then merge into the running triple.
-        n_b = tl.sum(cnt, axis=0)
-        mean_b = tl.sum(cnt * mu, axis=0) / tl.maximum(n_b, 1.0)
-        dev = tl.where(m, mu - mean_b[None, :], 0.0)
-        m2_b = tl.sum(q + cnt * dev * dev, axis=0)
-        n = n_a + n_b
-        frac = n_b / tl.maximum(n, 1.0)
-        delta = mean_b - mean_a
-        mean_a += delta * frac
-        m2_a += m2_b + delta * delta * n_a * frac
-        n_a = n
+        n_a, mean_a, m2_a = _chan_merge(n_a, mean_a, m2_a, cnt, mu, q, m)
     rstd = 1.0 / tl.sqrt(m2_a / tl.maximum(n_a, 1.0) + eps)
     tl.store(Mean_ptr + k, mean_a, mask=mk)
     tl.store(Rstd_ptr + k, rstd, mask=mk)
