@@ -68,7 +68,7 @@ from . import native
 from .augment import _SIGMA_EPS, _TRUNCATE, normal_field
 from .batched import _affine_theta, _inside_bounds, swap_batch, z_normalize_batch
 from .dataset import PretrainDataset
-from .loader import _cat, draw_batch
+from .loader import _cat, batch_dict, draw_batch
 
 __all__ = ["DaliLoader", "dali_available", "dali_load_error", "INSTALL_HINT"]
 
@@ -372,15 +372,8 @@ class DaliLoader:
         else:
             loc = torch.empty((0, 1, *crop.local_out), dtype=torch.float32, device=self.device)
         x = x.view(b, n_global, *x.shape[1:])
-        return {
-            "x1": x[:, 0].contiguous(),
-            "x2": x[:, 1].contiguous(),
-            "gt": gt.contiguous(),
-            "locals": loc.view(b, n_local, *loc.shape[1:]),
-            "global_boxes": torch.from_numpy(g_boxes),
-            "local_boxes": torch.from_numpy(l_boxes),
-            "volume_index": torch.from_numpy(volume_index),
-        }
+        return batch_dict(x[:, 0].contiguous(), x[:, 1].contiguous(), gt.contiguous(), loc, volume_index, g_boxes,
+                          l_boxes)
 
     def batches(self, batch_indices: Iterable[Sequence[int]]) -> Iterator[dict]:
         """One batch per list of item indices, lazily: a PyTorch-style iterator over batch dicts."""

@@ -80,6 +80,22 @@ def draw_batch(dataset: PretrainDataset, indices: Sequence[int]):
             l_params)
 
 
+def batch_dict(x1: torch.Tensor, x2: torch.Tensor, gt: torch.Tensor, locals_: torch.Tensor, volume_index: np.ndarray,
+               global_boxes: np.ndarray, local_boxes: np.ndarray) -> dict:
+    """The batch dict every batch loader returns (see :class:`BatchLoader`); ``locals_`` (B * n_local, 1, ...)
+    sample-major."""
+    b, n_local = len(volume_index), local_boxes.shape[1]
+    return {
+        "x1": x1,
+        "x2": x2,
+        "gt": gt,
+        "locals": locals_.view(b, n_local, *locals_.shape[1:]),
+        "global_boxes": torch.from_numpy(global_boxes),
+        "local_boxes": torch.from_numpy(local_boxes),
+        "volume_index": torch.from_numpy(volume_index),
+    }
+
+
 def _cat(params: list[dict]) -> dict:
     """Per-sample parameter dicts concatenated along the view axis (sample-major)."""
     return {k: (torch.cat([p[k] for p in params]) if isinstance(params[0][k], torch.Tensor) else params[0][k])
@@ -176,15 +192,7 @@ class BatchLoader:
             gt = g[:b]
             x = z_normalize_batch(g)
             loc = z_normalize_batch(loc) if n_local else loc
-        return {
-            "x1": x[:b],
-            "x2": x[b:2 * b],
-            "gt": gt,
-            "locals": loc.view(b, n_local, *loc.shape[1:]),
-            "global_boxes": torch.from_numpy(g_boxes),
-            "local_boxes": torch.from_numpy(l_boxes),
-            "volume_index": torch.from_numpy(volume_index),
-        }
+        return batch_dict(x[:b], x[b:2 * b], gt, loc, volume_index, g_boxes, l_boxes)
 
     def batches(self, batch_indices: Iterable[Sequence[int]]) -> Iterator[dict]:
         """One batch per list of item indices, lazily."""
