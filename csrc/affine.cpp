@@ -1,38 +1,50 @@
 // Batched affine resampling (flip folded in) of the native data backend, one OpenMP kernel.
 //
-// Semantics: pcrlv2_fast.data.augment.affine after augment.flip, per sample. For output voxel i (x, y, z
-// indices) the view's source index is s = M[:, :3] @ i + M[:, 3], with M the sample's (3, 4) float64 map
-// built in Python (pcrlv2_fast.data.native.affine_maps: c + inverse @ (i - c), c = (n - 1) / 2, as
-// augment.affine). An output voxel whose source index lies in [-0.5, n - 0.5) on every axis is the trilinear
-// interpolation (index clamped to [0, n - 1], grid_sample's border padding) of the flipped input, i.e. of the
-// input at n_a - 1 - s_a along flipped axes a; any other voxel gets the minimum of the sample's input.
+// Semantics: pcrlv2_fast.data.augment.affine after augment.flip, per sample: output voxel i = (i, j, k) reads
+// the flipped view at its source index s. With theta the view's (3, 3) map in grid_sample's normalised
+// coordinates (theta[a][b] = M[a][b] * half[b] / half[a], half = (n - 1) / 2, M the float64 (3, 4) map of
+// pcrlv2_fast.data.native.affine_maps) and base_b = torch.linspace(-1, 1, n_b) in float32, the float32
+// grid coordinate is g_a = (T_a2[k] + T_a1[j]) + T_a0[i] with T_ab[idx] = float(theta[a][b]) * base_b[idx]
+// (plus the map's translation beyond the centring, zero for affine_maps), and s_a = (g_a + 1) * half_a: the
+// reference's float32 arithmetic (augment.affine's affine_grid + grid_sample(align_corners=True) on the
+// flipped view). A voxel whose s lies in [-0.5, n - 0.5) on every axis is the trilinear interpolation of the
+// flipped view at s clamped to [0, n - 1] (grid_sample's border padding); any other voxel gets the minimum of
+// the sample's input. Reading the flipped view at index c along axis a is reading the input at n_a - 1 - c.
 //
-// Numerics: the interpolation point is computed in double per voxel, the weights rounded to float and the
-// interpolation done in float (as grid_sample's float32 path). The inside decision is
-// the reference's float32 one (the normalised grid coordinate g = sum_b theta[a][b] * linspace(-1, 1)[i_b]
-// in float32, then (g + 1) * half in float32 compared with -0.5 and n - 0.5, as batched.affine_batch
-// evaluates it): a voxel whose exact source lies within float32 rounding of the band edge would otherwise
-// flip between the interpolated value and the fill (about one voxel per sixteen 64x64x32 views).
+// Numerics: all float32. The coordinates and the inside decision are the reference's own float32 values (up
+// to affine_grid's summation order); the interpolation is three nested lerps v0 + w (v1 - v0), which differs
+// from grid_sample's weighted sum of eight corners by float rounding (a few 1e-7 on [0, 1] views).
 //
-// Work unit: one (sample, output x) slab; OpenMP guided schedule over all slabs, the GIL released.
+// Work unit: one (sample, output x) slab; OpenMP guided schedule over all slabs, the GIL released. On CPUs with
+// AVX-512 a row of 16 voxels is computed at once and the two z-neighbours of every corner are fetched by one
+// 64-bit gather (they are adjacent in memory); elsewhere a portable two-pass row loop (coordinates, then the
+// eight reads) computes the same float32 values.
+
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector idiom.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/linspace.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
-namespace pcrlv2 {
-namespace {
-
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PCRLV2_AFFINE_X86 1
+#include <immintrin.h>
 #define PCRLV2_AFFINE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
+#define PCRLV2_AFFINE_X86 0
 #define PCRLV2_AFFINE_CLONES
 #endif
+
+namespace pcrlv2 {
+namespace {
 
 PCRLV2_AFFINE_CLONES float sample_min(const float* __restrict v, int64_t n) {
   float m = std::numeric_limits<float>::infinity();
@@ -40,104 +52,207 @@ PCRLV2_AFFINE_CLONES float sample_min(const float* __restrict v, int64_t n) {
   return m;
 }
 
-// Per-sample float32 tables of the inside test: for voxel axis a and input axis b, T[a][b][idx] =
-// float(theta[a][b]) * linspace(-1, 1, n_b)[idx] rounded to float, theta[a][b] = M[a][b] * half[b] / half[a]
-// (batched._affine_theta's normalised matrix). Laid out as [a][x: X | y: Y | z: Z].
-struct InsideAxis {
-  float half, lower, upper;  // inside: lower <= (g + 1) * half < upper; n_a == 1: no test (finite bounds that
-                             // always hold: half = 0, as batched._inside_bounds' -inf, inf)
+// One axis of a view: the inside band on s = (g + 1) * half, the clamp [0, hi], the largest low corner, and
+// the input's element stride along it. n == 1: half = 0 (s = 0 always), the band always holds.
+struct Axis {
+  float half, lower, upper, hi;
+  int32_t last_corner, stride;
 };
 
-// Per-thread scratch of one output row: flat offset of the low corner and the three weights per voxel.
+// A view's per-axis grid tables, laid out [a][x: X | y: Y | z: Z] (a = the grid component), and its flips.
+struct ViewMap {
+  const float* T;
+  bool flip[3];
+};
+
+// Portable row loop: coordinates and weights of every voxel of the row (pass 1), then the reads (pass 2).
 struct RowScratch {
-  std::vector<int32_t> offset;
+  std::vector<int32_t> offset, inside;
   std::vector<float> wx, wy, wz;
-  std::vector<int32_t> inside;
-  explicit RowScratch(int64_t n) : offset(n), wx(n), wy(n), wz(n), inside(n) {}
+  explicit RowScratch(int64_t n) : offset(n), inside(n), wx(n), wy(n), wz(n) {}
 };
 
-// One output x-slab (Y x Z) of one sample: src the sample's (X, Y, Z) input, M its row-major (3, 4) map of the
-// flipped input (flips folded in), T its inside tables. Two passes per output row: coordinates, weights and
-// the inside decision (arithmetic only), then the eight reads and the interpolation.
-PCRLV2_AFFINE_CLONES void affine_slab(const float* __restrict src, const double* M, const float* __restrict T,
-                                      const InsideAxis* ax, int64_t i, int64_t X, int64_t Y, int64_t Z, float fill,
-                                      float* __restrict dst, RowScratch& row) {
-  const int64_t plane = Y * Z, L = X + Y + Z;
-  const int64_t sx_step = X >= 2 ? plane : 0, sy_step = Y >= 2 ? Z : 0, sz_step = Z >= 2 ? 1 : 0;
-  const double di = static_cast<double>(i);
+PCRLV2_AFFINE_CLONES void affine_slab_portable(const float* __restrict src, const ViewMap& view, const Axis* ax,
+                                               int64_t i, int64_t X, int64_t Y, int64_t Z, float fill,
+                                               float* __restrict dst, RowScratch& row) {
+  const int64_t L = X + Y + Z;
+  const float* T = view.T;
   const float tx0 = T[i], tx1 = T[L + i], tx2 = T[2 * L + i];
   const float* __restrict tz0 = T + X + Y;
   const float* __restrict tz1 = T + L + X + Y;
   const float* __restrict tz2 = T + 2 * L + X + Y;
-  const InsideAxis a0 = ax[0], a1 = ax[1], a2 = ax[2];
+  const int32_t n[3] = {static_cast<int32_t>(X), static_cast<int32_t>(Y), static_cast<int32_t>(Z)};
+  // Neighbour steps in the input: +stride, or -stride along a flipped axis; 0 along an axis of length 1.
+  int32_t step[3];
+  for (int a = 0; a < 3; ++a) step[a] = n[a] >= 2 ? (view.flip[a] ? -ax[a].stride : ax[a].stride) : 0;
+  // The corner's input offset: c * stride, or (n - 1 - c) * stride along a flipped axis: origin + c * mult.
+  int32_t origin[3], mult[3];
+  for (int a = 0; a < 3; ++a) {
+    origin[a] = view.flip[a] ? (n[a] - 1) * ax[a].stride : 0;
+    mult[a] = view.flip[a] ? -ax[a].stride : ax[a].stride;
+  }
   int32_t* __restrict off = row.offset.data();
+  int32_t* __restrict in = row.inside.data();
   float* __restrict wx = row.wx.data();
   float* __restrict wy = row.wy.data();
   float* __restrict wz = row.wz.data();
-  int32_t* __restrict in = row.inside.data();
-  const double hx = static_cast<double>(X - 1), hy = static_cast<double>(Y - 1), hz = static_cast<double>(Z - 1);
-  const int32_t lx = static_cast<int32_t>(std::max<int64_t>(X - 2, 0)), ly = static_cast<int32_t>(std::max<int64_t>(Y - 2, 0)),
-                lz = static_cast<int32_t>(std::max<int64_t>(Z - 2, 0));
-  const int32_t plane32 = static_cast<int32_t>(plane), Z32 = static_cast<int32_t>(Z);
-  const double mx = M[2], my = M[6], mz = M[10];  // steps of the source index along output z
-  // Per axis: the source index is clamped to [0, n - 1] and the low corner is min(floor(s), max(n - 2, 0)), so
-  // the upper neighbour exists (weight 1 at s = n - 1); an axis of length 1 has corner 0 and weight 0.
+  const Axis a0 = ax[0], a1 = ax[1], a2 = ax[2];
   for (int64_t j = 0; j < Y; ++j) {
-    const double dj = static_cast<double>(j);
-    const double bx = M[0] * di + M[1] * dj + M[3];
-    const double by = M[4] * di + M[5] * dj + M[7];
-    const double bz = M[8] * di + M[9] * dj + M[11];
     const float uy0 = T[X + j], uy1 = T[L + X + j], uy2 = T[2 * L + X + j];
+#pragma omp simd
     for (int64_t k = 0; k < Z; ++k) {
-      // The reference's float32 inside test: (tz + ty) + tx, then (g + 1) * half.
-      const float g0 = (tz0[k] + uy0) + tx0, g1 = (tz1[k] + uy1) + tx1, g2 = (tz2[k] + uy2) + tx2;
-      const float s0 = (g0 + 1.f) * a0.half, s1 = (g1 + 1.f) * a1.half, s2 = (g2 + 1.f) * a2.half;
+      const float s0 = (((tz0[k] + uy0) + tx0) + 1.f) * a0.half;
+      const float s1 = (((tz1[k] + uy1) + tx1) + 1.f) * a1.half;
+      const float s2 = (((tz2[k] + uy2) + tx2) + 1.f) * a2.half;
       in[k] = static_cast<int32_t>(s0 >= a0.lower) & static_cast<int32_t>(s0 < a0.upper) &
               static_cast<int32_t>(s1 >= a1.lower) & static_cast<int32_t>(s1 < a1.upper) &
               static_cast<int32_t>(s2 >= a2.lower) & static_cast<int32_t>(s2 < a2.upper);
-    }
-#pragma omp simd
-    for (int64_t k = 0; k < Z; ++k) {
-      const double dk = static_cast<double>(k);
-      const double sx = std::min(std::max(bx + mx * dk, 0.0), hx);
-      const double sy = std::min(std::max(by + my * dk, 0.0), hy);
-      const double sz = std::min(std::max(bz + mz * dk, 0.0), hz);
-      const int32_t cx = std::min(static_cast<int32_t>(sx), lx);
-      const int32_t cy = std::min(static_cast<int32_t>(sy), ly);
-      const int32_t cz = std::min(static_cast<int32_t>(sz), lz);
-      wx[k] = static_cast<float>(sx - static_cast<double>(cx));
-      wy[k] = static_cast<float>(sy - static_cast<double>(cy));
-      wz[k] = static_cast<float>(sz - static_cast<double>(cz));
-      off[k] = cx * plane32 + cy * Z32 + cz;
+      // s clamped to [0, hi], corner c = min(floor(s), last_corner), weight s - c.
+      const float c0 = std::min(std::max(s0, 0.f), a0.hi), c1 = std::min(std::max(s1, 0.f), a1.hi),
+                  c2 = std::min(std::max(s2, 0.f), a2.hi);
+      const int32_t i0 = std::min(static_cast<int32_t>(c0), a0.last_corner);
+      const int32_t i1 = std::min(static_cast<int32_t>(c1), a1.last_corner);
+      const int32_t i2 = std::min(static_cast<int32_t>(c2), a2.last_corner);
+      wx[k] = c0 - static_cast<float>(i0);
+      wy[k] = c1 - static_cast<float>(i1);
+      wz[k] = c2 - static_cast<float>(i2);
+      off[k] = (origin[0] + i0 * mult[0]) + (origin[1] + i1 * mult[1]) + (origin[2] + i2 * mult[2]);
     }
     float* __restrict d = dst + j * Z;
+    const int32_t sx = step[0], sy = step[1], sz = step[2];
     for (int64_t k = 0; k < Z; ++k) {
       const float* p = src + off[k];
       const float z = wz[k], y = wy[k], x = wx[k];
-      const float c00 = p[0] + z * (p[sz_step] - p[0]);
-      const float c01 = p[sy_step] + z * (p[sy_step + sz_step] - p[sy_step]);
-      const float c10 = p[sx_step] + z * (p[sx_step + sz_step] - p[sx_step]);
-      const float c11 = p[sx_step + sy_step] + z * (p[sx_step + sy_step + sz_step] - p[sx_step + sy_step]);
+      const float c00 = p[0] + z * (p[sz] - p[0]);
+      const float c01 = p[sy] + z * (p[sy + sz] - p[sy]);
+      const float c10 = p[sx] + z * (p[sx + sz] - p[sx]);
+      const float c11 = p[sx + sy] + z * (p[sx + sy + sz] - p[sx + sy]);
       const float c0 = c00 + y * (c01 - c00), c1 = c10 + y * (c11 - c10);
-      const float v = c0 + x * (c1 - c0);
-      d[k] = in[k] ? v : fill;
+      d[k] = in[k] ? c0 + x * (c1 - c0) : fill;
     }
   }
 }
 
-// The products of the inside tables, each rounded to float on its own (a separate, non-inlined loop: no
-// multiply-add contraction with the sums of the slab loop).
-__attribute__((noinline)) void inside_tables(const double* M, const double* half, const float* const* bases,
-                                             const int64_t* sizes, float* T) {
+#if PCRLV2_AFFINE_X86
+#define PCRLV2_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+
+// One axis of 16 voxels: s, the inside mask, the corner's input offset and the weight (as `corner`).
+struct Lanes {
+  __m512i offset;
+  __m512 weight;
+  __mmask16 inside;
+};
+
+PCRLV2_AVX512 inline Lanes corner16(__m512 g, const Axis& ax, bool flip, int32_t n) {
+  const __m512 s = _mm512_mul_ps(_mm512_add_ps(g, _mm512_set1_ps(1.f)), _mm512_set1_ps(ax.half));
+  const __mmask16 inside = _mm512_cmp_ps_mask(s, _mm512_set1_ps(ax.lower), _CMP_GE_OQ) &
+                           _mm512_cmp_ps_mask(s, _mm512_set1_ps(ax.upper), _CMP_LT_OQ);
+  const __m512 sc = _mm512_min_ps(_mm512_max_ps(s, _mm512_setzero_ps()), _mm512_set1_ps(ax.hi));
+  const __m512i c = _mm512_min_epi32(_mm512_cvttps_epi32(sc), _mm512_set1_epi32(ax.last_corner));
+  const __m512 w = _mm512_sub_ps(sc, _mm512_cvtepi32_ps(c));
+  const __m512i idx = flip ? _mm512_sub_epi32(_mm512_set1_epi32(n - 1), c) : c;
+  return {_mm512_mullo_epi32(idx, _mm512_set1_epi32(ax.stride)), w, inside};
+}
+
+// Rows of Z >= 2 voxels (the z pair of a corner is then two adjacent floats, loaded as one 64-bit element).
+PCRLV2_AVX512 void affine_slab_avx512(const float* __restrict src, const ViewMap& view, const Axis* ax, int64_t i,
+                                      int64_t X, int64_t Y, int64_t Z, float fill, float* __restrict dst) {
+  const int64_t L = X + Y + Z;
+  const float* T = view.T;
+  const __m512 tx0 = _mm512_set1_ps(T[i]), tx1 = _mm512_set1_ps(T[L + i]), tx2 = _mm512_set1_ps(T[2 * L + i]);
+  const float* tz0 = T + X + Y;
+  const float* tz1 = T + L + X + Y;
+  const float* tz2 = T + 2 * L + X + Y;
+  const int32_t nx = static_cast<int32_t>(X), ny = static_cast<int32_t>(Y), nz = static_cast<int32_t>(Z);
+  const int32_t sx = nx >= 2 ? (view.flip[0] ? -ax[0].stride : ax[0].stride) : 0;
+  const int32_t sy = ny >= 2 ? (view.flip[1] ? -ax[1].stride : ax[1].stride) : 0;
+  // The z pair is loaded at the lower input index of the two: along a flipped z it holds (v1, v0).
+  const bool zflip = view.flip[2];
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  const __m512i sel0 = zflip ? odd : even, sel1 = zflip ? even : odd;
+  const __m512 vfill = _mm512_set1_ps(fill);
+  const double* base = reinterpret_cast<const double*>(src);  // gathers of two floats, byte scale 4
+  for (int64_t j = 0; j < Y; ++j) {
+    const __m512 uy0 = _mm512_set1_ps(T[X + j]), uy1 = _mm512_set1_ps(T[L + X + j]),
+                 uy2 = _mm512_set1_ps(T[2 * L + X + j]);
+    float* d = dst + j * Z;
+    for (int64_t k = 0; k < Z; k += 16) {
+      const __mmask16 m = Z - k >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                      : static_cast<__mmask16>((1u << (Z - k)) - 1u);
+      const __m512 g0 = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, tz0 + k), uy0), tx0);
+      const __m512 g1 = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, tz1 + k), uy1), tx1);
+      const __m512 g2 = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, tz2 + k), uy2), tx2);
+      const Lanes lx = corner16(g0, ax[0], view.flip[0], nx);
+      const Lanes ly = corner16(g1, ax[1], view.flip[1], ny);
+      Lanes lz = corner16(g2, ax[2], zflip, nz);
+      // Along a flipped z the pair starts one element lower (input index n - 2 - c).
+      if (zflip) lz.offset = _mm512_sub_epi32(lz.offset, _mm512_set1_epi32(1));
+      const __m512i p00 = _mm512_add_epi32(_mm512_add_epi32(lx.offset, ly.offset), lz.offset);
+      const __m512i corners[4] = {p00, _mm512_add_epi32(p00, _mm512_set1_epi32(sy)),
+                                  _mm512_add_epi32(p00, _mm512_set1_epi32(sx)),
+                                  _mm512_add_epi32(p00, _mm512_set1_epi32(sx + sy))};
+      __m512 zl[4];
+      const __mmask8 m_lo = static_cast<__mmask8>(m), m_hi = static_cast<__mmask8>(m >> 8);
+      for (int c = 0; c < 4; ++c) {
+        const __m256i idx_lo = _mm512_castsi512_si256(corners[c]);
+        const __m256i idx_hi = _mm512_extracti64x4_epi64(corners[c], 1);
+        const __m512 a = _mm512_castpd_ps(_mm512_mask_i32gather_pd(_mm512_setzero_pd(), m_lo, idx_lo, base, 4));
+        const __m512 b = _mm512_castpd_ps(_mm512_mask_i32gather_pd(_mm512_setzero_pd(), m_hi, idx_hi, base, 4));
+        const __m512 v0 = _mm512_permutex2var_ps(a, sel0, b), v1 = _mm512_permutex2var_ps(a, sel1, b);
+        zl[c] = _mm512_fmadd_ps(lz.weight, _mm512_sub_ps(v1, v0), v0);
+      }
+      const __m512 c0 = _mm512_fmadd_ps(ly.weight, _mm512_sub_ps(zl[1], zl[0]), zl[0]);
+      const __m512 c1 = _mm512_fmadd_ps(ly.weight, _mm512_sub_ps(zl[3], zl[2]), zl[2]);
+      const __m512 v = _mm512_fmadd_ps(lx.weight, _mm512_sub_ps(c1, c0), c0);
+      const __mmask16 inside = lx.inside & ly.inside & lz.inside;
+      _mm512_mask_storeu_ps(d + k, m, _mm512_mask_blend_ps(inside, vfill, v));
+    }
+  }
+}
+
+// A static initialiser may run before libgcc's CPU probe: initialise it explicitly first.
+const bool kHasAvx512 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}();
+#endif
+
+// Per-view float32 grid tables: T[a][b][idx] = float(theta[a][b]) * base_b[idx] (each product rounded to float
+// on its own: a separate, non-inlined loop, no multiply-add contraction), the translation beyond the centring
+// (tau_a, zero for affine_maps' maps) added to the x table.
+__attribute__((noinline)) void grid_tables(const double* M, const double* half, const float* const* bases,
+                                           const int64_t* sizes, float* T) {
   for (int a = 0; a < 3; ++a) {
+    double centred = M[4 * a + 3] - (sizes[a] - 1) / 2.0;
+    for (int b = 0; b < 3; ++b) centred += M[4 * a + b] * (sizes[b] - 1) / 2.0;
+    const float tau = half[a] == 0.0 ? 0.f : static_cast<float>(centred / half[a]);
     for (int b = 0; b < 3; ++b) {
       const float theta = half[a] == 0.0 ? 0.f : static_cast<float>(M[4 * a + b] * half[b] / half[a]);
-      for (int64_t idx = 0; idx < sizes[b]; ++idx) *T++ = theta * bases[b][idx];
+      for (int64_t idx = 0; idx < sizes[b]; ++idx) {
+        const float t = theta * bases[b][idx];
+        *T++ = (b == 0 && tau != 0.f) ? t + tau : t;
+      }
     }
   }
 }
 
 }  // namespace
+
+// Whether the AVX-512 paths may be used (where the CPU has them); tests switch them off to check the portable
+// paths on the same machine.
+std::atomic<bool> g_wide_simd{true};
+
+bool set_wide_simd(bool enabled) { return g_wide_simd.exchange(enabled); }
+
+bool has_wide_simd() {
+#if PCRLV2_AFFINE_X86
+  return kHasAvx512;
+#else
+  return false;
+#endif
+}
 
 // Writes flip + affine of the (N, 1, X, Y, Z) float32 batch x into out (same shape, contiguous, not x).
 // maps: (N, 3, 4) float64 view maps; flips: (N, 3) int64 (non-zero: flip that axis first). Arguments are
@@ -162,17 +277,20 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
   TORCH_CHECK(out.data_ptr() != x.data_ptr(), "affine: out must not be x");
   TORCH_CHECK(volume < (int64_t{1} << 31), "affine: at most 2^31 - 1 voxels per view");
   const int64_t sizes[3] = {X, Y, Z};
+  const int64_t strides[3] = {Y * Z, Z, 1};
   // torch's own float32 linspace(-1, 1, n): the grid bases of affine_grid / batched.affine_batch.
   at::Tensor base_t[3];
   const float* bases[3];
   double half[3];
-  InsideAxis ax[3];
+  Axis ax[3];
   for (int a = 0; a < 3; ++a) {
     base_t[a] = at::linspace(-1, 1, sizes[a], x.options()).contiguous();
     bases[a] = base_t[a].const_data_ptr<float>();
     half[a] = static_cast<double>(sizes[a] - 1) / 2;
-    ax[a] = sizes[a] == 1 ? InsideAxis{0.f, -1.f, 1.f}
-                          : InsideAxis{static_cast<float>(half[a]), -0.5f, static_cast<float>(sizes[a]) - 0.5f};
+    const int32_t stride = static_cast<int32_t>(strides[a]);
+    ax[a] = sizes[a] == 1 ? Axis{0.f, -1.f, 1.f, 0.f, 0, stride}
+                          : Axis{static_cast<float>(half[a]), -0.5f, static_cast<float>(sizes[a]) - 0.5f,
+                                 static_cast<float>(sizes[a] - 1), static_cast<int32_t>(sizes[a] - 2), stride};
   }
   const float* src = x.const_data_ptr<float>();
   const double* M = maps.const_data_ptr<double>();
@@ -182,17 +300,14 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
   pybind11::gil_scoped_release no_gil;
   const int64_t L = X + Y + Z;
   std::vector<float> fill(n), tables(n * 3 * L);
-  // Maps of the flipped inputs: reading the flipped view at s_a is reading the input at (n_a - 1) - s_a.
-  std::vector<double> folded(12 * n);
+  std::vector<ViewMap> views(n);
   for (int64_t b = 0; b < n; ++b) {
-    for (int a = 0; a < 3; ++a) {
-      const bool flip = F[3 * b + a] != 0;
-      for (int c = 0; c < 4; ++c) {
-        const double m = M[12 * b + 4 * a + c];
-        folded[12 * b + 4 * a + c] = flip ? (c == 3 ? static_cast<double>(sizes[a] - 1) - m : -m) : m;
-      }
-    }
+    views[b].T = tables.data() + b * 3 * L;
+    for (int a = 0; a < 3; ++a) views[b].flip[a] = F[3 * b + a] != 0;
   }
+#if PCRLV2_AFFINE_X86
+  const bool wide = kHasAvx512 && g_wide_simd.load() && Z >= 2;
+#endif
   const int64_t n_slabs = n * X;
 #pragma omp parallel num_threads(threads)
   {
@@ -200,13 +315,18 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n; ++b) {
       fill[b] = sample_min(src + b * volume, volume);
-      inside_tables(M + 12 * b, half, bases, sizes, tables.data() + b * 3 * L);
+      grid_tables(M + 12 * b, half, bases, sizes, tables.data() + b * 3 * L);
     }
 #pragma omp for schedule(guided)
     for (int64_t s = 0; s < n_slabs; ++s) {
       const int64_t b = s / X, i = s % X;
-      affine_slab(src + b * volume, folded.data() + 12 * b, tables.data() + b * 3 * L, ax, i, X, Y, Z, fill[b],
-                  dst + s * Y * Z, row);
+#if PCRLV2_AFFINE_X86
+      if (wide) {
+        affine_slab_avx512(src + b * volume, views[b], ax, i, X, Y, Z, fill[b], dst + s * Y * Z);
+        continue;
+      }
+#endif
+      affine_slab_portable(src + b * volume, views[b], ax, i, X, Y, Z, fill[b], dst + s * Y * Z, row);
     }
   }
 }

@@ -326,6 +326,8 @@ void crop_resize_out(const at::Tensor& volume, const at::Tensor& boxes, at::Tens
 
 namespace pcrlv2 {
 // csrc/affine.cpp
+bool set_wide_simd(bool enabled);
+bool has_wide_simd();
 void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& flips, at::Tensor& out,
                 int64_t num_threads);
 // csrc/intensity.cpp
@@ -340,6 +342,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("crop_resize_out", &crop_resize_out, "Cut, window and trilinearly resize boxes of a volume into out",
         pybind11::arg("volume"), pybind11::arg("boxes"), pybind11::arg("out"), pybind11::arg("lo"),
         pybind11::arg("hi"), pybind11::arg("num_threads"));
+  m.def("set_wide_simd", &pcrlv2::set_wide_simd,
+        "Allow (True) or forbid the AVX-512 code paths; returns the previous setting", pybind11::arg("enabled"));
+  m.def("has_wide_simd", &pcrlv2::has_wide_simd, "Whether this CPU has the AVX-512 code paths");
   m.def("affine_out", &pcrlv2::affine_out, "Flip + affine resampling of a float32 batch into out (csrc/affine.cpp)",
         pybind11::arg("x"), pybind11::arg("maps"), pybind11::arg("flips"), pybind11::arg("out"), pybind11::arg("num_threads"));
   m.def("normal_field_out", &pcrlv2::normal_field_out,

@@ -13,6 +13,7 @@ when a C++ compiler and torch are present at install time; without it :func:`ava
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 
@@ -52,6 +53,23 @@ def available() -> bool:
 def load_error() -> str | None:
     """Why the extension is unavailable (None when it is available)."""
     return _LOAD_ERROR
+
+
+@contextlib.contextmanager
+def portable_simd():
+    """Within this block the kernels skip their AVX-512 paths (where the CPU has them) and run the portable
+    code, which computes the same float32 values (tests check both paths on one machine)."""
+    ext = _require()
+    previous = ext.set_wide_simd(False)
+    try:
+        yield
+    finally:
+        ext.set_wide_simd(previous)
+
+
+def has_wide_simd() -> bool:
+    """Whether this CPU runs the kernels' AVX-512 paths."""
+    return bool(_require().has_wide_simd())
 
 
 def _require():
