@@ -246,6 +246,14 @@ std::atomic<bool> g_wide_simd{true};
 
 bool set_wide_simd(bool enabled) { return g_wide_simd.exchange(enabled); }
 
+bool use_wide_simd() {
+#if PCRLV2_AFFINE_X86
+  return kHasAvx512 && g_wide_simd.load();
+#else
+  return false;
+#endif
+}
+
 bool has_wide_simd() {
 #if PCRLV2_AFFINE_X86
   return kHasAvx512;
@@ -306,7 +314,7 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
     for (int a = 0; a < 3; ++a) views[b].flip[a] = F[3 * b + a] != 0;
   }
 #if PCRLV2_AFFINE_X86
-  const bool wide = kHasAvx512 && g_wide_simd.load() && Z >= 2;
+  const bool wide = use_wide_simd() && Z >= 2;
 #endif
   const int64_t n_slabs = n * X;
 #pragma omp parallel num_threads(threads)

@@ -6,14 +6,23 @@
 //      |t| <= int(4 sigma + 0.5), normalised in double and rounded to float; scipy's 'reflect' border
 //      (d c b a | a b c d); an axis with sigma <= 1e-15 is skipped;
 //   2. x + std * z, z the view's standard normal field expanded from its 62-bit seed by the counter-based
-//      generator of augment.normal_field (same integers, same Box-Muller formula);
+//      generator of augment.normal_field (same integers, same paired Box-Muller formula: voxels p and
+//      ceil(n / 2) + p share a hashed pair), generated in L1-sized chunks and applied at once;
 //   3. sign(x) |x|^gamma;
 //   4. the patch swaps in order, both patches read before either is written (patch a written last);
 //   5. (x - mean) / std over the view, unbiased std, statistics in double; a constant view becomes zeros.
 //
-// Numerics: the sums run in float32 in tap order, log / exp / cos are vectorisable polynomial
-// approximations (float32, within 2 ulp of the correctly rounded value on their ranges here), so outputs
-// differ from the torch ops by float32 rounding only (~1e-6 after normalisation).
+// Numerics: the blur sums run in float32 in tap order, log / exp / cos / sin are vectorisable polynomial
+// approximations (float32, within 2 ulp of the correctly rounded value on their ranges here), the view's
+// statistics are one pass of float64 sums, so outputs differ from the torch ops by float32 rounding only
+// (~1e-6 after normalisation).
+//
+// Speed: on CPUs with AVX-512 the blur keeps each output vector's sum in registers over all taps (the inner,
+// contiguous axis reads its reflected taps through in-register permutes for rows of up to 32 voxels);
+// elsewhere portable loops (auto-vectorised per ISA clone) compute the same sums.
+
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own undefined-vector idiom.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/utils/pybind.h>
@@ -25,11 +34,16 @@
 #include <vector>
 
 namespace pcrlv2 {
+bool use_wide_simd();  // csrc/affine.cpp: AVX-512 present and not switched off
+
 namespace {
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PCRLV2_INTENSITY_X86 1
+#include <immintrin.h>
 #define PCRLV2_INTENSITY_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
+#define PCRLV2_INTENSITY_X86 0
 #define PCRLV2_INTENSITY_CLONES
 #endif
 
@@ -102,31 +116,62 @@ inline float poly_exp(float x) {
   return y * as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
 }
 
-// cos(t) for t in [0, 2 pi]: cos(t) = -cos(t - pi), folded to [0, pi / 2], Taylor series to t^14.
-inline float poly_cos(float t) {
-  float a = std::fabs(t - 3.14159265358979f);
-  const bool far = a > 1.57079632679490f;
-  a = far ? 3.14159265358979f - a : a;
+// cos(t) and sin(t) for t in [0, 2 pi]: a = t - pi in [-pi, pi] (cos t = -cos a, sin t = -sin a), folded to
+// [-pi / 2, pi / 2] (a' = +-pi - a: cos a = -cos a', sin a = sin a'), Taylor series to a^14 / a^15.
+inline void poly_sincos(float t, float& c, float& s) {
+  float a = t - 3.14159265358979f;
+  const float mag = std::fabs(a);
+  const bool far = mag > 1.57079632679490f;
+  a = far ? std::copysign(3.14159265358979f, a) - a : a;
   const float z = a * a;
-  float p = -1.1470745597729725e-11f;  // -1/14!
-  p = p * z + 2.0876756987868099e-9f;
-  p = p * z - 2.7557319223985891e-7f;
-  p = p * z + 2.4801587301587302e-5f;
-  p = p * z - 1.3888888888888889e-3f;
-  p = p * z + 4.1666666666666667e-2f;
-  p = p * z - 0.5f;
-  const float c = p * z + 1.f;
-  return far ? c : -c;
+  float pc = -1.1470745597729725e-11f;  // -1/14!
+  pc = pc * z + 2.0876756987868099e-9f;
+  pc = pc * z - 2.7557319223985891e-7f;
+  pc = pc * z + 2.4801587301587302e-5f;
+  pc = pc * z - 1.3888888888888889e-3f;
+  pc = pc * z + 4.1666666666666667e-2f;
+  pc = pc * z - 0.5f;
+  const float cos_a = pc * z + 1.f;
+  float ps = 7.6471637318198165e-13f;  // 1/15!
+  ps = ps * z - 1.6059043836821613e-10f;
+  ps = ps * z + 2.5052108385441720e-8f;
+  ps = ps * z - 2.7557319223985893e-6f;
+  ps = ps * z + 1.9841269841269841e-4f;
+  ps = ps * z - 8.3333333333333332e-3f;
+  ps = ps * z + 1.6666666666666666e-1f;
+  const float sin_a = a - a * z * ps;
+  c = far ? cos_a : -cos_a;
+  s = -sin_a;
 }
 
-PCRLV2_INTENSITY_CLONES void normal_field_impl(uint64_t seed, int64_t n, float* __restrict out) {
+// Pairs [p0, p0 + m) of the field of `seed`: cos_out[q] = r cos(2 pi u2), sin_out[q] = r sin(2 pi u2).
+PCRLV2_INTENSITY_CLONES void normal_pairs(uint64_t seed, int64_t p0, int64_t m, float* __restrict cos_out,
+                                          float* __restrict sin_out) {
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const uint32_t k2 = k1 ^ kSeedXor;
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t a = mix32(static_cast<uint32_t>(i) ^ k0);
+  for (int64_t q = 0; q < m; ++q) {
+    const uint32_t a = mix32(static_cast<uint32_t>(p0 + q) ^ k0);
     const float u1 = unit(mix32(a ^ k1)), u2 = unit(mix32(a ^ k2));
-    out[i] = std::sqrt(-2.f * poly_log(u1)) * poly_cos(u2 * kTwoPi);
+    const float r = std::sqrt(-2.f * poly_log(u1));
+    float c, s;
+    poly_sincos(u2 * kTwoPi, c, s);
+    cos_out[q] = r * c;
+    sin_out[q] = r * s;
+  }
+}
+
+// Pairs are generated this many at a time into stack buffers (L1) and consumed at once.
+constexpr int64_t kPairChunk = 512;
+
+// The whole field of `seed` (n voxels) into out.
+void normal_field_impl(uint64_t seed, int64_t n, float* __restrict out) {
+  const int64_t half = (n + 1) / 2;
+  alignas(64) float sin_buf[kPairChunk];
+  for (int64_t p0 = 0; p0 < half; p0 += kPairChunk) {
+    const int64_t m = std::min(kPairChunk, half - p0);
+    normal_pairs(seed, p0, m, out + p0, sin_buf);
+    std::memcpy(out + half + p0, sin_buf, sizeof(float) * std::min(m, n - half - p0));
   }
 }
 
@@ -153,16 +198,23 @@ std::vector<float> gaussian_taps(double sigma) {
   return taps;
 }
 
-// Blur along an outer axis: the view as (outer, n, inner) rows; out[o, i, :] = sum_t w_t in[o, refl(i + t - r), :]
+// Source index of every position of an axis of length n padded by `radius` on both sides ('reflect').
+std::vector<int32_t> reflect_table(int64_t n, int64_t radius) {
+  std::vector<int32_t> t(n + 2 * radius);
+  for (int64_t q = 0; q < n + 2 * radius; ++q) t[q] = static_cast<int32_t>(reflect(q - radius, n));
+  return t;
+}
+
+// Blur along an outer axis: the view as (outer, n, inner) rows; out[o, i, :] = sum_t w_t in[o, refl[i + t], :]
 // (whole rows per tap: independent vector multiply-adds, no dependency chain through an accumulator).
 PCRLV2_INTENSITY_CLONES void blur_outer(const float* __restrict in, float* __restrict out, int64_t outer, int64_t n,
-                                        int64_t inner, const std::vector<float>& taps) {
-  const int64_t radius = static_cast<int64_t>(taps.size() / 2);
+                                        int64_t inner, const std::vector<float>& taps,
+                                        const std::vector<int32_t>& refl) {
   const int64_t len = static_cast<int64_t>(taps.size());
   for (int64_t o = 0; o < outer; ++o) {
     for (int64_t i = 0; i < n; ++i) {
       float* __restrict d = out + (o * n + i) * inner;
-      auto row = [&](int64_t t) { return in + (o * n + reflect(i - radius + t, n)) * inner; };
+      auto row = [&](int64_t t) { return in + (o * n + refl[i + t]) * inner; };
       const float* __restrict s0 = row(0);
       const float w0 = taps[0];
       for (int64_t k = 0; k < inner; ++k) d[k] = w0 * s0[k];
@@ -187,14 +239,15 @@ PCRLV2_INTENSITY_CLONES void blur_outer(const float* __restrict in, float* __res
 
 // Blur along the innermost axis (length n) of `rows` rows, through a reflected copy of each row.
 PCRLV2_INTENSITY_CLONES void blur_inner(const float* __restrict in, float* __restrict out, int64_t rows, int64_t n,
-                                        const std::vector<float>& taps, float* __restrict padded) {
+                                        const std::vector<float>& taps, const std::vector<int32_t>& refl,
+                                        float* __restrict padded) {
   const int64_t radius = static_cast<int64_t>(taps.size() / 2);
   const int64_t len = static_cast<int64_t>(taps.size());
   for (int64_t r = 0; r < rows; ++r) {
     const float* src = in + r * n;
     for (int64_t k = 0; k < radius; ++k) {
-      padded[k] = src[reflect(k - radius, n)];
-      padded[n + radius + k] = src[reflect(n + k, n)];
+      padded[k] = src[refl[k]];
+      padded[n + radius + k] = src[refl[n + radius + k]];
     }
     std::memcpy(padded + radius, src, sizeof(float) * n);
     float* __restrict d = out + r * n;
@@ -214,9 +267,87 @@ PCRLV2_INTENSITY_CLONES void blur_inner(const float* __restrict in, float* __res
   }
 }
 
+#if PCRLV2_INTENSITY_X86
+#define PCRLV2_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// blur_outer with each output vector's sum kept in a register over all taps (one load and one multiply-add
+// per tap and vector, one store): four vectors (64 floats) at a time, then masked vectors for the rest.
+PCRLV2_AVX512 void blur_outer_avx512(const float* __restrict in, float* __restrict out, int64_t outer, int64_t n,
+                                     int64_t inner, const std::vector<float>& taps,
+                                     const std::vector<int32_t>& refl, std::vector<const float*>& rows) {
+  const int64_t len = static_cast<int64_t>(taps.size());
+  rows.resize(len);
+  const float* w = taps.data();
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t t = 0; t < len; ++t) rows[t] = in + (o * n + refl[i + t]) * inner;
+      float* __restrict d = out + (o * n + i) * inner;
+      int64_t k = 0;
+      for (; k + 64 <= inner; k += 64) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
+               a3 = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; ++t) {
+          const __m512 wt = _mm512_set1_ps(w[t]);
+          const float* p = rows[t] + k;
+          a0 = _mm512_fmadd_ps(wt, _mm512_loadu_ps(p), a0);
+          a1 = _mm512_fmadd_ps(wt, _mm512_loadu_ps(p + 16), a1);
+          a2 = _mm512_fmadd_ps(wt, _mm512_loadu_ps(p + 32), a2);
+          a3 = _mm512_fmadd_ps(wt, _mm512_loadu_ps(p + 48), a3);
+        }
+        _mm512_storeu_ps(d + k, a0);
+        _mm512_storeu_ps(d + k + 16, a1);
+        _mm512_storeu_ps(d + k + 32, a2);
+        _mm512_storeu_ps(d + k + 48, a3);
+      }
+      for (; k < inner; k += 16) {
+        const __mmask16 m = first_lanes(inner - k);
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; ++t) a = _mm512_fmadd_ps(_mm512_set1_ps(w[t]), _mm512_maskz_loadu_ps(m, rows[t] + k), a);
+        _mm512_mask_storeu_ps(d + k, m, a);
+      }
+    }
+  }
+}
+
+// blur_inner for rows of n <= 32 voxels: the row sits in two registers and every tap's reflected window is one
+// two-source permute of them (index vectors precomputed per view and axis), summed in a register.
+PCRLV2_AVX512 void blur_inner_avx512(const float* __restrict in, float* __restrict out, int64_t rows, int64_t n,
+                                     const std::vector<float>& taps, const std::vector<int32_t>& refl,
+                                     std::vector<int32_t>& index) {
+  const int64_t len = static_cast<int64_t>(taps.size());
+  const int64_t vectors = (n + 15) / 16;
+  index.assign(vectors * len * 16, 0);
+  for (int64_t v = 0; v < vectors; ++v)
+    for (int64_t t = 0; t < len; ++t)
+      for (int64_t lane = 0; lane < 16 && 16 * v + lane < n; ++lane)
+        index[(v * len + t) * 16 + lane] = refl[16 * v + lane + t];
+  const __mmask16 m0 = first_lanes(n), m1 = first_lanes(n - 16 > 0 ? n - 16 : 0);
+  const float* w = taps.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = in + r * n;
+    const __m512 lo = _mm512_maskz_loadu_ps(m0, src);
+    const __m512 hi = _mm512_maskz_loadu_ps(m1, src + 16);
+    float* __restrict d = out + r * n;
+    for (int64_t v = 0; v < vectors; ++v) {
+      const int32_t* idx = index.data() + v * len * 16;
+      __m512 a = _mm512_setzero_ps();
+      for (int64_t t = 0; t < len; ++t) {
+        const __m512i it = _mm512_loadu_si512(idx + t * 16);
+        a = _mm512_fmadd_ps(_mm512_set1_ps(w[t]), _mm512_permutex2var_ps(lo, it, hi), a);
+      }
+      _mm512_mask_storeu_ps(d + 16 * v, v == 0 ? m0 : m1, a);
+    }
+  }
+}
+#endif
+
 // ------------------------------------------------------------------------------ noise, gamma, stats
 
-// x <- sign(v) |v|^g with v = x + std * z; z is the view's field (already in `field`).
+// x <- sign(v) |v|^g with v = x + std * z; z the field values of these voxels.
 PCRLV2_INTENSITY_CLONES void noise_gamma(float* __restrict x, const float* __restrict field, int64_t n, float std_,
                                          float g) {
 #pragma omp simd
@@ -229,14 +360,29 @@ PCRLV2_INTENSITY_CLONES void noise_gamma(float* __restrict x, const float* __res
   }
 }
 
-// Sum and sum of squared deviations in double, eight independent accumulators (vectorisable).
+// Noise from the field of `seed` (generated a chunk of pairs at a time) and gamma, in place over n voxels.
+void noise_gamma_seeded(float* __restrict x, int64_t n, uint64_t seed, float std_, float g) {
+  const int64_t half = (n + 1) / 2;
+  alignas(64) float cos_buf[kPairChunk];
+  alignas(64) float sin_buf[kPairChunk];
+  for (int64_t p0 = 0; p0 < half; p0 += kPairChunk) {
+    const int64_t m = std::min(kPairChunk, half - p0);
+    normal_pairs(seed, p0, m, cos_buf, sin_buf);
+    noise_gamma(x + p0, cos_buf, m, std_, g);
+    noise_gamma(x + half + p0, sin_buf, std::min(m, n - half - p0), std_, g);
+  }
+}
+
+// (x - mean) / std over the view (unbiased std), a constant view -> zeros. One pass of float64 sums (sum and
+// sum of squares, eight independent lanes) and float min / max; a view whose variance is below 1e-9 of its
+// mean square (where the one-pass formula loses digits) gets a second, centred pass.
 PCRLV2_INTENSITY_CLONES void z_normalize(const float* __restrict x, float* __restrict out, int64_t n) {
   constexpr int64_t L = 8;
   float lo[L], hi[L];
-  double acc[L];
+  double s1[L], s2[L];
   for (int64_t l = 0; l < L; ++l) {
     lo[l] = hi[l] = x[0];
-    acc[l] = 0;
+    s1[l] = s2[l] = 0;
   }
   const int64_t body = n - n % L;
   for (int64_t i = 0; i < body; i += L) {
@@ -244,39 +390,48 @@ PCRLV2_INTENSITY_CLONES void z_normalize(const float* __restrict x, float* __res
       const float v = x[i + l];
       lo[l] = std::min(lo[l], v);
       hi[l] = std::max(hi[l], v);
-      acc[l] += v;
+      const double d = v;
+      s1[l] += d;
+      s2[l] += d * d;
     }
   }
-  double sum = 0;
+  double sum = 0, squares = 0;
   float mn = x[0], mx = x[0];
   for (int64_t i = body; i < n; ++i) {
     mn = std::min(mn, x[i]);
     mx = std::max(mx, x[i]);
     sum += x[i];
+    squares += static_cast<double>(x[i]) * x[i];
   }
   for (int64_t l = 0; l < L; ++l) {
     mn = std::min(mn, lo[l]);
     mx = std::max(mx, hi[l]);
-    sum += acc[l];
+    sum += s1[l];
+    squares += s2[l];
   }
   if (mn == mx) {
     std::fill(out, out + n, 0.f);
     return;
   }
-  const double mean = sum / static_cast<double>(n);
-  for (int64_t l = 0; l < L; ++l) acc[l] = 0;
-  for (int64_t i = 0; i < body; i += L) {
-    for (int64_t l = 0; l < L; ++l) {
-      const double d = x[i + l] - mean;
-      acc[l] += d * d;
+  const double count = static_cast<double>(n);
+  const double mean = sum / count;
+  double ss = squares - sum * mean;
+  if (!(ss > 1e-9 * squares)) {
+    for (int64_t l = 0; l < L; ++l) s2[l] = 0;
+    for (int64_t i = 0; i < body; i += L) {
+      for (int64_t l = 0; l < L; ++l) {
+        const double d = x[i + l] - mean;
+        s2[l] += d * d;
+      }
     }
+    ss = 0;
+    for (int64_t i = body; i < n; ++i) ss += (x[i] - mean) * (x[i] - mean);
+    for (int64_t l = 0; l < L; ++l) ss += s2[l];
   }
-  double ss = 0;
-  for (int64_t i = body; i < n; ++i) ss += (x[i] - mean) * (x[i] - mean);
-  for (int64_t l = 0; l < L; ++l) ss += acc[l];
-  const double inv = 1.0 / std::sqrt(ss / static_cast<double>(n - 1));
+  const float m = static_cast<float>(mean);
+  const float inv = static_cast<float>(1.0 / std::sqrt(ss / (count - 1)));
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>((x[i] - mean) * inv);
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - m) * inv;
 }
 
 struct SwapSpec {
@@ -378,10 +533,13 @@ void intensity_out(const at::Tensor& x, const at::Tensor& sigmas, const at::Tens
   const int64_t patch_volume = with_swap ? patch[0] * patch[1] * patch[2] : 0;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   pybind11::gil_scoped_release no_gil;
+  const bool wide = use_wide_simd();
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> a(volume), b(volume), padded(std::max({X, Y, Z}) + 2 * 16 + 2), first(patch_volume),
         second(patch_volume);
+    std::vector<const float*> rows;
+    std::vector<int32_t> index;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t v = 0; v < n; ++v) {
       // Blur: ping-pong between a and b, starting from the input.
@@ -392,14 +550,21 @@ void intensity_out(const at::Tensor& x, const at::Tensor& sigmas, const at::Tens
         const std::vector<float> taps = gaussian_taps(S[3 * v + axis]);
         if (taps.empty()) continue;
         const int64_t radius = static_cast<int64_t>(taps.size() / 2);
+        const int64_t len = axis == 0 ? X : (axis == 1 ? Y : Z);
+        const std::vector<int32_t> refl = reflect_table(len, radius);
         float* o = bufs[next];
-        if (axis == 0) {
-          blur_outer(cur, o, 1, X, Y * Z, taps);
-        } else if (axis == 1) {
-          blur_outer(cur, o, X, Y, Z, taps);
+#if PCRLV2_INTENSITY_X86
+        if (wide && axis < 2) {
+          blur_outer_avx512(cur, o, axis == 0 ? 1 : X, len, axis == 0 ? Y * Z : Z, taps, refl, rows);
+        } else if (wide && Z <= 32) {
+          blur_inner_avx512(cur, o, X * Y, Z, taps, refl, index);
+        } else
+#endif
+        if (axis < 2) {
+          blur_outer(cur, o, axis == 0 ? 1 : X, len, axis == 0 ? Y * Z : Z, taps, refl);
         } else {
           if (static_cast<int64_t>(padded.size()) < Z + 2 * radius) padded.resize(Z + 2 * radius);
-          blur_inner(cur, o, X * Y, Z, taps, padded.data());
+          blur_inner(cur, o, X * Y, Z, taps, refl, padded.data());
         }
         cur = o;
         next ^= 1;
@@ -410,9 +575,8 @@ void intensity_out(const at::Tensor& x, const at::Tensor& sigmas, const at::Tens
       } else {
         work = const_cast<float*>(cur);
       }
-      float* field = work == a.data() ? b.data() : a.data();
-      normal_field_impl(static_cast<uint64_t>(seeds[v]), volume, field);
-      noise_gamma(work, field, volume, static_cast<float>(nstd[v]), static_cast<float>(G[v]));
+      noise_gamma_seeded(work, volume, static_cast<uint64_t>(seeds[v]), static_cast<float>(nstd[v]),
+                         static_cast<float>(G[v]));
       if (with_swap) {
         const SwapSpec spec{pairs + v * iterations * 6, iterations, patch[0], patch[1], patch[2]};
         swap_patches(work, Y, Z, spec, first.data(), second.data());

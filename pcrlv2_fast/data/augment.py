@@ -17,7 +17,7 @@ Deviations from torchio 1.2 (the semantics were read from its source):
   come from the caller's generator, so the distributions match torchio but not the values for a seed.
 - The pipelines (:func:`draw_sample_params`) draw one 62-bit seed per view and expand it into the standard
   normal field with :func:`normal_field`, a counter-based generator (a 32-bit integer hash of the seed and
-  the voxel index, then Box-Muller), instead of drawing the field from a torch generator. Every backend (this
+  the voxel index, then paired Box-Muller), instead of drawing the field from a torch generator. Every backend (this
   module, the batched torch ops on any device, the C++ kernels) computes the same field from the same seed
   without drawing it serially; it is Gaussian with mean 0 and variance 1 like torchio's ``torch.randn``.
 """
@@ -185,11 +185,13 @@ def _unit(h: torch.Tensor) -> torch.Tensor:
 def normal_field(seeds, shape, device: str | torch.device | None = None, backend: str = "auto") -> torch.Tensor:
     """Standard normal float32 fields, one per seed: shape (len(seeds), *shape), a pure function of the seeds.
 
-    Voxel i (C-order flat index) of the field of seed s = k0 + 2^32 k1 is, with a = mix(i ^ k0):
-    ``u1 = unit(mix(a ^ k1))``, ``u2 = unit(mix(a ^ k1 ^ 0x9E3779B9))``, ``sqrt(-2 log u1) * cos(2 pi u2)`` in
-    float32 (Box-Muller). ``backend="torch"`` evaluates it with torch integer ops on ``device`` (the
-    reference); ``"auto"`` uses the C++ kernel (csrc/intensity.cpp: the same integers and formula, its own
-    log/cos within a few float32 ulps, ~50x faster) for CPU fields when the extension is built.
+    Paired Box-Muller over the C-order flat index: with n voxels, h = ceil(n / 2) and, for p < h,
+    a = mix(p ^ k0) (seed s = k0 + 2^32 k1), ``u1 = unit(mix(a ^ k1))``, ``u2 = unit(mix(a ^ k1 ^ 0x9E3779B9))``
+    and ``r = sqrt(-2 log u1)``, voxel p is ``r cos(2 pi u2)`` and voxel h + p (when < n) ``r sin(2 pi u2)``, in
+    float32: two independent standard normals per hashed pair. ``backend="torch"`` evaluates it with torch
+    integer ops on ``device`` (the reference); ``"auto"`` uses the C++ kernel (csrc/intensity.cpp: the same
+    integers and formula, its own log/cos/sin within a few float32 ulps, ~50x faster) for CPU fields when
+    the extension is built.
     """
     if backend not in ("auto", "torch"):
         raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
@@ -202,13 +204,16 @@ def normal_field(seeds, shape, device: str | torch.device | None = None, backend
     n = math.prod(int(s) for s in shape)
     if n >= 2**31:
         raise ValueError(f"noise fields hold at most 2^31 - 1 voxels, got shape {tuple(shape)}")
+    half = (n + 1) // 2
     k0 = (seeds & _M32)[:, None]
     k1 = ((seeds >> 32) & _M32)[:, None]
-    a = _mix32(torch.arange(n, dtype=torch.int64, device=seeds.device)[None, :] ^ k0)
+    a = _mix32(torch.arange(half, dtype=torch.int64, device=seeds.device)[None, :] ^ k0)
     u1 = _unit(_mix32(a ^ k1))
     u2 = _unit(_mix32(a ^ (k1 ^ _SEED_XOR)))
-    field = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(u2 * _TWO_PI)
-    return field.view(len(seeds), *(int(s) for s in shape))
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    angle = u2 * _TWO_PI
+    field = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)[:, :n]
+    return field.reshape(len(seeds), *(int(s) for s in shape))
 
 
 def sample_noise_seed(generator: torch.Generator) -> int:
