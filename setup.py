@@ -49,7 +49,7 @@ def native_build():
 
     ext = CppExtension(
         "pcrlv2_fast._C",
-        ["csrc/crop_resize.cpp", "csrc/affine.cpp", "csrc/intensity.cpp"],
+        ["csrc/crop_resize.cpp", "csrc/affine.cpp", "csrc/intensity.cpp", "csrc/pipeline.cpp"],
         # -g0: no debug info (halves the compile). No FP traps, finite values, no signed zeros: lets GCC turn
         # the window clamps into vector min/max (~30% faster); the kernel's inputs are finite scan values.
         # No errno from sqrt/log: lets the intensity kernel's loops vectorise.

@@ -27,6 +27,8 @@
 #include <ATen/ops/linspace.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "views.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -52,12 +54,7 @@ PCRLV2_AFFINE_CLONES float sample_min(const float* __restrict v, int64_t n) {
   return m;
 }
 
-// One axis of a view: the inside band on s = (g + 1) * half, the clamp [0, hi], the largest low corner, and
-// the input's element stride along it. n == 1: half = 0 (s = 0 always), the band always holds.
-struct Axis {
-  float half, lower, upper, hi;
-  int32_t last_corner, stride;
-};
+using Axis = AffineAxis;
 
 // A view's per-axis grid tables, laid out [a][x: X | y: Y | z: Z] (a = the grid component), and its flips.
 struct ViewMap {
@@ -66,15 +63,9 @@ struct ViewMap {
 };
 
 // Portable row loop: coordinates and weights of every voxel of the row (pass 1), then the reads (pass 2).
-struct RowScratch {
-  std::vector<int32_t> offset, inside;
-  std::vector<float> wx, wy, wz;
-  explicit RowScratch(int64_t n) : offset(n), inside(n), wx(n), wy(n), wz(n) {}
-};
-
 PCRLV2_AFFINE_CLONES void affine_slab_portable(const float* __restrict src, const ViewMap& view, const Axis* ax,
                                                int64_t i, int64_t X, int64_t Y, int64_t Z, float fill,
-                                               float* __restrict dst, RowScratch& row) {
+                                               float* __restrict dst, AffineScratch& row) {
   const int64_t L = X + Y + Z;
   const float* T = view.T;
   const float tx0 = T[i], tx1 = T[L + i], tx2 = T[2 * L + i];
@@ -262,6 +253,53 @@ bool has_wide_simd() {
 #endif
 }
 
+namespace {
+
+// One slab of one view: the AVX-512 row kernel where it applies, else the portable one.
+void affine_slab(const float* src, const ViewMap& view, const Axis* ax, int64_t i, int64_t X, int64_t Y, int64_t Z,
+                 float fill, float* dst, AffineScratch& scratch) {
+#if PCRLV2_AFFINE_X86
+  if (Z >= 2 && use_wide_simd()) {
+    affine_slab_avx512(src, view, ax, i, X, Y, Z, fill, dst);
+    return;
+  }
+#endif
+  if (static_cast<int64_t>(scratch.offset.size()) < Z) {
+    scratch.offset.resize(Z);
+    scratch.inside.resize(Z);
+    scratch.wx.resize(Z);
+    scratch.wy.resize(Z);
+    scratch.wz.resize(Z);
+  }
+  affine_slab_portable(src, view, ax, i, X, Y, Z, fill, dst, scratch);
+}
+
+}  // namespace
+
+AffineGeometry::AffineGeometry(int64_t X, int64_t Y, int64_t Z) : sizes{X, Y, Z} {
+  const int64_t strides[3] = {Y * Z, Z, 1};
+  for (int a = 0; a < 3; ++a) {
+    base_tensors[a] = at::linspace(-1, 1, sizes[a], at::TensorOptions().dtype(at::kFloat)).contiguous();
+    bases[a] = base_tensors[a].const_data_ptr<float>();
+    half[a] = static_cast<double>(sizes[a] - 1) / 2;
+    const int32_t stride = static_cast<int32_t>(strides[a]);
+    ax[a] = sizes[a] == 1 ? Axis{0.f, -1.f, 1.f, 0.f, 0, stride}
+                          : Axis{static_cast<float>(half[a]), -0.5f, static_cast<float>(sizes[a]) - 0.5f,
+                                 static_cast<float>(sizes[a] - 1), static_cast<int32_t>(sizes[a] - 2), stride};
+  }
+}
+
+void affine_view(const float* src, const AffineGeometry& geometry, const double* map, const int64_t* flips,
+                 float* dst, AffineScratch& scratch) {
+  const int64_t X = geometry.sizes[0], Y = geometry.sizes[1], Z = geometry.sizes[2];
+  const int64_t volume = X * Y * Z, L = X + Y + Z;
+  if (static_cast<int64_t>(scratch.tables.size()) < 3 * L) scratch.tables.resize(3 * L);
+  grid_tables(map, geometry.half, geometry.bases, geometry.sizes, scratch.tables.data());
+  ViewMap view{scratch.tables.data(), {flips[0] != 0, flips[1] != 0, flips[2] != 0}};
+  const float fill = sample_min(src, volume);
+  for (int64_t i = 0; i < X; ++i) affine_slab(src, view, geometry.ax, i, X, Y, Z, fill, dst + i * Y * Z, scratch);
+}
+
 // Writes flip + affine of the (N, 1, X, Y, Z) float32 batch x into out (same shape, contiguous, not x).
 // maps: (N, 3, 4) float64 view maps; flips: (N, 3) int64 (non-zero: flip that axis first). Arguments are
 // validated by the Python wrapper; the checks here only guard memory safety.
@@ -284,28 +322,24 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
   if (n == 0 || volume == 0) return;
   TORCH_CHECK(out.data_ptr() != x.data_ptr(), "affine: out must not be x");
   TORCH_CHECK(volume < (int64_t{1} << 31), "affine: at most 2^31 - 1 voxels per view");
-  const int64_t sizes[3] = {X, Y, Z};
-  const int64_t strides[3] = {Y * Z, Z, 1};
-  // torch's own float32 linspace(-1, 1, n): the grid bases of affine_grid / batched.affine_batch.
-  at::Tensor base_t[3];
-  const float* bases[3];
-  double half[3];
-  Axis ax[3];
-  for (int a = 0; a < 3; ++a) {
-    base_t[a] = at::linspace(-1, 1, sizes[a], x.options()).contiguous();
-    bases[a] = base_t[a].const_data_ptr<float>();
-    half[a] = static_cast<double>(sizes[a] - 1) / 2;
-    const int32_t stride = static_cast<int32_t>(strides[a]);
-    ax[a] = sizes[a] == 1 ? Axis{0.f, -1.f, 1.f, 0.f, 0, stride}
-                          : Axis{static_cast<float>(half[a]), -0.5f, static_cast<float>(sizes[a]) - 0.5f,
-                                 static_cast<float>(sizes[a] - 1), static_cast<int32_t>(sizes[a] - 2), stride};
-  }
+  const AffineGeometry geometry(X, Y, Z);
   const float* src = x.const_data_ptr<float>();
   const double* M = maps.const_data_ptr<double>();
   const int64_t* F = flips.const_data_ptr<int64_t>();
   float* dst = out.mutable_data_ptr<float>();
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   pybind11::gil_scoped_release no_gil;
+  // Few views (fewer than threads): split them into (view, x) slabs; else a view per task.
+  if (n >= threads) {
+#pragma omp parallel num_threads(threads)
+    {
+      AffineScratch scratch;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t b = 0; b < n; ++b) affine_view(src + b * volume, geometry, M + 12 * b, F + 3 * b, dst + b * volume,
+                                                  scratch);
+    }
+    return;
+  }
   const int64_t L = X + Y + Z;
   std::vector<float> fill(n), tables(n * 3 * L);
   std::vector<ViewMap> views(n);
@@ -313,28 +347,19 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
     views[b].T = tables.data() + b * 3 * L;
     for (int a = 0; a < 3; ++a) views[b].flip[a] = F[3 * b + a] != 0;
   }
-#if PCRLV2_AFFINE_X86
-  const bool wide = use_wide_simd() && Z >= 2;
-#endif
   const int64_t n_slabs = n * X;
 #pragma omp parallel num_threads(threads)
   {
-    RowScratch row(Z);
+    AffineScratch scratch;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n; ++b) {
       fill[b] = sample_min(src + b * volume, volume);
-      grid_tables(M + 12 * b, half, bases, sizes, tables.data() + b * 3 * L);
+      grid_tables(M + 12 * b, geometry.half, geometry.bases, geometry.sizes, tables.data() + b * 3 * L);
     }
 #pragma omp for schedule(guided)
     for (int64_t s = 0; s < n_slabs; ++s) {
       const int64_t b = s / X, i = s % X;
-#if PCRLV2_AFFINE_X86
-      if (wide) {
-        affine_slab_avx512(src + b * volume, views[b], ax, i, X, Y, Z, fill[b], dst + s * Y * Z);
-        continue;
-      }
-#endif
-      affine_slab_portable(src + b * volume, views[b], ax, i, X, Y, Z, fill[b], dst + s * Y * Z, row);
+      affine_slab(src + b * volume, views[b], geometry.ax, i, X, Y, Z, fill[b], dst + s * Y * Z, scratch);
     }
   }
 }

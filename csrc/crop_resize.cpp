@@ -20,6 +20,8 @@
 #include <c10/util/Half.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "views.h"
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -186,7 +188,7 @@ inline void z_resample(const float* row, const AxisTable& t, int64_t oz, float* 
 }
 
 // One output x-slab (oy x oz) of one box. pa/pb: the box's two source x-planes (at the box's y0, z0) with
-// weights wa/wb. Scratch: P (sy x sz), R (sz), orow (oz), all per thread.
+// weights wa/wb. Scratch: P (sy x sz), R (oy x sz), orow (oz), all per thread.
 template <typename T, typename O>
 PCRLV2_CLONES void resize_slab(const T* pa, const T* pb, float wa, float wb, const int64_t* vstride,
                                const BoxTables& t, int64_t sz, int64_t oy, int64_t oz, float scale, float offset,
@@ -205,25 +207,54 @@ PCRLV2_CLONES void resize_slab(const T* pa, const T* pb, float wa, float wb, con
       blend_rows(pa + r * vstride[1], pb + r * vstride[1], vstride[2], sz, wa, wb, scale, offset, P + r * sz);
     }
   }
-  // 2. y and 3. z, one output row at a time.
+  // 2. y: every output row's blend of two rows of P into R (oy x sz), all rows before any z gather: a gather
+  // that reads a row just stored waits for the stores to retire (store forwarding does not serve gathers).
+  const float* rows_of[1024];
+  const float** rowp = oy <= 1024 ? rows_of : nullptr;
+  std::vector<const float*> spill;
+  if (rowp == nullptr) {
+    spill.resize(oy);
+    rowp = spill.data();
+  }
   for (int64_t j = 0; j < oy; ++j) {
     const float* __restrict ra = P + t.y.i0[j] * sz;
     const float* __restrict rb = P + t.y.i1[j] * sz;
     const float va = t.y.w0[j], vb = t.y.w1[j];
-    const float* row = ra;  // vb == 0: the output row sits on a source row
-    if (vb != 0.f) {
-      for (int64_t z = 0; z < sz; ++z) R[z] = va * ra[z] + vb * rb[z];
-      row = R;
+    if (vb == 0.f) {  // the output row sits on a source row
+      rowp[j] = ra;
+      continue;
     }
+    float* __restrict r = R + j * sz;
+    for (int64_t z = 0; z < sz; ++z) r[z] = va * ra[z] + vb * rb[z];
+    rowp[j] = r;
+  }
+  // 3. z, one output row at a time.
+  for (int64_t j = 0; j < oy; ++j) {
     O* __restrict d = dst + j * oz;
     if constexpr (std::is_same_v<O, float>) {
-      z_resample(row, t.z, oz, d);
+      z_resample(rowp[j], t.z, oz, d);
     } else {
       // bfloat16: round to nearest even, as torch's .to(torch.bfloat16) of the float32 result.
-      z_resample(row, t.z, oz, orow);
+      z_resample(rowp[j], t.z, oz, orow);
       for (int64_t k = 0; k < oz; ++k) d[k] = static_cast<O>(orow[k]);
     }
   }
+}
+
+BoxTables box_tables(const int64_t* bx, int64_t ox, int64_t oy, int64_t oz) {
+  BoxTables t;
+  t.x = axis_table(bx[3], ox);
+  t.y = axis_table(bx[4], oy);
+  t.z = axis_table(bx[5], oz);
+  std::vector<char> used(bx[4], 0);
+  for (int64_t j = 0; j < oy; ++j) {
+    used[t.y.i0[j]] = 1;
+    if (t.y.w1[j] != 0.f) used[t.y.i1[j]] = 1;
+  }
+  for (int64_t r = 0; r < bx[4]; ++r) {
+    if (used[r]) t.rows.push_back(r);
+  }
+  return t;
 }
 
 template <typename T, typename O>
@@ -234,18 +265,7 @@ void crop_resize_impl(const T* vol, const int64_t* vstride, const int64_t* boxes
   int64_t max_plane = 1, max_sz = 1;
   for (int64_t b = 0; b < n_boxes; ++b) {
     const int64_t* bx = boxes + 6 * b;
-    BoxTables& t = tables[b];
-    t.x = axis_table(bx[3], ox);
-    t.y = axis_table(bx[4], oy);
-    t.z = axis_table(bx[5], oz);
-    std::vector<char> used(bx[4], 0);
-    for (int64_t j = 0; j < oy; ++j) {
-      used[t.y.i0[j]] = 1;
-      if (t.y.w1[j] != 0.f) used[t.y.i1[j]] = 1;
-    }
-    for (int64_t r = 0; r < bx[4]; ++r) {
-      if (used[r]) t.rows.push_back(r);
-    }
+    tables[b] = box_tables(bx, ox, oy, oz);
     max_plane = std::max(max_plane, bx[4] * bx[5]);
     max_sz = std::max(max_sz, bx[5]);
   }
@@ -256,7 +276,7 @@ void crop_resize_impl(const T* vol, const int64_t* vstride, const int64_t* boxes
 
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> plane(max_plane), row(max_sz), orow(oz);
+    std::vector<float> plane(max_plane), row(max_sz * oy), orow(oz);
     // guided: big contiguous chunks first (neighbouring slabs share source planes), small ones at the end
     // to even out boxes of different sizes.
 #pragma omp for schedule(guided)
@@ -268,6 +288,25 @@ void crop_resize_impl(const T* vol, const int64_t* vstride, const int64_t* boxes
       resize_slab(base + t.x.i0[i] * vstride[0], base + t.x.i1[i] * vstride[0], t.x.w0[i], t.x.w1[i], vstride, t,
                   bx[5], oy, oz, scale, offset, plane.data(), row.data(), orow.data(), out + s * oy * oz);
     }
+  }
+}
+
+// One box on the calling thread (the fused view pipeline's crop).
+template <typename T>
+void crop_box(const T* vol, const int64_t* vstride, const int64_t* bx, float* out, int64_t ox, int64_t oy,
+              int64_t oz, double lo, double hi, pcrlv2::CropScratch& scratch) {
+  const BoxTables t = box_tables(bx, ox, oy, oz);
+  const double range = hi - lo;
+  const float scale = static_cast<float>(1.0 / range);
+  const float offset = static_cast<float>(-lo / range);
+  if (static_cast<int64_t>(scratch.plane.size()) < bx[4] * bx[5]) scratch.plane.resize(bx[4] * bx[5]);
+  if (static_cast<int64_t>(scratch.rows.size()) < bx[5] * oy) scratch.rows.resize(bx[5] * oy);
+  if (static_cast<int64_t>(scratch.orow.size()) < oz) scratch.orow.resize(oz);
+  const T* base = vol + bx[0] * vstride[0] + bx[1] * vstride[1] + bx[2] * vstride[2];
+  for (int64_t i = 0; i < ox; ++i) {
+    resize_slab(base + t.x.i0[i] * vstride[0], base + t.x.i1[i] * vstride[0], t.x.w0[i], t.x.w1[i], vstride, t,
+                bx[5], oy, oz, scale, offset, scratch.plane.data(), scratch.rows.data(), scratch.orow.data(),
+                out + i * oy * oz);
   }
 }
 
@@ -325,6 +364,26 @@ void crop_resize_out(const at::Tensor& volume, const at::Tensor& boxes, at::Tens
 }  // namespace
 
 namespace pcrlv2 {
+void crop_resize_view(const at::Tensor& volume, const int64_t* box, double lo, double hi, int64_t ox, int64_t oy,
+                      int64_t oz, float* out, CropScratch& scratch) {
+  const int64_t vstride[3] = {volume.stride(0), volume.stride(1), volume.stride(2)};
+  switch (volume.scalar_type()) {
+    case at::kShort:
+      crop_box(volume.const_data_ptr<int16_t>(), vstride, box, out, ox, oy, oz, lo, hi, scratch);
+      break;
+    case at::kHalf:
+      crop_box(volume.const_data_ptr<c10::Half>(), vstride, box, out, ox, oy, oz, lo, hi, scratch);
+      break;
+    case at::kFloat:
+      crop_box(volume.const_data_ptr<float>(), vstride, box, out, ox, oy, oz, lo, hi, scratch);
+      break;
+    default:
+      TORCH_CHECK(false, "crop_resize: volume dtype must be int16, float16 or float32, got ", volume.scalar_type());
+  }
+}
+}  // namespace pcrlv2
+
+namespace pcrlv2 {
 // csrc/affine.cpp
 bool set_wide_simd(bool enabled);
 bool has_wide_simd();
@@ -335,6 +394,12 @@ void normal_field_out(const at::Tensor& seeds, at::Tensor& out, int64_t num_thre
 void intensity_out(const at::Tensor& x, const at::Tensor& sigmas, const at::Tensor& noise_std,
                    const at::Tensor& noise_seed, const at::Tensor& gamma, const at::Tensor& swap,
                    std::vector<int64_t> patch, at::Tensor& out, int64_t num_threads);
+// csrc/pipeline.cpp
+void views_out(const std::vector<at::Tensor>& volumes, const at::Tensor& windows, const at::Tensor& volume_index,
+               const at::Tensor& boxes, const at::Tensor& maps, const at::Tensor& flips, const at::Tensor& sigmas,
+               const at::Tensor& noise_std, const at::Tensor& noise_seed, const at::Tensor& gamma,
+               const at::Tensor& swap, std::vector<int64_t> patch, at::Tensor& spatial_out, at::Tensor& out,
+               int64_t num_threads);
 }  // namespace pcrlv2
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -350,6 +415,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("normal_field_out", &pcrlv2::normal_field_out,
         "Counter-based standard normal fields of int64 seeds into out (csrc/intensity.cpp)", pybind11::arg("seeds"),
         pybind11::arg("out"), pybind11::arg("num_threads"));
+  m.def("views_out", &pcrlv2::views_out,
+        "Crop + resize, flip + affine and the intensity chain of every view, fused per view (csrc/pipeline.cpp)",
+        pybind11::arg("volumes"), pybind11::arg("windows"), pybind11::arg("volume_index"), pybind11::arg("boxes"),
+        pybind11::arg("maps"), pybind11::arg("flips"), pybind11::arg("sigmas"), pybind11::arg("noise_std"),
+        pybind11::arg("noise_seed"), pybind11::arg("gamma"), pybind11::arg("swap"), pybind11::arg("patch"),
+        pybind11::arg("spatial_out"), pybind11::arg("out"), pybind11::arg("num_threads"));
   m.def("intensity_out", &pcrlv2::intensity_out,
         "Fused blur, noise, gamma, patch swap and z-normalisation of a float32 batch (csrc/intensity.cpp)",
         pybind11::arg("x"), pybind11::arg("sigmas"), pybind11::arg("noise_std"), pybind11::arg("noise_seed"),

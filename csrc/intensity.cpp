@@ -27,6 +27,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include "views.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,8 +36,6 @@
 #include <vector>
 
 namespace pcrlv2 {
-bool use_wide_simd();  // csrc/affine.cpp: AVX-512 present and not switched off
-
 namespace {
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -373,6 +373,34 @@ void noise_gamma_seeded(float* __restrict x, int64_t n, uint64_t seed, float std
   }
 }
 
+// out = (x - m) * inv. The result is only read later (by the training step), so on AVX-512 CPUs it is written
+// with non-temporal stores where out is 64-byte aligned: no read-for-ownership of the output's cache lines.
+void scale_shift_portable(const float* __restrict x, float* __restrict out, int64_t n, float m, float inv) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - m) * inv;
+}
+
+#if PCRLV2_INTENSITY_X86
+PCRLV2_AVX512 void scale_shift_avx512(const float* __restrict x, float* __restrict out, int64_t n, float m,
+                                      float inv) {
+  const __m512 vm = _mm512_set1_ps(m), vi = _mm512_set1_ps(inv);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(out + i, _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm), vi));
+  for (; i < n; ++i) out[i] = (x[i] - m) * inv;
+  _mm_sfence();
+}
+#endif
+
+inline void scale_shift(const float* x, float* out, int64_t n, float m, float inv) {
+#if PCRLV2_INTENSITY_X86
+  if (use_wide_simd() && reinterpret_cast<uintptr_t>(out) % 64 == 0 && x != out) {
+    scale_shift_avx512(x, out, n, m, inv);
+    return;
+  }
+#endif
+  scale_shift_portable(x, out, n, m, inv);
+}
+
 // (x - mean) / std over the view (unbiased std), a constant view -> zeros. One pass of float64 sums (sum and
 // sum of squares, eight independent lanes) and float min / max; a view whose variance is below 1e-9 of its
 // mean square (where the one-pass formula loses digits) gets a second, centred pass.
@@ -430,8 +458,7 @@ PCRLV2_INTENSITY_CLONES void z_normalize(const float* __restrict x, float* __res
   }
   const float m = static_cast<float>(mean);
   const float inv = static_cast<float>(1.0 / std::sqrt(ss / (count - 1)));
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = (x[i] - m) * inv;
+  scale_shift(x, out, n, m, inv);
 }
 
 struct SwapSpec {
@@ -463,6 +490,57 @@ void swap_patches(float* x, int64_t Y, int64_t Z, const SwapSpec& s, float* firs
 }
 
 }  // namespace
+
+// One view: blur (ping-pong between a and b, starting from src), noise + gamma, swaps, z-normalisation.
+void intensity_view(const float* src, int64_t X, int64_t Y, int64_t Z, const IntensityParams& params, float* dst,
+                    float* a, float* b, IntensityScratch& scratch) {
+  const int64_t volume = X * Y * Z;
+  const bool wide = use_wide_simd();
+  const float* cur = src;
+  float* const bufs[2] = {a, b};
+  int next = 0;
+  for (int axis = 0; axis < 3; ++axis) {
+    const std::vector<float> taps = gaussian_taps(params.sigmas[axis]);
+    if (taps.empty()) continue;
+    const int64_t radius = static_cast<int64_t>(taps.size() / 2);
+    const int64_t len = axis == 0 ? X : (axis == 1 ? Y : Z);
+    const std::vector<int32_t> refl = reflect_table(len, radius);
+    float* o = bufs[next];
+#if PCRLV2_INTENSITY_X86
+    if (wide && axis < 2) {
+      blur_outer_avx512(cur, o, axis == 0 ? 1 : X, len, axis == 0 ? Y * Z : Z, taps, refl, scratch.rows);
+    } else if (wide && Z <= 32) {
+      blur_inner_avx512(cur, o, X * Y, Z, taps, refl, scratch.index);
+    } else
+#endif
+    if (axis < 2) {
+      blur_outer(cur, o, axis == 0 ? 1 : X, len, axis == 0 ? Y * Z : Z, taps, refl);
+    } else {
+      if (static_cast<int64_t>(scratch.padded.size()) < Z + 2 * radius) scratch.padded.resize(Z + 2 * radius);
+      blur_inner(cur, o, X * Y, Z, taps, refl, scratch.padded.data());
+    }
+    cur = o;
+    next ^= 1;
+  }
+  float* work = a;
+  if (cur == src) {
+    std::memcpy(work, cur, sizeof(float) * volume);
+  } else {
+    work = const_cast<float*>(cur);
+  }
+  noise_gamma_seeded(work, volume, static_cast<uint64_t>(params.noise_seed), static_cast<float>(params.noise_std),
+                     static_cast<float>(params.gamma));
+  if (params.swap != nullptr && params.iterations > 0) {
+    const int64_t patch_volume = params.patch[0] * params.patch[1] * params.patch[2];
+    if (static_cast<int64_t>(scratch.first.size()) < patch_volume) {
+      scratch.first.resize(patch_volume);
+      scratch.second.resize(patch_volume);
+    }
+    const SwapSpec spec{params.swap, params.iterations, params.patch[0], params.patch[1], params.patch[2]};
+    swap_patches(work, Y, Z, spec, scratch.first.data(), scratch.second.data());
+  }
+  z_normalize(work, dst, volume);
+}
 
 // Writes standard normal fields of `seeds` (N,) int64 into out (N, ...) contiguous float32.
 void normal_field_out(const at::Tensor& seeds, at::Tensor& out, int64_t num_threads) {
@@ -530,58 +608,24 @@ void intensity_out(const at::Tensor& x, const at::Tensor& sigmas, const at::Tens
   const int64_t* seeds = noise_seed.const_data_ptr<int64_t>();
   const double* G = gamma.const_data_ptr<double>();
   const int64_t* pairs = with_swap ? swap.const_data_ptr<int64_t>() : nullptr;
-  const int64_t patch_volume = with_swap ? patch[0] * patch[1] * patch[2] : 0;
   const int threads = static_cast<int>(std::max<int64_t>(1, num_threads));
   pybind11::gil_scoped_release no_gil;
-  const bool wide = use_wide_simd();
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> a(volume), b(volume), padded(std::max({X, Y, Z}) + 2 * 16 + 2), first(patch_volume),
-        second(patch_volume);
-    std::vector<const float*> rows;
-    std::vector<int32_t> index;
+    // Thread-local and kept between calls (OpenMP reuses its threads): no page faults on every batch.
+    thread_local std::vector<float> a, b;
+    thread_local IntensityScratch scratch;
+    if (static_cast<int64_t>(a.size()) < volume) {
+      a.resize(volume);
+      b.resize(volume);
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t v = 0; v < n; ++v) {
-      // Blur: ping-pong between a and b, starting from the input.
-      const float* cur = src + v * volume;
-      float* const bufs[2] = {a.data(), b.data()};
-      int next = 0;
-      for (int axis = 0; axis < 3; ++axis) {
-        const std::vector<float> taps = gaussian_taps(S[3 * v + axis]);
-        if (taps.empty()) continue;
-        const int64_t radius = static_cast<int64_t>(taps.size() / 2);
-        const int64_t len = axis == 0 ? X : (axis == 1 ? Y : Z);
-        const std::vector<int32_t> refl = reflect_table(len, radius);
-        float* o = bufs[next];
-#if PCRLV2_INTENSITY_X86
-        if (wide && axis < 2) {
-          blur_outer_avx512(cur, o, axis == 0 ? 1 : X, len, axis == 0 ? Y * Z : Z, taps, refl, rows);
-        } else if (wide && Z <= 32) {
-          blur_inner_avx512(cur, o, X * Y, Z, taps, refl, index);
-        } else
-#endif
-        if (axis < 2) {
-          blur_outer(cur, o, axis == 0 ? 1 : X, len, axis == 0 ? Y * Z : Z, taps, refl);
-        } else {
-          if (static_cast<int64_t>(padded.size()) < Z + 2 * radius) padded.resize(Z + 2 * radius);
-          blur_inner(cur, o, X * Y, Z, taps, refl, padded.data());
-        }
-        cur = o;
-        next ^= 1;
-      }
-      float* work = a.data();
-      if (cur == src + v * volume) {
-        std::memcpy(work, cur, sizeof(float) * volume);
-      } else {
-        work = const_cast<float*>(cur);
-      }
-      noise_gamma_seeded(work, volume, static_cast<uint64_t>(seeds[v]), static_cast<float>(nstd[v]),
-                         static_cast<float>(G[v]));
-      if (with_swap) {
-        const SwapSpec spec{pairs + v * iterations * 6, iterations, patch[0], patch[1], patch[2]};
-        swap_patches(work, Y, Z, spec, first.data(), second.data());
-      }
-      z_normalize(work, dst + v * volume, volume);
+      const IntensityParams params{S + 3 * v,    nstd[v],    seeds[v], G[v],
+                                   with_swap ? pairs + v * iterations * 6 : nullptr,
+                                   iterations, {with_swap ? patch[0] : 0, with_swap ? patch[1] : 0,
+                                                with_swap ? patch[2] : 0}};
+      intensity_view(src + v * volume, X, Y, Z, params, dst + v * volume, a.data(), b.data(), scratch);
     }
   }
 }

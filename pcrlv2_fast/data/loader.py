@@ -10,9 +10,10 @@
 2. all global crops of the batch, then all local crops, are cut and resized in one go: backend ``torch``
    with :class:`~pcrlv2_fast.data.batched.VolumeBank` (on any device), backend ``native`` with the C++
    ``native.crop_resize`` per volume, straight from the (memory-mapped) arrays into a preallocated buffer;
-3. the batched ops of :mod:`~pcrlv2_fast.data.batched` augment the stacked global and local views (backend
-   ``native``: flip + affine with the C++ ``native.affine``, blur + noise + gamma + swap + z-normalisation
-   fused per view by the C++ ``native.intensity``).
+3. the batched ops of :mod:`~pcrlv2_fast.data.batched` augment the stacked global and local views. Backend
+   ``native`` with augmentation instead runs the whole chain per view in C++ (``native.views``: crop +
+   resize, flip + affine, blur + noise + gamma + swap + z-normalisation), so each view's intermediates stay
+   in the core's cache; only the views and the targets are written to memory.
 
 The outputs equal the dataset's element-wise up to float rounding (the tests bound it by 1e-4). One
 difference: a volume whose window is (0, 1) is used as is by the dataset, while the crop kernels here clip
@@ -150,18 +151,31 @@ class BatchLoader:
                                num_threads=self.num_threads)
         return buffer
 
-    def _spatial(self, x: torch.Tensor, params: dict) -> torch.Tensor:
-        """Flip + affine of the stacked views: the C++ kernel (``native``) or ``batched.spatial_batch``."""
-        if self.bank is not None:
-            return spatial_batch(x, params)
-        maps = native.affine_maps(params["scales"], params["degrees"], x.shape[2:])
-        return native.affine(x, maps, flips=params["flip"], num_threads=self.num_threads)
+    def _views(self, volume_index: np.ndarray, boxes: np.ndarray, out_size, params: dict, keep: int = 0):
+        """``native.views`` of the batch's views (only the volumes they use are passed): (views, the spatial
+        result of the first ``keep`` views or None)."""
+        used, local = np.unique(volume_index, return_inverse=True)
+        volumes = [self.dataset.volumes[int(k)] for k in used]
+        spatial = torch.empty((keep, 1, *out_size), dtype=torch.float32) if keep else None
+        out = native.views([v.array for v in volumes], [v.window for v in volumes], local, boxes, out_size, params,
+                           spatial_out=spatial, num_threads=self.num_threads)
+        return out, spatial
 
-    def _intensity(self, x: torch.Tensor, params: dict) -> torch.Tensor:
-        """Blur, noise, gamma, swap, z-normalisation: the fused C++ kernel (``native``) or the batched torch ops."""
-        if self.bank is not None:
-            return intensity_batch(x, params)
-        return native.intensity(x, params, num_threads=self.num_threads)
+    def _native_batch(self, volume_index, g_boxes, l_boxes, g_params, l_params, view_major) -> dict:
+        """The native backend with augmentation: every view cut, resized, flipped + affine-transformed and
+        intensity-augmented in one fused pass per view (``native.views``); the target is kept on the way."""
+        crop, b, n_global, n_local = self.dataset.crop, len(volume_index), g_boxes.shape[1], l_boxes.shape[1]
+        gp = _cat(g_params)
+        order = torch.from_numpy(view_major)
+        gp = {k: (v[order] if isinstance(v, torch.Tensor) else v) for k, v in gp.items()}
+        x, gt = self._views(np.tile(volume_index, n_global), g_boxes.transpose(1, 0, 2).reshape(-1, 6),
+                            tuple(crop.global_out), gp, keep=b)
+        if n_local:
+            loc, _ = self._views(np.repeat(volume_index, n_local), l_boxes.reshape(-1, 6), tuple(crop.local_out),
+                                 _cat(l_params))
+        else:
+            loc = torch.empty((0, 1, *crop.local_out), dtype=torch.float32)
+        return batch_dict(x[:b], x[b:2 * b], gt, loc, volume_index, g_boxes, l_boxes)
 
     # ------------------------------------------------------------------------------------- batches
     def batch(self, indices: Sequence[int]) -> dict:
@@ -172,22 +186,24 @@ class BatchLoader:
         # Global views view-major (all first views, then all second views): x1, x2 and gt are then contiguous
         # slices of one buffer. Local views sample-major, as the batch's (B, n_local) layout.
         view_major = np.arange(b * n_global).reshape(b, n_global).T.reshape(-1)
+        if ds.augment and self.bank is None:
+            return self._native_batch(volume_index, g_boxes, l_boxes, g_params, l_params, view_major)
         g = self._crop(np.tile(volume_index, n_global), g_boxes.transpose(1, 0, 2).reshape(-1, 6),
                        tuple(crop.global_out))
         if n_local:
             loc = self._crop(np.repeat(volume_index, n_local), l_boxes.reshape(-1, 6), tuple(crop.local_out))
         else:
             loc = torch.empty((0, 1, *crop.local_out), dtype=torch.float32, device=g.device)
-        if ds.augment:
+        if ds.augment:  # the torch backend: batched ops on the bank's device
             gp = _cat(g_params)
             order = torch.from_numpy(view_major)
             gp = {k: (v[order] if isinstance(v, torch.Tensor) else v) for k, v in gp.items()}
-            spatial = self._spatial(g, gp)
+            spatial = spatial_batch(g, gp)
             gt = spatial[:b]
-            x = self._intensity(spatial, gp)
+            x = intensity_batch(spatial, gp)
             if n_local:
                 lp = _cat(l_params)
-                loc = self._intensity(self._spatial(loc, lp), lp)
+                loc = intensity_batch(spatial_batch(loc, lp), lp)
         else:
             gt = g[:b]
             x = z_normalize_batch(g)

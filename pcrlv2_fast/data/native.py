@@ -6,9 +6,10 @@ float32 or bfloat16 batch, reading the int16 / float16 / float32 source in place
 per-sample source-index maps (:func:`affine_maps`: ``augment.flip`` then ``augment.affine`` per view, in one
 pass). ``intensity`` runs blur, noise, gamma, patch swap and z-normalisation of every view in one fused pass
 per view (``augment.apply_intensity``), and ``normal_field`` expands noise seeds (``augment.normal_field``).
-The extension is built by ``setup.py``
-when a C++ compiler and torch are present at install time; without it :func:`available` is False,
-:func:`load_error` says why and every op raises a RuntimeError with that message.
+``views`` chains the three per view (crop, spatial, intensity) so a view's intermediates stay in the core's
+cache: the native loader's path. The extension is built by ``setup.py`` when a C++ compiler and torch are
+present at install time; without it :func:`available` is False, :func:`load_error` says why and every op
+raises a RuntimeError with that message.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["available", "load_error", "crop_resize", "affine", "affine_maps", "intensity", "normal_field"]
+__all__ = ["available", "load_error", "crop_resize", "affine", "affine_maps", "intensity", "normal_field", "views"]
 
 INPUT_DTYPES = (np.dtype(np.int16), np.dtype(np.float16), np.dtype(np.float32))
 OUTPUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -234,6 +235,20 @@ def _per_view(params: dict, key: str, n: int, dtype: torch.dtype, cols: int | No
     return value
 
 
+def _swap_params(params: dict, n: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, list[int]]:
+    """(swap (N, T, 2, 3) int64 or an empty tensor, patch size) of ``params``, checked against view ``shape``."""
+    if "swap" not in params:
+        return torch.empty(0, dtype=torch.int64), [1, 1, 1]
+    swap = torch.as_tensor(params["swap"]).to("cpu", torch.int64).contiguous()
+    patch = [int(p) for p in params["swap_patch"]]
+    if swap.dim() != 4 or swap.shape[0] != n or tuple(swap.shape[2:]) != (2, 3):
+        raise ValueError(f"params['swap'] must have shape ({n}, T, 2, 3), got {tuple(swap.shape)}")
+    limit = torch.tensor(shape) - torch.tensor(patch)
+    if (limit < 0).any() or (swap < 0).any() or (swap > limit).any():
+        raise ValueError(f"swap patches {tuple(patch)} at the given starts do not fit views of {shape}")
+    return swap, patch
+
+
 def intensity(x: torch.Tensor, params: dict, out: torch.Tensor | None = None,
               num_threads: int | None = None) -> torch.Tensor:
     """``augment.apply_intensity`` of every view of the float32 batch ``x`` (N, 1, X, Y, Z), fused per view.
@@ -254,17 +269,7 @@ def intensity(x: torch.Tensor, params: dict, out: torch.Tensor | None = None,
     noise_std = _per_view(params, "noise_std", n, torch.float64)
     seeds = _per_view(params, "noise_seed", n, torch.int64)
     gamma = _per_view(params, "gamma", n, torch.float64)
-    if "swap" in params:
-        swap = torch.as_tensor(params["swap"]).to("cpu", torch.int64).contiguous()
-        patch = [int(p) for p in params["swap_patch"]]
-        if swap.dim() != 4 or swap.shape[0] != n or tuple(swap.shape[2:]) != (2, 3):
-            raise ValueError(f"params['swap'] must have shape ({n}, T, 2, 3), got {tuple(swap.shape)}")
-        limit = torch.tensor(x.shape[2:]) - torch.tensor(patch)
-        if (limit < 0).any() or (swap < 0).any() or (swap > limit).any():
-            raise ValueError(f"swap patches {tuple(patch)} at the given starts do not fit views of "
-                             f"{tuple(x.shape[2:])}")
-    else:
-        swap, patch = torch.empty(0, dtype=torch.int64), [1, 1, 1]
+    swap, patch = _swap_params(params, n, tuple(x.shape[2:]))
     x = x.contiguous()
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -272,4 +277,59 @@ def intensity(x: torch.Tensor, params: dict, out: torch.Tensor | None = None,
             or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {tuple(x.shape)}")
     ext.intensity_out(x, sigmas, noise_std, seeds, gamma, swap, patch, out, _threads(num_threads))
+    return out
+
+
+def views(volumes: Sequence[np.ndarray], windows, volume_index, boxes, out_size: Sequence[int], params: dict,
+          spatial_out: torch.Tensor | None = None, out: torch.Tensor | None = None,
+          num_threads: int | None = None) -> torch.Tensor:
+    """Augmented views cut straight from the volumes: per view v, ``intensity(affine(crop_resize(...)))`` of
+    ``volumes[volume_index[v]]`` (windowed with ``windows[volume_index[v]]``), ``boxes[v]`` resized to
+    ``out_size``, fused per view (csrc/pipeline.cpp): a view's intermediates stay in the core's cache.
+
+    Equal to :func:`crop_resize` -> :func:`affine` (``params["scales"]``, ``["degrees"]``, ``["flip"]``) ->
+    :func:`intensity` view by view, bit for bit. volumes: int16 / float16 / float32 (X, Y, Z) arrays (memory
+    maps are read in place); windows: (V, 2); volume_index (N,), boxes (N, 6) integers. spatial_out: optional
+    contiguous float32 (K, 1, *out_size) tensor, K <= N, that receives the spatial (flip + affine) result of
+    the first K views (the PCRLv2 target). Returns out (N, 1, *out_size) float32.
+    """
+    ext = _require()
+    vols = [_volume_tensor(v) for v in volumes]
+    window_t = torch.as_tensor(np.asarray(windows, dtype=np.float64).reshape(len(vols), 2)).contiguous()
+    if not (torch.isfinite(window_t).all() and (window_t[:, 1] > window_t[:, 0]).all()):
+        raise ValueError(f"windows must be finite (lo, hi) pairs with hi > lo, got {window_t.tolist()}")
+    index = np.ascontiguousarray(np.asarray(volume_index), dtype=np.int64).reshape(-1)
+    n = len(index)
+    if n and (index.min() < 0 or index.max() >= len(vols)):
+        raise ValueError(f"volume_index must lie in [0, {len(vols)}), got {index.min()}..{index.max()}")
+    box_arr = np.asarray(boxes, dtype=np.int64).reshape(-1, 6)
+    if len(box_arr) != n:
+        raise ValueError(f"boxes must have shape ({n}, 6), got {np.asarray(boxes).shape}")
+    for k in np.unique(index).tolist():
+        _check_boxes(box_arr[index == k], tuple(vols[k].shape))
+    out_size = tuple(int(s) for s in out_size)
+    if len(out_size) != 3 or min(out_size) < 1:
+        raise ValueError(f"out_size must be three positive integers, got {out_size}")
+    maps = affine_maps(_per_view(params, "scales", n, torch.float64, 3), _per_view(params, "degrees", n,
+                       torch.float64, 3), out_size)
+    flips = _per_view(params, "flip", n, torch.bool, 3).long().contiguous()
+    sigmas = _per_view(params, "sigmas", n, torch.float64, 3)
+    noise_std = _per_view(params, "noise_std", n, torch.float64)
+    seeds = _per_view(params, "noise_seed", n, torch.int64)
+    gamma = _per_view(params, "gamma", n, torch.float64)
+    swap, patch = _swap_params(params, n, out_size)
+    shape = (n, 1, *out_size)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
+    elif tuple(out.shape) != shape or out.dtype != torch.float32 or out.device.type != "cpu" \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {shape}")
+    if spatial_out is None:
+        spatial_out = torch.empty(0, dtype=torch.float32)
+    elif spatial_out.dim() != 5 or tuple(spatial_out.shape[1:]) != shape[1:] or spatial_out.shape[0] > n \
+            or spatial_out.dtype != torch.float32 or spatial_out.device.type != "cpu" \
+            or not spatial_out.is_contiguous():
+        raise ValueError(f"spatial_out must be a contiguous float32 CPU tensor of shape (K <= {n}, 1, *{out_size})")
+    ext.views_out(vols, window_t, torch.from_numpy(index), torch.from_numpy(np.ascontiguousarray(box_arr)), maps,
+                  flips, sigmas, noise_std, seeds, gamma, swap, patch, spatial_out, out, _threads(num_threads))
     return out

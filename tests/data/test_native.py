@@ -426,3 +426,64 @@ def test_intensity_constant_view_out_and_errors():
         native.intensity(x, params, out=torch.empty(2, 1, 16, 16, 7))
     with pytest.raises(ValueError, match="num_threads"):
         native.intensity(x, params, num_threads=0)
+
+
+def _views_case(n: int, shape, seed: int, with_swap: bool):
+    from pcrlv2_fast.data.augment import AugmentConfig, draw_sample_params
+
+    rng = np.random.default_rng(seed)
+    volumes = [rng.integers(-1200, 1500, (50, 44, 40)).astype(np.int16),
+               rng.random((40, 52, 36)).astype(np.float32),
+               (rng.random((45, 40, 48)) * 4 - 1).astype(np.float16)]
+    windows = [(-1000.0, 1000.0), (0.0, 1.0), (-0.5, 2.0)]
+    volume_index = rng.integers(0, 3, n)
+    boxes = []
+    for k in volume_index:
+        vshape = np.array(volumes[k].shape)
+        size = rng.integers(np.minimum(shape, vshape) // 2, vshape + 1)
+        start = rng.integers(0, vshape - size + 1)
+        boxes.append([*start, *size])
+    cfg = AugmentConfig(swap_patch=(4, 2, 2))
+    generator = torch.Generator().manual_seed(seed)
+    drawn = [draw_sample_params(generator, cfg, shape, shape, 0)[0] for _ in range((n + 1) // 2)]
+    params = {k: torch.cat([d[k] for d in drawn])[:n] for k in drawn[0] if isinstance(drawn[0][k], torch.Tensor)}
+    params["swap_patch"] = drawn[0]["swap_patch"]
+    if not with_swap:
+        params.pop("swap")
+    return volumes, windows, volume_index, np.array(boxes, dtype=np.int64), params
+
+
+@needs_native
+@pytest.mark.parametrize("shape, with_swap", [((16, 12, 20), True), ((8, 8, 8), False), ((10, 6, 40), True)])
+def test_views_equal_the_chained_kernels(shape, with_swap, simd_path):
+    n = 7
+    volumes, windows, volume_index, boxes, params = _views_case(n, shape, seed=sum(shape), with_swap=with_swap)
+    kept = torch.full((3, 1, *shape), float("nan"))
+    got = native.views(volumes, windows, volume_index, boxes, shape, params, spatial_out=kept, num_threads=2)
+    crops = torch.cat([native.crop_resize(volumes[k], boxes[i:i + 1], shape, windows[k])
+                       for i, k in enumerate(volume_index)])
+    spatial = native.affine(crops, native.affine_maps(params["scales"], params["degrees"], shape),
+                            flips=params["flip"])
+    assert torch.equal(kept, spatial[:3])
+    assert torch.equal(got, native.intensity(spatial, params))
+    assert torch.equal(native.views(volumes, windows, volume_index, boxes, shape, params, num_threads=1), got)
+
+
+@needs_native
+def test_views_errors():
+    shape = (8, 8, 8)
+    volumes, windows, volume_index, boxes, params = _views_case(3, shape, seed=5, with_swap=True)
+    with pytest.raises(ValueError, match="volume_index"):
+        native.views(volumes, windows, np.array([0, 3, 1]), boxes, shape, params)
+    bad = boxes.copy()
+    bad[1, 0] = 10_000
+    with pytest.raises(ValueError, match="does not lie inside"):
+        native.views(volumes, windows, volume_index, bad, shape, params)
+    with pytest.raises(ValueError, match="windows"):
+        native.views(volumes, [(1.0, 0.0)] * 3, volume_index, boxes, shape, params)
+    with pytest.raises(ValueError, match="spatial_out"):
+        native.views(volumes, windows, volume_index, boxes, shape, params, spatial_out=torch.empty(4, 1, *shape))
+    with pytest.raises(ValueError, match="out must be"):
+        native.views(volumes, windows, volume_index, boxes, shape, params, out=torch.empty(3, 1, 8, 8, 7))
+    with pytest.raises(ValueError, match="swap"):
+        native.views(volumes, windows, volume_index, boxes, (3, 3, 3), params)
