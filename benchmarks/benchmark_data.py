@@ -15,12 +15,17 @@ target, and six augmented 16^3 local views. Providers (all on the same real CT v
   without DALI).
 Seconds per sample are per core: every provider runs single-threaded (torch.set_num_threads(1)). Providers
 are timed round-robin (a batch's worth of samples each per round), so the ratios come from the same moments.
+This engine's providers read the scans as ``pretrain`` does: preprocessed once into a cache (int16 HU,
+memory-mapped; ``--cache DIR`` keeps it between runs, default a temporary folder); the official providers
+cut their crops from the same scans loaded into memory as [0, 1] float32 arrays (the official pipeline's
+own input), with the same spacing and window.
 
 With ``--device cuda`` the GPU backends are timed instead, in samples/s of the whole device: ``torch``
 (``BatchLoader`` with its volume bank on the GPU) and ``dali`` (``DaliLoader(device="cuda")``), each call
 synchronised, against ``native`` on all CPU threads for reference.
 
 Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 20] [--batch 8] [--device cuda]
+                                          [--cache DIR]
 Needs torchio and scikit-image for the official providers (``pip install -e .[bench]``).
 """
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +48,7 @@ from pcrlv2_fast.data import (  # noqa: E402
     CropConfig,
     DaliLoader,
     PretrainDataset,
+    cached_volumes,
     dali_available,
     dali_load_error,
     draw_sample_boxes,
@@ -149,6 +156,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="batch size of the torch and native batch loaders")
     p.add_argument("--device", default="cpu", help="cpu (per-core comparison with the official cost) or cuda")
     p.add_argument("--out", help="result JSON path (default benchmarks/results/data-<cpu|cuda>-<date>.json)")
+    p.add_argument("--cache", help="preprocessing cache of --data for this engine's providers (default: a temporary "
+                   "folder, removed afterwards)")
     args = p.parse_args()
     if args.device != "cpu" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available here")
@@ -157,11 +166,16 @@ def main() -> None:
         from pcrlv2_fast.samples import fetch_samples
 
         args.data = str(fetch_samples() / "ct")
-    volumes = load_volumes(args.data)
-    cfg = CropConfig()
-    if args.device != "cpu":
-        gpu_main(args, volumes, cfg)
-        return
+    with tempfile.TemporaryDirectory(prefix="pcrlv2-bench-cache-") as temporary:
+        volumes = cached_volumes(args.data, args.cache or temporary)
+        if args.device != "cpu":
+            gpu_main(args, volumes, CropConfig())
+        else:
+            cpu_main(args, volumes, CropConfig())
+
+
+def cpu_main(args, volumes, cfg) -> None:
+    """Every provider on one core, round-robin (see the module docstring)."""
     torch.set_num_threads(1)
     providers = {}
     n_items = (-(-args.samples // args.batch) + 1) * args.batch  # sample indices used (warm-up round included)
@@ -172,12 +186,16 @@ def main() -> None:
     except ImportError as exc:
         print(f"official providers skipped: {exc} (pip install torchio scikit-image)")
     else:
+        # The official input: each scan in memory as a [0, 1] float32 array (same spacing and window).
+        in_memory = {v.name: v for v in load_volumes(args.data, progress=False)}
+        arrays = [in_memory[v.name].array for v in volumes] if set(in_memory) >= {v.name for v in volumes} \
+            else [v.array for v in in_memory.values()]
         rng = np.random.default_rng(0)
-        cut = [official_crops(volumes[i % len(volumes)].array, rng, cfg) for i in range(n_items)]
+        cut = [official_crops(arrays[i % len(arrays)], rng, cfg) for i in range(n_items)]
         providers["official_augment"] = lambda i: official_augment(*cut[i], transforms)
 
         def crop_and_augment(i):
-            vol = volumes[i % len(volumes)].array
+            vol = arrays[i % len(arrays)]
             return official_augment(*official_crops(vol, np.random.default_rng(i), cfg), transforms)
 
         providers["official_crop_augment"] = crop_and_augment

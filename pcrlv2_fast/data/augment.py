@@ -28,6 +28,7 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -345,34 +346,37 @@ def _swap_limit_cached(shape: tuple[int, ...], cfg: AugmentConfig) -> torch.Tens
 
 def _sample_swaps(generator: torch.Generator, n: int, shape, cfg: AugmentConfig) -> torch.Tensor:
     """Patch-pair starts (n, iterations, 2, 3) of ``n`` views in one draw; a second patch equal to its first
-    is redrawn (as :func:`sample_swap`)."""
-    limit = _swap_limit_cached(tuple(int(s) for s in shape), cfg)
-    u = torch.rand(n, cfg.swap_iterations, 2, 3, generator=generator, dtype=torch.float64)
-    starts = (u * limit).floor().long()
-    while (same := (starts[:, :, 0] == starts[:, :, 1]).all(dim=-1)).any():
-        redraw = torch.rand(int(same.sum()), 3, generator=generator, dtype=torch.float64)
-        starts[:, :, 1][same] = (redraw * limit).floor().long()
-    return starts
+    is redrawn (as :func:`sample_swap`). The arithmetic on the drawn uniforms runs in numpy (cheaper than torch
+    ops on tensors this small)."""
+    limit = _swap_limit_cached(tuple(int(s) for s in shape), cfg).numpy()
+    u = torch.rand(n, cfg.swap_iterations, 2, 3, generator=generator, dtype=torch.float64).numpy()
+    starts = np.floor(u * limit).astype(np.int64)
+    while (same := (starts[:, :, 0] == starts[:, :, 1]).all(axis=-1)).any():
+        redraw = torch.rand(int(same.sum()), 3, generator=generator, dtype=torch.float64).numpy()
+        second = starts[:, :, 1]
+        second[same] = np.floor(redraw * limit).astype(np.int64)
+    return torch.from_numpy(starts)
 
 
 def _draw_views(generator: torch.Generator, cfg: AugmentConfig, n: int) -> dict:
     """Flip, affine, blur, noise and gamma parameters of ``n`` views from one uniform draw (n, 14) and one
-    seed draw, with the per-view samplers' distributions."""
-    u = torch.rand(n, 14, generator=generator, dtype=torch.float64)
+    seed draw, with the per-view samplers' distributions (arithmetic in numpy, as in :func:`_sample_swaps`)."""
+    u = torch.rand(n, 14, generator=generator, dtype=torch.float64).numpy()
+    seeds = torch.randint(0, 2**62, (n,), generator=generator)
 
     def scaled(cols, bounds):
         low, high = bounds
         return low + (high - low) * u[:, cols]
 
-    allowed = torch.tensor([a in cfg.flip_axes for a in range(3)])
+    allowed = np.array([a in cfg.flip_axes for a in range(3)])
     return {
-        "flip": (u[:, 0:3] < cfg.flip_probability) & allowed,
-        "scales": scaled(slice(3, 6), cfg.scales),
-        "degrees": scaled(slice(6, 9), cfg.degrees),
-        "sigmas": scaled(slice(9, 12), cfg.blur_std),
-        "noise_std": scaled(12, cfg.noise_std),
-        "noise_seed": torch.randint(0, 2**62, (n,), generator=generator),
-        "gamma": torch.exp(scaled(13, cfg.log_gamma)),
+        "flip": torch.from_numpy((u[:, 0:3] < cfg.flip_probability) & allowed),
+        "scales": torch.from_numpy(scaled(slice(3, 6), cfg.scales)),
+        "degrees": torch.from_numpy(scaled(slice(6, 9), cfg.degrees)),
+        "sigmas": torch.from_numpy(scaled(slice(9, 12), cfg.blur_std)),
+        "noise_std": torch.from_numpy(scaled(12, cfg.noise_std)),
+        "noise_seed": seeds,
+        "gamma": torch.from_numpy(np.exp(scaled(13, cfg.log_gamma))),
     }
 
 

@@ -24,13 +24,16 @@ pairs per volume generated offline. Deviations, all for volumes the official cod
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 __all__ = ["CropConfig", "SampleBoxes", "draw_sample_boxes", "box_iou", "start_bounds"]
 
-# Candidate pairs drawn per vectorised batch while searching for one with IoU > min_iou.
+# Candidate pairs drawn per vectorised batch while searching for one with IoU > min_iou: the first batch is
+# small (most volumes accept one candidate in 2-15), later ones double up to the largest.
+_FIRST_BATCH = 32
 _BATCH = 512
 
 
@@ -115,22 +118,36 @@ def _too_dense(volume: np.ndarray, box: np.ndarray, cfg: CropConfig) -> bool:
     return np.count_nonzero(crop >= cfg.dense_threshold) > cfg.dense_max_fraction * crop.size
 
 
-def _draw_global_pair(shape: np.ndarray, rng: np.random.Generator, cfg: CropConfig, volume) -> np.ndarray:
+@functools.lru_cache(maxsize=1024)
+def _global_candidates(shape: tuple[int, int, int], cfg: CropConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sizes, lo, hi) of the global crop sizes that fit a volume of ``shape`` (see :func:`start_bounds`)."""
     sizes = np.asarray(cfg.global_sizes, dtype=np.int64)
     border = np.array([cfg.border_xy, cfg.border_xy, cfg.border_z], dtype=np.int64)
     tail = np.array([0, 0, cfg.len_depth], dtype=np.int64)
-    lo, hi, fits = start_bounds(shape, sizes, border, tail)
+    lo, hi, fits = start_bounds(np.asarray(shape, dtype=np.int64), sizes, border, tail)
     if not fits.any():
-        raise ValueError(
-            f"volume shape {tuple(shape.tolist())} is smaller than every global crop size {cfg.global_sizes}"
-        )
-    sizes, lo, hi = sizes[fits], lo[fits], hi[fits]
-    tried = 0
+        raise ValueError(f"volume shape {shape} is smaller than every global crop size {cfg.global_sizes}")
+    return sizes[fits], lo[fits], hi[fits]
+
+
+@functools.lru_cache(maxsize=1024)
+def _local_sizes(shape: tuple[int, int, int], cfg: CropConfig) -> np.ndarray:
+    sizes = np.asarray(cfg.local_sizes, dtype=np.int64)
+    sizes = sizes[np.all(sizes <= np.asarray(shape), axis=-1)]
+    if len(sizes) == 0:
+        raise ValueError(f"volume shape {shape} is smaller than every local crop size {cfg.local_sizes}")
+    return sizes
+
+
+def _draw_global_pair(shape: np.ndarray, rng: np.random.Generator, cfg: CropConfig, volume) -> np.ndarray:
+    sizes, lo, hi = _global_candidates(tuple(int(s) for s in shape), cfg)
+    tried, batch = 0, _FIRST_BATCH
     while tried < cfg.max_tries:
         # Rejection sampling in vectorised batches: the first accepted candidate of an i.i.d. stream has the
         # same distribution as the official draw-until-accepted loop.
-        n = min(_BATCH, cfg.max_tries - tried)
+        n = min(batch, cfg.max_tries - tried)
         tried += n
+        batch = min(2 * batch, _BATCH)
         index = rng.integers(0, len(sizes), size=(n, 2))
         starts = rng.integers(lo[index], hi[index], endpoint=True)
         boxes = np.concatenate([starts, sizes[index]], axis=-1)  # (n, 2, 6)
@@ -146,12 +163,7 @@ def _draw_global_pair(shape: np.ndarray, rng: np.random.Generator, cfg: CropConf
 
 
 def _draw_locals(shape: np.ndarray, pair: np.ndarray, rng: np.random.Generator, cfg: CropConfig) -> np.ndarray:
-    sizes = np.asarray(cfg.local_sizes, dtype=np.int64)
-    sizes = sizes[np.all(sizes <= shape, axis=-1)]
-    if len(sizes) == 0:
-        raise ValueError(
-            f"volume shape {tuple(shape.tolist())} is smaller than every local crop size {cfg.local_sizes}"
-        )
+    sizes = _local_sizes(tuple(int(s) for s in shape), cfg)
     union_lo = pair[:, :3].min(axis=0)
     union_hi = (pair[:, :3] + pair[:, 3:]).max(axis=0)
     lo = np.maximum(union_lo - cfg.local_jitter, 0)
