@@ -274,19 +274,73 @@ inline __mmask16 first_lanes(int64_t count) {
   return count >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
 }
 
+// Short rows (inner <= 16 * NV, NV <= 2 vectors): four output rows at a time, 4 * NV independent register sums
+// (one row alone would be a chain of dependent multiply-adds, one per tap).
+template <int NV>
+PCRLV2_AVX512 void blur_outer_short_avx512(const float* __restrict in, float* __restrict out, int64_t outer,
+                                           int64_t n, int64_t inner, const float* w, int64_t len,
+                                           const int32_t* refl) {
+  const __mmask16 m0 = first_lanes(inner), m1 = first_lanes(inner > 16 ? inner - 16 : 0);
+  for (int64_t o = 0; o < outer; ++o) {
+    const float* plane = in + o * n * inner;
+    float* __restrict d = out + o * n * inner;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      __m512 acc[4][NV];
+      for (int r = 0; r < 4; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < len; ++t) {
+        const __m512 wt = _mm512_set1_ps(w[t]);
+        for (int r = 0; r < 4; ++r) {
+          const float* p = plane + static_cast<int64_t>(refl[i + r + t]) * inner;
+          acc[r][0] = _mm512_fmadd_ps(wt, _mm512_maskz_loadu_ps(m0, p), acc[r][0]);
+          if (NV == 2) acc[r][NV - 1] = _mm512_fmadd_ps(wt, _mm512_maskz_loadu_ps(m1, p + 16), acc[r][NV - 1]);
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        _mm512_mask_storeu_ps(d + (i + r) * inner, m0, acc[r][0]);
+        if (NV == 2) _mm512_mask_storeu_ps(d + (i + r) * inner + 16, m1, acc[r][NV - 1]);
+      }
+    }
+    for (; i < n; ++i) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+      for (int64_t t = 0; t < len; ++t) {
+        const __m512 wt = _mm512_set1_ps(w[t]);
+        const float* p = plane + static_cast<int64_t>(refl[i + t]) * inner;
+        a0 = _mm512_fmadd_ps(wt, _mm512_maskz_loadu_ps(m0, p), a0);
+        if (NV == 2) a1 = _mm512_fmadd_ps(wt, _mm512_maskz_loadu_ps(m1, p + 16), a1);
+      }
+      _mm512_mask_storeu_ps(d + i * inner, m0, a0);
+      if (NV == 2) _mm512_mask_storeu_ps(d + i * inner + 16, m1, a1);
+    }
+  }
+}
+
 // blur_outer with each output vector's sum kept in a register over all taps (one load and one multiply-add
 // per tap and vector, one store): four vectors (64 floats) at a time, then masked vectors for the rest.
 PCRLV2_AVX512 void blur_outer_avx512(const float* __restrict in, float* __restrict out, int64_t outer, int64_t n,
                                      int64_t inner, const std::vector<float>& taps,
                                      const std::vector<int32_t>& refl, std::vector<const float*>& rows) {
   const int64_t len = static_cast<int64_t>(taps.size());
-  rows.resize(len);
   const float* w = taps.data();
+  if (inner <= 16) return blur_outer_short_avx512<1>(in, out, outer, n, inner, w, len, refl.data());
+  if (inner <= 32) return blur_outer_short_avx512<2>(in, out, outer, n, inner, w, len, refl.data());
+  rows.resize(len);
   for (int64_t o = 0; o < outer; ++o) {
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t t = 0; t < len; ++t) rows[t] = in + (o * n + refl[i + t]) * inner;
       float* __restrict d = out + (o * n + i) * inner;
       int64_t k = 0;
+      for (; k + 128 <= inner; k += 128) {  // eight independent sums: the multiply-add latency is hidden
+        __m512 acc[8];
+        for (int v = 0; v < 8; ++v) acc[v] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < len; ++t) {
+          const __m512 wt = _mm512_set1_ps(w[t]);
+          const float* p = rows[t] + k;
+          for (int v = 0; v < 8; ++v) acc[v] = _mm512_fmadd_ps(wt, _mm512_loadu_ps(p + 16 * v), acc[v]);
+        }
+        for (int v = 0; v < 8; ++v) _mm512_storeu_ps(d + k + 16 * v, acc[v]);
+      }
       for (; k + 64 <= inner; k += 64) {
         __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(),
                a3 = _mm512_setzero_ps();
