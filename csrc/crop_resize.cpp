@@ -76,8 +76,19 @@ AxisTable axis_table(int64_t in, int64_t out) {
   return t;
 }
 
+// The z step on AVX-512 CPUs without gathers: output vector v (16 voxels) reads source entries
+// [base, base + 32 * regs) of the row, loaded as `regs` (2 or 4) vectors, and picks each lane's two neighbours
+// with two-register permutes (a blend between the pairs when regs == 4). Empty when some vector spans more
+// than 64 entries (then the gathers are used).
+struct ZPlan {
+  std::vector<int32_t> base, idx0, idx1;  // idx: 16 per vector, relative to base
+  std::vector<float> w0, w1;              // 16 per vector (0 beyond oz)
+  int regs = 0;
+};
+
 struct BoxTables {
   AxisTable x, y, z;
+  ZPlan zplan;
   std::vector<int64_t> rows;  // the source y rows (relative) that any output row reads, ascending
 };
 
@@ -187,6 +198,70 @@ inline void z_resample(const float* row, const AxisTable& t, int64_t oz, float* 
   z_resample_scalar(row, t, oz, out);
 }
 
+ZPlan z_plan(const AxisTable& t, int64_t oz) {
+  ZPlan plan;
+  const int64_t vectors = (oz + 15) / 16;
+  int32_t widest = 0;
+  for (int64_t v = 0; v < vectors; ++v) {
+    const int32_t base = t.i0[16 * v];
+    plan.base.push_back(base);
+    for (int64_t lane = 0; lane < 16; ++lane) {
+      const int64_t k = 16 * v + lane;
+      const bool valid = k < oz;
+      plan.idx0.push_back(valid ? t.i0[k] - base : 0);
+      plan.idx1.push_back(valid ? t.i1[k] - base : 0);
+      plan.w0.push_back(valid ? t.w0[k] : 0.f);
+      plan.w1.push_back(valid ? t.w1[k] : 0.f);
+      if (valid) widest = std::max(widest, t.i1[k] - base + 1);
+    }
+  }
+  plan.regs = widest <= 32 ? 2 : (widest <= 64 ? 4 : 0);
+  if (plan.regs == 0) plan = ZPlan{};
+  return plan;
+}
+
+#if PCRLV2_X86
+#define PCRLV2_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
+
+// z step with the plan: the row must be readable 32 * regs floats past each vector's base (the scratch
+// buffers carry kRowPad floats of padding).
+PCRLV2_AVX512 void z_resample_plan(const float* __restrict row, const ZPlan& plan, int64_t oz,
+                                   float* __restrict out) {
+  const int64_t vectors = static_cast<int64_t>(plan.base.size());
+  const __m512i thirty_two = _mm512_set1_epi32(32);
+  for (int64_t v = 0; v < vectors; ++v) {
+    const float* p = row + plan.base[v];
+    const __m512i i0 = _mm512_loadu_si512(plan.idx0.data() + 16 * v);
+    const __m512i i1 = _mm512_loadu_si512(plan.idx1.data() + 16 * v);
+    const __m512 r0 = _mm512_loadu_ps(p), r1 = _mm512_loadu_ps(p + 16);
+    __m512 a = _mm512_permutex2var_ps(r0, i0, r1), b = _mm512_permutex2var_ps(r0, i1, r1);
+    if (plan.regs == 4) {
+      const __m512 r2 = _mm512_loadu_ps(p + 32), r3 = _mm512_loadu_ps(p + 48);
+      a = _mm512_mask_mov_ps(a, _mm512_cmpge_epi32_mask(i0, thirty_two), _mm512_permutex2var_ps(r2, i0, r3));
+      b = _mm512_mask_mov_ps(b, _mm512_cmpge_epi32_mask(i1, thirty_two), _mm512_permutex2var_ps(r2, i1, r3));
+    }
+    const __m512 value = _mm512_fmadd_ps(_mm512_loadu_ps(plan.w0.data() + 16 * v), a,
+                                         _mm512_mul_ps(_mm512_loadu_ps(plan.w1.data() + 16 * v), b));
+    const int64_t left = oz - 16 * v;
+    const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+    _mm512_mask_storeu_ps(out + 16 * v, m, value);
+  }
+}
+#endif
+
+// Padding (floats) after the crop's scratch rows: the permute z step reads up to 64 floats past a base.
+constexpr int64_t kRowPad = 64;
+
+inline void z_step(const float* row, const BoxTables& t, int64_t oz, float* out) {
+#if PCRLV2_X86
+  if (t.zplan.regs != 0) {
+    z_resample_plan(row, t.zplan, oz, out);
+    return;
+  }
+#endif
+  z_resample(row, t.z, oz, out);
+}
+
 // One output x-slab (oy x oz) of one box. pa/pb: the box's two source x-planes (at the box's y0, z0) with
 // weights wa/wb. Scratch: P (sy x sz), R (oy x sz), orow (oz), all per thread.
 template <typename T, typename O>
@@ -232,10 +307,10 @@ PCRLV2_CLONES void resize_slab(const T* pa, const T* pb, float wa, float wb, con
   for (int64_t j = 0; j < oy; ++j) {
     O* __restrict d = dst + j * oz;
     if constexpr (std::is_same_v<O, float>) {
-      z_resample(rowp[j], t.z, oz, d);
+      z_step(rowp[j], t, oz, d);
     } else {
       // bfloat16: round to nearest even, as torch's .to(torch.bfloat16) of the float32 result.
-      z_resample(rowp[j], t.z, oz, orow);
+      z_step(rowp[j], t, oz, orow);
       for (int64_t k = 0; k < oz; ++k) d[k] = static_cast<O>(orow[k]);
     }
   }
@@ -254,6 +329,7 @@ BoxTables box_tables(const int64_t* bx, int64_t ox, int64_t oy, int64_t oz) {
   for (int64_t r = 0; r < bx[4]; ++r) {
     if (used[r]) t.rows.push_back(r);
   }
+  if (pcrlv2::use_wide_simd()) t.zplan = z_plan(t.z, oz);
   return t;
 }
 
@@ -276,7 +352,7 @@ void crop_resize_impl(const T* vol, const int64_t* vstride, const int64_t* boxes
 
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> plane(max_plane), row(max_sz * oy), orow(oz);
+    std::vector<float> plane(max_plane + kRowPad), row(max_sz * oy + kRowPad), orow(oz);
     // guided: big contiguous chunks first (neighbouring slabs share source planes), small ones at the end
     // to even out boxes of different sizes.
 #pragma omp for schedule(guided)
@@ -299,8 +375,8 @@ void crop_box(const T* vol, const int64_t* vstride, const int64_t* bx, float* ou
   const double range = hi - lo;
   const float scale = static_cast<float>(1.0 / range);
   const float offset = static_cast<float>(-lo / range);
-  if (static_cast<int64_t>(scratch.plane.size()) < bx[4] * bx[5]) scratch.plane.resize(bx[4] * bx[5]);
-  if (static_cast<int64_t>(scratch.rows.size()) < bx[5] * oy) scratch.rows.resize(bx[5] * oy);
+  if (static_cast<int64_t>(scratch.plane.size()) < bx[4] * bx[5] + kRowPad) scratch.plane.resize(bx[4] * bx[5] + kRowPad);
+  if (static_cast<int64_t>(scratch.rows.size()) < bx[5] * oy + kRowPad) scratch.rows.resize(bx[5] * oy + kRowPad);
   if (static_cast<int64_t>(scratch.orow.size()) < oz) scratch.orow.resize(oz);
   const T* base = vol + bx[0] * vstride[0] + bx[1] * vstride[1] + bx[2] * vstride[2];
   for (int64_t i = 0; i < ox; ++i) {
