@@ -128,21 +128,22 @@ PCRLV2_AFFINE_CLONES void affine_slab_portable(const float* __restrict src, cons
 #define PCRLV2_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma")))
 
 // One axis of 16 voxels: s, the inside mask, the corner's input offset and the weight (as `corner`).
+// One axis of 16 voxels: the inside mask, the weight and the (float, integer-valued) low corner of s clamped
+// to [0, hi], as `corner` in the portable loop; the input offset is accumulated by the caller in float (exact:
+// offsets stay below 2^24 elements), which saves the integer conversions and multiplies.
 struct Lanes {
-  __m512i offset;
-  __m512 weight;
+  __m512 corner, weight;
   __mmask16 inside;
 };
 
-PCRLV2_AVX512 inline Lanes corner16(__m512 g, const Axis& ax, bool flip, int32_t n) {
+PCRLV2_AVX512 inline Lanes corner16(__m512 g, const Axis& ax) {
   const __m512 s = _mm512_mul_ps(_mm512_add_ps(g, _mm512_set1_ps(1.f)), _mm512_set1_ps(ax.half));
   const __mmask16 inside = _mm512_cmp_ps_mask(s, _mm512_set1_ps(ax.lower), _CMP_GE_OQ) &
                            _mm512_cmp_ps_mask(s, _mm512_set1_ps(ax.upper), _CMP_LT_OQ);
   const __m512 sc = _mm512_min_ps(_mm512_max_ps(s, _mm512_setzero_ps()), _mm512_set1_ps(ax.hi));
-  const __m512i c = _mm512_min_epi32(_mm512_cvttps_epi32(sc), _mm512_set1_epi32(ax.last_corner));
-  const __m512 w = _mm512_sub_ps(sc, _mm512_cvtepi32_ps(c));
-  const __m512i idx = flip ? _mm512_sub_epi32(_mm512_set1_epi32(n - 1), c) : c;
-  return {_mm512_mullo_epi32(idx, _mm512_set1_epi32(ax.stride)), w, inside};
+  const __m512 c = _mm512_min_ps(_mm512_roundscale_ps(sc, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC),
+                                 _mm512_set1_ps(static_cast<float>(ax.last_corner)));
+  return {c, _mm512_sub_ps(sc, c), inside};
 }
 
 // Rows of Z >= 2 voxels (the z pair of a corner is then two adjacent floats, loaded as one 64-bit element).
@@ -154,9 +155,19 @@ PCRLV2_AVX512 void affine_slab_avx512(const float* __restrict src, const ViewMap
   const float* tz0 = T + X + Y;
   const float* tz1 = T + L + X + Y;
   const float* tz2 = T + 2 * L + X + Y;
-  const int32_t nx = static_cast<int32_t>(X), ny = static_cast<int32_t>(Y), nz = static_cast<int32_t>(Z);
-  const int32_t sx = nx >= 2 ? (view.flip[0] ? -ax[0].stride : ax[0].stride) : 0;
-  const int32_t sy = ny >= 2 ? (view.flip[1] ? -ax[1].stride : ax[1].stride) : 0;
+  const int64_t n[3] = {X, Y, Z};
+  // Input offset of the low corner: origin + sum_a c_a * mult_a, with c_a the flipped view's corner; along a
+  // flipped axis the input index is n - 1 - c (the z pair then starts one lower, at n - 2 - c).
+  float origin = 0.f;
+  __m512 mult[3];
+  for (int a = 0; a < 3; ++a) {
+    const float stride = static_cast<float>(ax[a].stride);
+    if (view.flip[a]) origin += static_cast<float>(n[a] - (a == 2 ? 2 : 1)) * stride;
+    mult[a] = _mm512_set1_ps(view.flip[a] ? -stride : stride);
+  }
+  const __m512 vorigin = _mm512_set1_ps(origin);
+  const int32_t sx = X >= 2 ? (view.flip[0] ? -ax[0].stride : ax[0].stride) : 0;
+  const int32_t sy = Y >= 2 ? (view.flip[1] ? -ax[1].stride : ax[1].stride) : 0;
   // The z pair is loaded at the lower input index of the two: along a flipped z it holds (v1, v0).
   const bool zflip = view.flip[2];
   const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -174,12 +185,12 @@ PCRLV2_AVX512 void affine_slab_avx512(const float* __restrict src, const ViewMap
       const __m512 g0 = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, tz0 + k), uy0), tx0);
       const __m512 g1 = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, tz1 + k), uy1), tx1);
       const __m512 g2 = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, tz2 + k), uy2), tx2);
-      const Lanes lx = corner16(g0, ax[0], view.flip[0], nx);
-      const Lanes ly = corner16(g1, ax[1], view.flip[1], ny);
-      Lanes lz = corner16(g2, ax[2], zflip, nz);
-      // Along a flipped z the pair starts one element lower (input index n - 2 - c).
-      if (zflip) lz.offset = _mm512_sub_epi32(lz.offset, _mm512_set1_epi32(1));
-      const __m512i p00 = _mm512_add_epi32(_mm512_add_epi32(lx.offset, ly.offset), lz.offset);
+      const Lanes lx = corner16(g0, ax[0]);
+      const Lanes ly = corner16(g1, ax[1]);
+      const Lanes lz = corner16(g2, ax[2]);
+      const __m512 offset = _mm512_fmadd_ps(
+          lx.corner, mult[0], _mm512_fmadd_ps(ly.corner, mult[1], _mm512_fmadd_ps(lz.corner, mult[2], vorigin)));
+      const __m512i p00 = _mm512_cvtps_epi32(offset);
       const __m512i corners[4] = {p00, _mm512_add_epi32(p00, _mm512_set1_epi32(sy)),
                                   _mm512_add_epi32(p00, _mm512_set1_epi32(sx)),
                                   _mm512_add_epi32(p00, _mm512_set1_epi32(sx + sy))};
