@@ -522,7 +522,7 @@ void views_out(const std::vector<at::Tensor>& volumes, const at::Tensor& windows
                const at::Tensor& boxes, const at::Tensor& maps, const at::Tensor& flips, const at::Tensor& sigmas,
                const at::Tensor& noise_std, const at::Tensor& noise_seed, const at::Tensor& gamma,
                const at::Tensor& swap, std::vector<int64_t> patch, at::Tensor& spatial_out, at::Tensor& out,
-               int64_t num_threads);
+               const at::Tensor& order, int64_t num_threads);
 }  // namespace pcrlv2
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -543,7 +543,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("volumes"), pybind11::arg("windows"), pybind11::arg("volume_index"), pybind11::arg("boxes"),
         pybind11::arg("maps"), pybind11::arg("flips"), pybind11::arg("sigmas"), pybind11::arg("noise_std"),
         pybind11::arg("noise_seed"), pybind11::arg("gamma"), pybind11::arg("swap"), pybind11::arg("patch"),
-        pybind11::arg("spatial_out"), pybind11::arg("out"), pybind11::arg("num_threads"));
+        pybind11::arg("spatial_out"), pybind11::arg("out"), pybind11::arg("order"), pybind11::arg("num_threads"));
   m.def("intensity_out", &pcrlv2::intensity_out,
         "Fused blur, noise, gamma, patch swap and z-normalisation of a float32 batch (csrc/intensity.cpp)",
         pybind11::arg("x"), pybind11::arg("sigmas"), pybind11::arg("noise_std"), pybind11::arg("noise_seed"),

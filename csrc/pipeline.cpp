@@ -23,7 +23,7 @@ void views_out(const std::vector<at::Tensor>& volumes, const at::Tensor& windows
                const at::Tensor& boxes, const at::Tensor& maps, const at::Tensor& flips, const at::Tensor& sigmas,
                const at::Tensor& noise_std, const at::Tensor& noise_seed, const at::Tensor& gamma,
                const at::Tensor& swap, std::vector<int64_t> patch, at::Tensor& spatial_out, at::Tensor& out,
-               int64_t num_threads) {
+               const at::Tensor& order, int64_t num_threads) {
   TORCH_CHECK(out.dim() == 5 && out.size(1) == 1 && out.scalar_type() == at::kFloat && out.is_contiguous() &&
                   out.device().is_cpu(),
               "views: out must be a contiguous float32 (N, 1, X, Y, Z) CPU tensor");
@@ -91,6 +91,22 @@ void views_out(const std::vector<at::Tensor>& volumes, const at::Tensor& windows
                     spatial_out.device().is_cpu(),
                 "views: spatial_out must be a contiguous float32 (K <= N, 1, X, Y, Z) CPU tensor");
   }
+  // The processing order (a permutation of the views, or empty: 0..N-1). Views whose boxes overlap (the two
+  // global views of a sample) placed next to each other read their shared source from cache.
+  std::vector<int64_t> sequence(n);
+  if (order.numel() == 0) {
+    for (int64_t v = 0; v < n; ++v) sequence[v] = v;
+  } else {
+    TORCH_CHECK(order.scalar_type() == at::kLong && order.is_contiguous() && order.dim() == 1 && order.size(0) == n,
+                "views: order must be a contiguous int64 (N,) permutation");
+    const int64_t* o = order.const_data_ptr<int64_t>();
+    std::vector<char> seen(n, 0);
+    for (int64_t q = 0; q < n; ++q) {
+      TORCH_CHECK(o[q] >= 0 && o[q] < n && !seen[o[q]], "views: order must be a permutation of 0..N-1");
+      seen[o[q]] = 1;
+      sequence[q] = o[q];
+    }
+  }
   if (n == 0 || volume == 0) return;
   const AffineGeometry geometry(X, Y, Z);
   const double* M = maps.const_data_ptr<double>();
@@ -118,8 +134,10 @@ void views_out(const std::vector<at::Tensor>& volumes, const at::Tensor& windows
       b.resize(volume);
       c.resize(volume);
     }
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t v = 0; v < n; ++v) {
+    // Two consecutive views of the sequence per task: a sample's pair of global views stays on one thread.
+#pragma omp for schedule(dynamic, 2)
+    for (int64_t q = 0; q < n; ++q) {
+      const int64_t v = sequence[q];
       const int64_t k = vi[v];
       crop_resize_view(volumes[k], bx + 6 * v, W[2 * k], W[2 * k + 1], X, Y, Z, a.data(), crop_scratch);
       float* spatial = v < kept ? kept_dst + v * volume : b.data();

@@ -151,14 +151,15 @@ class BatchLoader:
                                num_threads=self.num_threads)
         return buffer
 
-    def _views(self, volume_index: np.ndarray, boxes: np.ndarray, out_size, params: dict, keep: int = 0):
+    def _views(self, volume_index: np.ndarray, boxes: np.ndarray, out_size, params: dict, keep: int = 0,
+               order=None):
         """``native.views`` of the batch's views (only the volumes they use are passed): (views, the spatial
         result of the first ``keep`` views or None)."""
         used, local = np.unique(volume_index, return_inverse=True)
         volumes = [self.dataset.volumes[int(k)] for k in used]
         spatial = torch.empty((keep, 1, *out_size), dtype=torch.float32) if keep else None
         out = native.views([v.array for v in volumes], [v.window for v in volumes], local, boxes, out_size, params,
-                           spatial_out=spatial, num_threads=self.num_threads)
+                           spatial_out=spatial, order=order, num_threads=self.num_threads)
         return out, spatial
 
     def _native_batch(self, volume_index, g_boxes, l_boxes, g_params, l_params, view_major) -> dict:
@@ -168,8 +169,10 @@ class BatchLoader:
         gp = _cat(g_params)
         order = torch.from_numpy(view_major)
         gp = {k: (v[order] if isinstance(v, torch.Tensor) else v) for k, v in gp.items()}
+        # Processed sample by sample (a sample's global boxes overlap: IoU > min_iou), stored view-major.
         x, gt = self._views(np.tile(volume_index, n_global), g_boxes.transpose(1, 0, 2).reshape(-1, 6),
-                            tuple(crop.global_out), gp, keep=b)
+                            tuple(crop.global_out), gp, keep=b,
+                            order=np.arange(b * n_global).reshape(n_global, b).T.reshape(-1))
         if n_local:
             loc, _ = self._views(np.repeat(volume_index, n_local), l_boxes.reshape(-1, 6), tuple(crop.local_out),
                                  _cat(l_params))

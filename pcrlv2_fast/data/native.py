@@ -155,20 +155,29 @@ def crop_resize(
     return out
 
 
-def affine_maps(scales: torch.Tensor, degrees: torch.Tensor, shape) -> torch.Tensor:
+def affine_maps(scales, degrees, shape) -> torch.Tensor:
     """(N, 3, 4) float64 source-index maps of ``augment.affine(scales, degrees)`` (each (N, 3)) on views of
     spatial ``shape``: source = M[:, :3] @ i + M[:, 3] = c + inverse @ (i - c), with c = (n - 1) / 2 and
-    ``inverse = R^T diag(1 / scales)`` built as augment.affine / batched.affine_batch build it."""
-    from .batched import _rotations  # batched does not import this module
-
-    scales = torch.as_tensor(scales, dtype=torch.float64).cpu()
-    degrees = torch.as_tensor(degrees, dtype=torch.float64).cpu()
-    inverse = _rotations(degrees).transpose(1, 2) / scales[:, None, :]  # R^T @ diag(1 / s)
-    centre = (torch.as_tensor(tuple(shape), dtype=torch.float64) - 1) / 2
-    maps = torch.empty(len(scales), 3, 4, dtype=torch.float64)
+    ``inverse = R^T diag(1 / scales)``, R = Rz @ Rx @ Ry as ``augment.affine`` builds it (float64 numpy: the
+    per-call cost of torch ops on 3x3 matrices dominates otherwise)."""
+    scales = np.asarray(scales.cpu() if isinstance(scales, torch.Tensor) else scales, dtype=np.float64)
+    degrees = np.asarray(degrees.cpu() if isinstance(degrees, torch.Tensor) else degrees, dtype=np.float64)
+    n = len(scales)
+    a = np.deg2rad(degrees)
+    c, s = np.cos(a), np.sin(a)
+    rx, ry, rz = (np.zeros((n, 3, 3)) for _ in range(3))
+    rx[:, 0, 0] = 1
+    rx[:, 1, 1], rx[:, 1, 2], rx[:, 2, 1], rx[:, 2, 2] = c[:, 0], -s[:, 0], s[:, 0], c[:, 0]
+    ry[:, 1, 1] = 1
+    ry[:, 0, 0], ry[:, 0, 2], ry[:, 2, 0], ry[:, 2, 2] = c[:, 1], s[:, 1], -s[:, 1], c[:, 1]
+    rz[:, 2, 2] = 1
+    rz[:, 0, 0], rz[:, 0, 1], rz[:, 1, 0], rz[:, 1, 1] = c[:, 2], -s[:, 2], s[:, 2], c[:, 2]
+    inverse = np.transpose(rz @ rx @ ry, (0, 2, 1)) / scales[:, None, :]
+    centre = (np.asarray(tuple(shape), dtype=np.float64) - 1) / 2
+    maps = np.empty((n, 3, 4))
     maps[:, :, :3] = inverse
     maps[:, :, 3] = centre - inverse @ centre
-    return maps
+    return torch.from_numpy(maps)
 
 
 def affine(x: torch.Tensor, maps: torch.Tensor, out: torch.Tensor | None = None, flips: torch.Tensor | None = None,
@@ -243,8 +252,9 @@ def _swap_params(params: dict, n: int, shape: tuple[int, ...]) -> tuple[torch.Te
     patch = [int(p) for p in params["swap_patch"]]
     if swap.dim() != 4 or swap.shape[0] != n or tuple(swap.shape[2:]) != (2, 3):
         raise ValueError(f"params['swap'] must have shape ({n}, T, 2, 3), got {tuple(swap.shape)}")
-    limit = torch.tensor(shape) - torch.tensor(patch)
-    if (limit < 0).any() or (swap < 0).any() or (swap > limit).any():
+    limit = np.asarray(shape) - np.asarray(patch)
+    starts = swap.numpy()
+    if (limit < 0).any() or (starts.size and (starts.min() < 0 or (starts > limit).any())):
         raise ValueError(f"swap patches {tuple(patch)} at the given starts do not fit views of {shape}")
     return swap, patch
 
@@ -281,7 +291,7 @@ def intensity(x: torch.Tensor, params: dict, out: torch.Tensor | None = None,
 
 
 def views(volumes: Sequence[np.ndarray], windows, volume_index, boxes, out_size: Sequence[int], params: dict,
-          spatial_out: torch.Tensor | None = None, out: torch.Tensor | None = None,
+          spatial_out: torch.Tensor | None = None, out: torch.Tensor | None = None, order=None,
           num_threads: int | None = None) -> torch.Tensor:
     """Augmented views cut straight from the volumes: per view v, ``intensity(affine(crop_resize(...)))`` of
     ``volumes[volume_index[v]]`` (windowed with ``windows[volume_index[v]]``), ``boxes[v]`` resized to
@@ -291,7 +301,9 @@ def views(volumes: Sequence[np.ndarray], windows, volume_index, boxes, out_size:
     :func:`intensity` view by view, bit for bit. volumes: int16 / float16 / float32 (X, Y, Z) arrays (memory
     maps are read in place); windows: (V, 2); volume_index (N,), boxes (N, 6) integers. spatial_out: optional
     contiguous float32 (K, 1, *out_size) tensor, K <= N, that receives the spatial (flip + affine) result of
-    the first K views (the PCRLv2 target). Returns out (N, 1, *out_size) float32.
+    the first K views (the PCRLv2 target). order: optional permutation of the N views, the order they are
+    processed in (results are unchanged): views with overlapping boxes next to each other share cached source
+    voxels. Returns out (N, 1, *out_size) float32.
     """
     ext = _require()
     vols = [_volume_tensor(v) for v in volumes]
@@ -330,6 +342,12 @@ def views(volumes: Sequence[np.ndarray], windows, volume_index, boxes, out_size:
             or spatial_out.dtype != torch.float32 or spatial_out.device.type != "cpu" \
             or not spatial_out.is_contiguous():
         raise ValueError(f"spatial_out must be a contiguous float32 CPU tensor of shape (K <= {n}, 1, *{out_size})")
+    if order is None:
+        order_t = torch.empty(0, dtype=torch.int64)
+    else:
+        order_t = torch.as_tensor(np.asarray(order, dtype=np.int64).reshape(-1)).contiguous()
+        if not np.array_equal(np.sort(order_t.numpy()), np.arange(n)):
+            raise ValueError(f"order must be a permutation of 0..{n - 1}")
     ext.views_out(vols, window_t, torch.from_numpy(index), torch.from_numpy(np.ascontiguousarray(box_arr)), maps,
-                  flips, sigmas, noise_std, seeds, gamma, swap, patch, spatial_out, out, _threads(num_threads))
+                  flips, sigmas, noise_std, seeds, gamma, swap, patch, spatial_out, out, order_t, _threads(num_threads))
     return out
