@@ -24,7 +24,7 @@ With ``--device cuda`` the GPU backends are timed instead, in samples/s of the w
 (``BatchLoader`` with its volume bank on the GPU) and ``dali`` (``DaliLoader(device="cuda")``), each call
 synchronised, against ``native`` on all CPU threads for reference.
 
-Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 20] [--batch 8] [--device cuda]
+Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 64] [--batch 8] [--device cuda]
                                           [--cache DIR]
 Needs torchio and scikit-image for the official providers (``pip install -e .[bench]``).
 """
@@ -58,8 +58,12 @@ from pcrlv2_fast.data import (  # noqa: E402
 
 
 def official_transforms():
-    """The official torchio chains (data.py, pcrlv2_luna_pretask)."""
+    """The official torchio chains (data.py, pcrlv2_luna_pretask). SimpleITK, which resamples torchio's affine,
+    is limited to one thread like every other provider (its default is one per core)."""
+    import SimpleITK as sitk
     import torchio.transforms as tt
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
     spatial = tt.Compose([tt.RandomFlip(), tt.RandomAffine()])
     local = tt.Compose([tt.RandomBlur(), tt.RandomNoise(), tt.RandomGamma(), tt.ZNormalization()])
@@ -152,7 +156,7 @@ def gpu_main(args, volumes, cfg) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="folder of CT scans (default: the pyradiomics sample CTs, downloaded once)")
-    p.add_argument("--samples", type=int, default=20, help="timed samples per provider")
+    p.add_argument("--samples", type=int, default=64, help="timed samples per provider")
     p.add_argument("--batch", type=int, default=8, help="batch size of the torch and native batch loaders")
     p.add_argument("--device", default="cpu", help="cpu (per-core comparison with the official cost) or cuda")
     p.add_argument("--out", help="result JSON path (default benchmarks/results/data-<cpu|cuda>-<date>.json)")
