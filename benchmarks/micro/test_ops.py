@@ -2,7 +2,9 @@
 
 Ops: cutting a crop out of a memory-mapped int16 volume; crop + window + resize (the plain-torch reference, the
 dataset's ``cut_and_resize`` and the native kernel); each augmentation of :mod:`pcrlv2_fast.data.augment` on one
-view and its batched twin of :mod:`pcrlv2_fast.data.batched` on a batch of 16 views; the native flip + affine.
+view and its batched twin of :mod:`pcrlv2_fast.data.batched` on a batch of 16 views; the native flip + affine, the
+native fused intensity chain, and the native loader's whole per-view chain (``native.views``: crop + resize, flip +
+affine, intensity, straight from the memory map).
 Views have the official shapes: global 64x64x32, local 16^3 (no swap for locals, as in the official chain).
 Parameters come from augment.py's samplers with a fixed seed, so every run times the same work. The volume's
 pages are read once before timing (a warm page cache). Each benchmark records the number of views (or crops) per
@@ -70,8 +72,11 @@ def params() -> dict[str, dict]:
     """Per kind, the augmentation parameters of BATCH views drawn view by view with augment.py's samplers
     (``batched.stack_view_params``): row 0 serves the single-view ops, all rows the batched ones."""
     generator = torch.Generator().manual_seed(0)
-    return {kind: batched.stack_view_params(generator, BATCH, CFG, out, with_swap=kind == "global")
-            for kind, (out, _) in KINDS.items()}
+    drawn = {kind: batched.stack_view_params(generator, BATCH, CFG, out, with_swap=kind == "global")
+             for kind, (out, _) in KINDS.items()}
+    for p in drawn.values():  # the noise-field seeds of the native kernels
+        p["noise_seed"] = torch.stack([torch.tensor(augment.sample_noise_seed(generator)) for _ in range(BATCH)])
+    return drawn
 
 
 def run(benchmark, fn, *args, items: int = 1, **kwargs):
@@ -238,3 +243,27 @@ def test_affine_native(benchmark, views, params, kind, n):
         return native.affine(x, maps, out=out, flips=flips, num_threads=1)
 
     assert run(benchmark, flip_affine, items=n).shape == x.shape
+
+
+@pytest.mark.benchmark(group="intensity")
+@needs_native
+@kinds
+@pytest.mark.parametrize("n", [1, BATCH])
+def test_intensity_native(benchmark, views, params, kind, n):
+    """Blur, noise, gamma, swap (global views) and z-normalisation of ``n`` views, the fused C++ kernel."""
+    p = {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in params[kind].items()}
+    x = views[kind][:n]
+    out = torch.empty_like(x)
+    assert run(benchmark, native.intensity, x, p, out=out, num_threads=1, items=n).shape == x.shape
+
+
+@pytest.mark.benchmark(group="views")
+@needs_native
+@kinds
+def test_views_native(benchmark, volume, params, kind):
+    """The native loader's chain for BATCH views: crop + resize from the memory map, flip + affine, intensity."""
+    out_size, _ = KINDS[kind]
+    out = torch.empty((BATCH, 1, *out_size))
+    result = run(benchmark, native.views, [volume], [WINDOW], np.zeros(BATCH, dtype=np.int64),
+                 draw_boxes(kind, BATCH), out_size, params[kind], out=out, num_threads=1, items=BATCH)
+    assert result.shape == out.shape

@@ -478,6 +478,10 @@ def test_views_equal_the_chained_kernels(shape, with_swap, simd_path):
     assert torch.equal(kept, spatial[:3])
     assert torch.equal(got, native.intensity(spatial, params))
     assert torch.equal(native.views(volumes, windows, volume_index, boxes, shape, params, num_threads=1), got)
+    # The processing order changes nothing but the order the views are computed in.
+    order = np.random.default_rng(0).permutation(n)
+    assert torch.equal(native.views(volumes, windows, volume_index, boxes, shape, params, order=order,
+                                    num_threads=2), got)
 
 
 @needs_native
@@ -498,3 +502,5 @@ def test_views_errors():
         native.views(volumes, windows, volume_index, boxes, shape, params, out=torch.empty(3, 1, 8, 8, 7))
     with pytest.raises(ValueError, match="swap"):
         native.views(volumes, windows, volume_index, boxes, (3, 3, 3), params)
+    with pytest.raises(ValueError, match="permutation"):
+        native.views(volumes, windows, volume_index, boxes, shape, params, order=[0, 0, 1])
