@@ -131,6 +131,8 @@ class BatchLoader:
                     raise ValueError(f"{v.name}: the native loader reads int16, float16 or float32 volumes, "
                                      f"got {v.array.dtype}; use --loader torch")
             self.bank = None
+            # Torch views of the (memory-mapped) arrays, made once: no copies, the pages stay the maps'.
+            self._tensors = [native._volume_tensor(v.array) for v in dataset.volumes]
         else:
             windows = [tuple(float(w) for w in v.window) for v in dataset.volumes]
             plain = all(w == (0.0, 1.0) for w in windows)
@@ -156,10 +158,10 @@ class BatchLoader:
         """``native.views`` of the batch's views (only the volumes they use are passed): (views, the spatial
         result of the first ``keep`` views or None)."""
         used, local = np.unique(volume_index, return_inverse=True)
-        volumes = [self.dataset.volumes[int(k)] for k in used]
+        used = used.tolist()
         spatial = torch.empty((keep, 1, *out_size), dtype=torch.float32) if keep else None
-        out = native.views([v.array for v in volumes], [v.window for v in volumes], local, boxes, out_size, params,
-                           spatial_out=spatial, order=order, num_threads=self.num_threads)
+        out = native.views([self._tensors[k] for k in used], [self.dataset.volumes[k].window for k in used], local,
+                           boxes, out_size, params, spatial_out=spatial, order=order, num_threads=self.num_threads)
         return out, spatial
 
     def _native_batch(self, volume_index, g_boxes, l_boxes, g_params, l_params, view_major) -> dict:

@@ -299,17 +299,21 @@ def views(volumes: Sequence[np.ndarray], windows, volume_index, boxes, out_size:
 
     Equal to :func:`crop_resize` -> :func:`affine` (``params["scales"]``, ``["degrees"]``, ``["flip"]``) ->
     :func:`intensity` view by view, bit for bit. volumes: int16 / float16 / float32 (X, Y, Z) arrays (memory
-    maps are read in place); windows: (V, 2); volume_index (N,), boxes (N, 6) integers. spatial_out: optional
-    contiguous float32 (K, 1, *out_size) tensor, K <= N, that receives the spatial (flip + affine) result of
-    the first K views (the PCRLv2 target). order: optional permutation of the N views, the order they are
-    processed in (results are unchanged): views with overlapping boxes next to each other share cached source
+    maps are read in place) or CPU tensors of those dtypes; windows: (V, 2); volume_index (N,), boxes (N, 6)
+    integers. spatial_out: optional contiguous float32 (K, 1, *out_size) tensor, K <= N, that receives the
+    spatial (flip + affine) result of the first K views (the PCRLv2 target). order: optional permutation of
+    the N views, the order they are processed in (results are unchanged): views with overlapping boxes next
+    to each other share cached source
     voxels. Returns out (N, 1, *out_size) float32.
     """
     ext = _require()
-    vols = [_volume_tensor(v) for v in volumes]
-    window_t = torch.as_tensor(np.asarray(windows, dtype=np.float64).reshape(len(vols), 2)).contiguous()
-    if not (torch.isfinite(window_t).all() and (window_t[:, 1] > window_t[:, 0]).all()):
-        raise ValueError(f"windows must be finite (lo, hi) pairs with hi > lo, got {window_t.tolist()}")
+    # CPU tensors of a supported dtype are used as they are (a caller can convert its volumes once).
+    vols = [v if isinstance(v, torch.Tensor) and v.dim() == 3 and v.device.type == "cpu"
+            and v.dtype in (torch.int16, torch.float16, torch.float32) else _volume_tensor(v) for v in volumes]
+    window_arr = np.asarray(windows, dtype=np.float64).reshape(len(vols), 2)
+    if not (np.isfinite(window_arr).all() and (window_arr[:, 1] > window_arr[:, 0]).all()):
+        raise ValueError(f"windows must be finite (lo, hi) pairs with hi > lo, got {window_arr.tolist()}")
+    window_t = torch.from_numpy(np.ascontiguousarray(window_arr))
     index = np.ascontiguousarray(np.asarray(volume_index), dtype=np.int64).reshape(-1)
     n = len(index)
     if n and (index.min() < 0 or index.max() >= len(vols)):
