@@ -303,8 +303,7 @@ def views(volumes: Sequence[np.ndarray], windows, volume_index, boxes, out_size:
     integers. spatial_out: optional contiguous float32 (K, 1, *out_size) tensor, K <= N, that receives the
     spatial (flip + affine) result of the first K views (the PCRLv2 target). order: optional permutation of
     the N views, the order they are processed in (results are unchanged): views with overlapping boxes next
-    to each other share cached source
-    voxels. Returns out (N, 1, *out_size) float32.
+    to each other share cached source voxels. Returns out (N, 1, *out_size) float32.
     """
     ext = _require()
     # CPU tensors of a supported dtype are used as they are (a caller can convert its volumes once).
