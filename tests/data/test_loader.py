@@ -158,3 +158,27 @@ def test_batch_loader_without_local_views(phantom_volumes, backend):
     got = list(BatchLoader(dataset, backend).batches(batches))
     assert got[0]["locals"].shape == (2, 0, 1, 16, 16, 16)
     assert_same_batches(reference_batches(dataset, batches), got)
+
+
+@pytest.mark.skipif(not native.available(), reason="C++ extension not built")
+def test_native_loader_reuses_only_released_output_buffers(phantom_volumes):
+    # A batch's memory is written again only once nothing references it: not while the caller holds the
+    # batch, a tensor of it or a view of one; after it is dropped, the next batch may reuse it.
+    dataset = PretrainDataset(phantom_volumes, seed=2, pairs_per_volume=8)
+    loader = BatchLoader(dataset, "native", num_threads=1)
+    first = loader.batch([0, 1])
+    saved = {k: first[k].clone() for k in ("x1", "x2", "gt", "locals")}
+    pointer = first["x1"].data_ptr()
+    second = loader.batch([2, 3])
+    assert second["x1"].data_ptr() != pointer
+    for key, value in saved.items():
+        assert torch.equal(first[key], value), key
+    view = first["gt"][1]
+    kept = view.clone()
+    del first
+    third = loader.batch([4, 5])  # x1/x2 memory released (only the gt view is alive)
+    assert third["x1"].data_ptr() == pointer
+    assert third["gt"].data_ptr() != view.data_ptr() - view.element_size() * view.numel()
+    assert torch.equal(view, kept)
+    expected = reference_batches(dataset, [[4, 5]])[0]
+    assert_same_batches([expected], [third])
