@@ -8,9 +8,9 @@ target, and six augmented 16^3 local views. Providers (all on the same real CT v
 - ``official_crop_augment``: the same plus cutting the crops and resizing them with skimage (as the
   official offline generator did, without its per-voxel depth loop);
 - ``dataset``: this engine's per-sample ``PretrainDataset`` item (fresh crops, torch ops, one core);
-- ``torch`` / ``native``: the same samples built a whole batch (``--batch``, default 8) at a time by
-  ``BatchLoader`` (all crops of the batch in one call, batched augmentation ops); seconds per sample are the
-  batch's seconds divided by its size. ``native`` needs the C++ extension (skipped without it);
+- ``torch`` / ``native``: the same samples built a whole batch (``--batch``, default 32 as in pretraining) at a
+  time by ``BatchLoader`` (all crops of the batch in one call, batched augmentation ops); seconds per sample
+  are the batch's seconds divided by its size. ``native`` needs the C++ extension (skipped without it);
 - ``dali``: the same batches from ``DaliLoader``'s NVIDIA DALI pipelines (CPU pipelines, one thread; skipped
   without DALI).
 Seconds per sample are per core: every provider runs single-threaded (torch.set_num_threads(1)). Providers
@@ -24,7 +24,7 @@ With ``--device cuda`` the GPU backends are timed instead, in samples/s of the w
 (``BatchLoader`` with its volume bank on the GPU) and ``dali`` (``DaliLoader(device="cuda")``), each call
 synchronised, against ``native`` on all CPU threads for reference.
 
-Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 64] [--batch 8] [--device cuda]
+Usage: python benchmarks/benchmark_data.py [--data DIR_OF_CT_SCANS] [--samples 64] [--batch 32] [--device cuda]
                                           [--cache DIR]
 Needs torchio and scikit-image for the official providers (``pip install -e .[bench]``).
 """
@@ -157,7 +157,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="folder of CT scans (default: the pyradiomics sample CTs, downloaded once)")
     p.add_argument("--samples", type=int, default=64, help="timed samples per provider")
-    p.add_argument("--batch", type=int, default=8, help="batch size of the torch and native batch loaders")
+    p.add_argument("--batch", type=int, default=32,
+                   help="batch size of the batch loaders (default: 32, the official and pretrain batch)")
     p.add_argument("--device", default="cpu", help="cpu (per-core comparison with the official cost) or cuda")
     p.add_argument("--out", help="result JSON path (default benchmarks/results/data-<cpu|cuda>-<date>.json)")
     p.add_argument("--cache", help="preprocessing cache of --data for this engine's providers (default: a temporary "

@@ -1,8 +1,9 @@
 """The official PCRLv2 augmentations (torchio defaults) as plain torch ops with explicit parameters.
 
 Every op takes one view ``x`` of shape (C, X, Y, Z) and returns a new tensor; samplers draw the op's
-parameters from a ``torch.Generator`` with torchio's default ranges, so the whole pipeline is a pure
-function of the generator's seed. The official code fed numpy crops to torchio, which wraps them with an
+parameters from a generator with torchio's default ranges (the per-view samplers from a ``torch.Generator``,
+:func:`draw_sample_params` from a numpy or torch one), so the whole pipeline is a pure function of the
+generator's seed. The official code fed numpy crops to torchio, which wraps them with an
 identity affine: spacing 1, so physical units (mm) are voxels here.
 
 Deviations from torchio 1.2 (the semantics were read from its source):
@@ -344,25 +345,40 @@ def _swap_limit_cached(shape: tuple[int, ...], cfg: AugmentConfig) -> torch.Tens
     return swap_limit(shape, cfg)
 
 
-def _sample_swaps(generator: torch.Generator, n: int, shape, cfg: AugmentConfig) -> torch.Tensor:
+Generator = torch.Generator | np.random.Generator
+
+
+def _uniforms(generator: Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """float64 uniforms in [0, 1) of ``shape`` from a numpy or a torch generator."""
+    if isinstance(generator, np.random.Generator):
+        return generator.random(shape)
+    return torch.rand(*shape, generator=generator, dtype=torch.float64).numpy()
+
+
+def _noise_seeds(generator: Generator, n: int) -> torch.Tensor:
+    """``n`` 62-bit :func:`normal_field` seeds (int64) from a numpy or a torch generator."""
+    if isinstance(generator, np.random.Generator):
+        return torch.from_numpy(generator.integers(0, 2**62, n, dtype=np.int64))
+    return torch.randint(0, 2**62, (n,), generator=generator)
+
+
+def _sample_swaps(generator: Generator, n: int, shape, cfg: AugmentConfig) -> torch.Tensor:
     """Patch-pair starts (n, iterations, 2, 3) of ``n`` views in one draw; a second patch equal to its first
     is redrawn (as :func:`sample_swap`). The arithmetic on the drawn uniforms runs in numpy (cheaper than torch
     ops on tensors this small)."""
     limit = _swap_limit_cached(tuple(int(s) for s in shape), cfg).numpy()
-    u = torch.rand(n, cfg.swap_iterations, 2, 3, generator=generator, dtype=torch.float64).numpy()
-    starts = np.floor(u * limit).astype(np.int64)
+    starts = np.floor(_uniforms(generator, (n, cfg.swap_iterations, 2, 3)) * limit).astype(np.int64)
     while (same := (starts[:, :, 0] == starts[:, :, 1]).all(axis=-1)).any():
-        redraw = torch.rand(int(same.sum()), 3, generator=generator, dtype=torch.float64).numpy()
         second = starts[:, :, 1]
-        second[same] = np.floor(redraw * limit).astype(np.int64)
+        second[same] = np.floor(_uniforms(generator, (int(same.sum()), 3)) * limit).astype(np.int64)
     return torch.from_numpy(starts)
 
 
-def _draw_views(generator: torch.Generator, cfg: AugmentConfig, n: int) -> dict:
+def _draw_views(generator: Generator, cfg: AugmentConfig, n: int) -> dict:
     """Flip, affine, blur, noise and gamma parameters of ``n`` views from one uniform draw (n, 14) and one
     seed draw, with the per-view samplers' distributions (arithmetic in numpy, as in :func:`_sample_swaps`)."""
-    u = torch.rand(n, 14, generator=generator, dtype=torch.float64).numpy()
-    seeds = torch.randint(0, 2**62, (n,), generator=generator)
+    u = _uniforms(generator, (n, 14))
+    seeds = _noise_seeds(generator, n)
 
     def scaled(cols, bounds):
         low, high = bounds
@@ -380,13 +396,16 @@ def _draw_views(generator: torch.Generator, cfg: AugmentConfig, n: int) -> dict:
     }
 
 
-def draw_sample_params(generator: torch.Generator, cfg: AugmentConfig, global_shape, local_shape,
+def draw_sample_params(generator: Generator, cfg: AugmentConfig, global_shape, local_shape,
                        n_local: int) -> tuple[dict, dict]:
     """Every augmentation parameter of one PCRLv2 sample, stacked per view kind: ``(global_params,
     local_params)`` with 2 and ``n_local`` rows. Keys: ``flip`` (n, 3) bool, ``scales``, ``degrees``, ``sigmas``
     (n, 3) float64, ``noise_std``, ``gamma`` (n,) float64, ``noise_seed`` (n,) int64 (:func:`normal_field`)
     and, for the global views, ``swap`` (2, iterations, 2, 3) int64 patch starts and ``swap_patch``.
 
+    ``generator``: a numpy ``Generator`` (what :meth:`PretrainDataset.sample_geometry` hands out: the
+    sample's own stream, continued after its boxes; numpy draws cost a fraction of torch's on arrays this
+    small) or a ``torch.Generator``; the distributions are the same, the values differ between the two.
     The draw order is fixed: the scalar parameters of all 2 + n_local views, their noise seeds, then the
     swaps of the global views. The per-sample dataset (view by view, :func:`view_params`) and the batch
     loaders (stacked) both use it, so they augment with identical parameters.
@@ -416,7 +435,7 @@ def view_params(params: dict, i: int) -> dict:
     return view
 
 
-def draw_sample_views(generator: torch.Generator, cfg: AugmentConfig, global_shape, local_shape, n_local: int):
+def draw_sample_views(generator: Generator, cfg: AugmentConfig, global_shape, local_shape, n_local: int):
     """:func:`draw_sample_params` as lists of per-view dicts ``(globals, locals)``."""
     gp, lp = draw_sample_params(generator, cfg, global_shape, local_shape, n_local)
     return [view_params(gp, i) for i in range(2)], [view_params(lp, i) for i in range(n_local)]

@@ -62,8 +62,8 @@ def _dense_crop_config(crop: CropConfig, window: tuple[float, float]) -> CropCon
 class PretrainDataset(Dataset):
     """Map-style dataset of PCRLv2 samples; item ``i`` uses volume ``i % len(volumes)``.
 
-    An item is a pure function of ``(seed, epoch, i)``: boxes come from ``np.random.default_rng([seed, epoch,
-    i])`` and the augmentations from a ``torch.Generator`` seeded by that rng, so it does not depend on
+    An item is a pure function of ``(seed, epoch, i)``: boxes, then the augmentation parameters, come from
+    ``np.random.default_rng([seed, epoch, i])``, so it does not depend on
     worker count or order. ``set_epoch`` must be called before the DataLoader iterator is created (worker
     processes copy the dataset then; with ``persistent_workers`` they would keep the old epoch).
 
@@ -114,7 +114,8 @@ class PretrainDataset(Dataset):
 
     def sample_geometry(self, index: int):
         """``(volume_index, boxes, generator)`` of item ``index`` in the current epoch: its crop boxes and the
-        ``torch.Generator`` its augmentation parameters are drawn from (shared with the batch loaders)."""
+        numpy ``Generator`` its augmentation parameters are drawn from (the stream the boxes were drawn from,
+        seeded by (seed, epoch, index); shared with the batch loaders)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
         volume_index = index % len(self.volumes)
@@ -123,7 +124,7 @@ class PretrainDataset(Dataset):
         boxes = draw_sample_boxes(
             volume.array.shape, rng, _dense_crop_config(self.crop, volume.window), volume=volume.array
         )
-        return volume_index, boxes, torch.Generator().manual_seed(int(rng.integers(2**63)))
+        return volume_index, boxes, rng
 
     def __getitem__(self, index: int) -> dict:
         volume_index, boxes, generator = self.sample_geometry(index)

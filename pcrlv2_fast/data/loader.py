@@ -3,7 +3,7 @@
 ``PretrainDataset`` builds a sample at a time (cut, resize, augment each view separately); a
 :class:`BatchLoader` produces the same batches from the same ``(seed, epoch, index)``:
 
-1. per sample, the boxes and the ``torch.Generator`` come from :meth:`PretrainDataset.sample_geometry` (the
+1. per sample, the boxes and the generator come from :meth:`PretrainDataset.sample_geometry` (the
    dataset's own code), and ``augment.draw_sample_params`` draws the augmentation parameters from that
    generator: the very function the dataset draws with (noise seeds included), so every parameter and every
    noise value is the one the dataset uses;

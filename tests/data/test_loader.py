@@ -61,12 +61,18 @@ def test_batch_loader_without_augmentation(phantom_volumes, backend):
     assert_same_batches(reference_batches(dataset, batches), list(BatchLoader(dataset, backend).batches(batches)))
 
 
-def test_draw_sample_params_layout_ranges_and_determinism():
-    """One sample's parameters: stacked per view kind, inside the configured ranges, a pure function of the
-    generator's seed, and the same values the per-view dicts of the dataset path see."""
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_draw_sample_params_layout_ranges_and_determinism(kind):
+    """One sample's parameters (from a numpy generator, as the dataset draws them, or a torch one): stacked per
+    view kind, inside the configured ranges, a pure function of the generator's seed, and the same values the
+    per-view dicts of the dataset path see."""
+
+    def make():
+        return np.random.default_rng(7) if kind == "numpy" else torch.Generator().manual_seed(7)
+
     cfg, crop = AugmentConfig(flip_axes=(0, 2)), CropConfig()
-    g_params, l_params = draw_sample_params(torch.Generator().manual_seed(7), cfg, crop.global_out, crop.local_out, 6)
-    again, _ = draw_sample_params(torch.Generator().manual_seed(7), cfg, crop.global_out, crop.local_out, 6)
+    g_params, l_params = draw_sample_params(make(), cfg, crop.global_out, crop.local_out, 6)
+    again, _ = draw_sample_params(make(), cfg, crop.global_out, crop.local_out, 6)
     for key in ("flip", "scales", "degrees", "sigmas", "noise_std", "noise_seed", "gamma", "swap"):
         assert torch.equal(g_params[key], again[key]), key
     assert g_params["noise_seed"].shape == (2,) and g_params["noise_seed"].dtype == torch.int64
@@ -84,7 +90,7 @@ def test_draw_sample_params_layout_ranges_and_determinism():
     starts = g_params["swap"]
     assert (starts >= 0).all() and (starts < torch.tensor(crop.global_out) - torch.tensor(cfg.swap_patch)).all()
     assert not (starts[:, :, 0] == starts[:, :, 1]).all(dim=-1).any()  # the two patches of a pair differ
-    globals_, locals_ = draw_sample_views(torch.Generator().manual_seed(7), cfg, crop.global_out, crop.local_out, 6)
+    globals_, locals_ = draw_sample_views(make(), cfg, crop.global_out, crop.local_out, 6)
     assert globals_[1]["noise_seed"] == int(g_params["noise_seed"][1])
     assert locals_[5]["gamma"] == float(l_params["gamma"][5])
     assert globals_[0]["flip"] == tuple(a for a in range(3) if g_params["flip"][0, a])
