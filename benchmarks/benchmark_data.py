@@ -142,6 +142,8 @@ def gpu_main(args, volumes, cfg) -> None:
             sync(device)
             spent[name] += time.perf_counter() - t0
     env = environment(device)
+    if native.available():
+        env["native_avx512"] = native.has_wide_simd()
     rows = []
     for name, total in spent.items():
         per_sample = total / (rounds * args.batch)
@@ -227,6 +229,8 @@ def cpu_main(args, volumes, cfg) -> None:
 
     base_name = "official_augment" if "official_augment" in times else None
     env = environment(torch.device("cpu"))
+    if native.available():
+        env["native_avx512"] = native.has_wide_simd()  # which code path the C++ kernels ran
     rows = []
     for name, s in times.items():
         row = {"benchmark": "data", "provider": name, **env, "threads": 1, "samples": args.samples,

@@ -348,7 +348,7 @@ def _swap_limit_cached(shape: tuple[int, ...], cfg: AugmentConfig) -> torch.Tens
 Generator = torch.Generator | np.random.Generator
 
 
-def _uniforms(generator: Generator, shape: tuple[int, ...]) -> np.ndarray:
+def _uniform_array(generator: Generator, shape: tuple[int, ...]) -> np.ndarray:
     """float64 uniforms in [0, 1) of ``shape`` from a numpy or a torch generator."""
     if isinstance(generator, np.random.Generator):
         return generator.random(shape)
@@ -367,17 +367,17 @@ def _sample_swaps(generator: Generator, n: int, shape, cfg: AugmentConfig) -> to
     is redrawn (as :func:`sample_swap`). The arithmetic on the drawn uniforms runs in numpy (cheaper than torch
     ops on tensors this small)."""
     limit = _swap_limit_cached(tuple(int(s) for s in shape), cfg).numpy()
-    starts = np.floor(_uniforms(generator, (n, cfg.swap_iterations, 2, 3)) * limit).astype(np.int64)
+    starts = np.floor(_uniform_array(generator, (n, cfg.swap_iterations, 2, 3)) * limit).astype(np.int64)
     while (same := (starts[:, :, 0] == starts[:, :, 1]).all(axis=-1)).any():
         second = starts[:, :, 1]
-        second[same] = np.floor(_uniforms(generator, (int(same.sum()), 3)) * limit).astype(np.int64)
+        second[same] = np.floor(_uniform_array(generator, (int(same.sum()), 3)) * limit).astype(np.int64)
     return torch.from_numpy(starts)
 
 
 def _draw_views(generator: Generator, cfg: AugmentConfig, n: int) -> dict:
     """Flip, affine, blur, noise and gamma parameters of ``n`` views from one uniform draw (n, 14) and one
     seed draw, with the per-view samplers' distributions (arithmetic in numpy, as in :func:`_sample_swaps`)."""
-    u = _uniforms(generator, (n, 14))
+    u = _uniform_array(generator, (n, 14))
     seeds = _noise_seeds(generator, n)
 
     def scaled(cols, bounds):
