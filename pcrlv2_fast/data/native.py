@@ -155,6 +155,14 @@ def crop_resize(
     return out
 
 
+def _check_views(x) -> None:
+    """ValueError unless ``x`` is a float32 CPU batch of views (N, 1, X, Y, Z)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != 1 or x.dtype != torch.float32 \
+            or x.device.type != "cpu":
+        raise ValueError(f"x must be a float32 CPU tensor of shape (N, 1, X, Y, Z), got "
+                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+
+
 def affine_maps(scales, degrees, shape) -> torch.Tensor:
     """(N, 3, 4) float64 source-index maps of ``augment.affine(scales, degrees)`` (each (N, 3)) on views of
     spatial ``shape``: source = M[:, :3] @ i + M[:, 3] = c + inverse @ (i - c), with c = (n - 1) / 2 and
@@ -193,10 +201,7 @@ def affine(x: torch.Tensor, maps: torch.Tensor, out: torch.Tensor | None = None,
     views (their own float32 rounding).
     """
     ext = _require()
-    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != 1 or x.dtype != torch.float32 \
-            or x.device.type != "cpu":
-        raise ValueError(f"x must be a float32 CPU tensor of shape (N, 1, X, Y, Z), got "
-                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+    _check_views(x)
     n = x.shape[0]
     maps = torch.as_tensor(maps)
     if tuple(maps.shape) != (n, 3, 4):
@@ -270,10 +275,7 @@ def intensity(x: torch.Tensor, params: dict, out: torch.Tensor | None = None,
     bound it by 2e-5 after normalisation).
     """
     ext = _require()
-    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != 1 or x.dtype != torch.float32 \
-            or x.device.type != "cpu":
-        raise ValueError(f"x must be a float32 CPU tensor of shape (N, 1, X, Y, Z), got "
-                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+    _check_views(x)
     n = x.shape[0]
     sigmas = _per_view(params, "sigmas", n, torch.float64, 3)
     noise_std = _per_view(params, "noise_std", n, torch.float64)
