@@ -28,6 +28,7 @@ loaded by :mod:`pcrlv2_fast.data.io` or a cache are either all windowed or alrea
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -150,6 +151,7 @@ class BatchLoader:
             self._tensors = [native._volume_tensor(v.array) for v in dataset.volumes]
             # Output buffers handed out before, reused once nothing references them any more (see _buffer).
             self._pool: list[torch.Tensor] = []
+            self._pool_lock = threading.Lock()
         else:
             windows = [tuple(float(w) for w in v.window) for v in dataset.volumes]
             plain = all(w == (0.0, 1.0) for w in windows)
@@ -178,16 +180,18 @@ class BatchLoader:
         as DataLoader workers do), else a new one. Fresh multi-MB tensors are page-faulted in on every batch
         (at batch 32 that was a fifth of the native loader's time); reused ones are already mapped."""
         # The caller gets an alias (its own tensor object on the same storage), so the storage's use count sees
-        # every reference the caller keeps; the pool's tensor alone is never handed out.
-        for t in self._pool:
-            if tuple(t.shape) == shape and _unreferenced(t):
-                return t.view(shape)
-        t = torch.empty(shape, dtype=torch.float32)
-        if _unreferenced(t):  # the storage use count is readable: keep it for later batches
-            self._pool.append(t)
-            if len(self._pool) > self._POOL_SIZE:
-                self._pool.pop(0)
-        return t.view(shape)
+        # every reference the caller keeps; the pool's tensor alone is never handed out. Check and claim happen
+        # under a lock, so two threads never get the same buffer.
+        with self._pool_lock:
+            for t in self._pool:
+                if tuple(t.shape) == shape and _unreferenced(t):
+                    return t.view(shape)
+            t = torch.empty(shape, dtype=torch.float32)
+            if _unreferenced(t):  # the storage use count is readable: keep it for later batches
+                self._pool.append(t)
+                if len(self._pool) > self._POOL_SIZE:
+                    self._pool.pop(0)
+            return t.view(shape)
 
     def _views(self, volume_index: np.ndarray, boxes: np.ndarray, out_size, params: dict, keep: int = 0,
                order=None):

@@ -188,3 +188,28 @@ def test_native_loader_reuses_only_released_output_buffers(phantom_volumes):
     assert torch.equal(view, kept)
     expected = reference_batches(dataset, [[4, 5]])[0]
     assert_same_batches([expected], [third])
+
+
+@pytest.mark.skipif(not native.available(), reason="C++ extension not built")
+def test_native_loader_threads_never_share_output_buffers(phantom_volumes):
+    import threading
+
+    dataset = PretrainDataset(phantom_volumes, seed=4, pairs_per_volume=8)
+    loader = BatchLoader(dataset, "native", num_threads=1)
+    requests = [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10, 11]]]
+    results: dict[int, list] = {0: [], 1: []}
+
+    def work(k):
+        for indices in requests[k]:
+            batch = loader.batch(indices)
+            results[k].append(batch)
+            del batch  # the earlier batches stay referenced by results
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = results[0] + results[1]
+    assert len({b["x1"].data_ptr() for b in got}) == len(got)
+    assert_same_batches(reference_batches(dataset, requests[0] + requests[1]), got)
