@@ -300,14 +300,24 @@ AffineGeometry::AffineGeometry(int64_t X, int64_t Y, int64_t Z) : sizes{X, Y, Z}
   }
 }
 
+namespace {
+
+// A view's grid tables (written to `tables`, 3 * (X + Y + Z) floats), its flips and its fill value.
+ViewMap prepare_view(const float* src, const AffineGeometry& geometry, const double* map, const int64_t* flips,
+                     float* tables, float& fill) {
+  grid_tables(map, geometry.half, geometry.bases, geometry.sizes, tables);
+  fill = sample_min(src, geometry.sizes[0] * geometry.sizes[1] * geometry.sizes[2]);
+  return ViewMap{tables, {flips[0] != 0, flips[1] != 0, flips[2] != 0}};
+}
+
+}  // namespace
+
 void affine_view(const float* src, const AffineGeometry& geometry, const double* map, const int64_t* flips,
                  float* dst, AffineScratch& scratch) {
   const int64_t X = geometry.sizes[0], Y = geometry.sizes[1], Z = geometry.sizes[2];
-  const int64_t volume = X * Y * Z, L = X + Y + Z;
-  if (static_cast<int64_t>(scratch.tables.size()) < 3 * L) scratch.tables.resize(3 * L);
-  grid_tables(map, geometry.half, geometry.bases, geometry.sizes, scratch.tables.data());
-  ViewMap view{scratch.tables.data(), {flips[0] != 0, flips[1] != 0, flips[2] != 0}};
-  const float fill = sample_min(src, volume);
+  if (static_cast<int64_t>(scratch.tables.size()) < 3 * (X + Y + Z)) scratch.tables.resize(3 * (X + Y + Z));
+  float fill;
+  const ViewMap view = prepare_view(src, geometry, map, flips, scratch.tables.data(), fill);
   for (int64_t i = 0; i < X; ++i) affine_slab(src, view, geometry.ax, i, X, Y, Z, fill, dst + i * Y * Z, scratch);
 }
 
@@ -354,19 +364,13 @@ void affine_out(const at::Tensor& x, const at::Tensor& maps, const at::Tensor& f
   const int64_t L = X + Y + Z;
   std::vector<float> fill(n), tables(n * 3 * L);
   std::vector<ViewMap> views(n);
-  for (int64_t b = 0; b < n; ++b) {
-    views[b].T = tables.data() + b * 3 * L;
-    for (int a = 0; a < 3; ++a) views[b].flip[a] = F[3 * b + a] != 0;
-  }
   const int64_t n_slabs = n * X;
 #pragma omp parallel num_threads(threads)
   {
     AffineScratch scratch;
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < n; ++b) {
-      fill[b] = sample_min(src + b * volume, volume);
-      grid_tables(M + 12 * b, geometry.half, geometry.bases, geometry.sizes, tables.data() + b * 3 * L);
-    }
+    for (int64_t b = 0; b < n; ++b)
+      views[b] = prepare_view(src + b * volume, geometry, M + 12 * b, F + 3 * b, tables.data() + b * 3 * L, fill[b]);
 #pragma omp for schedule(guided)
     for (int64_t s = 0; s < n_slabs; ++s) {
       const int64_t b = s / X, i = s % X;

@@ -205,24 +205,6 @@ class BatchLoader:
                            order=order, num_threads=self.num_threads)
         return out, spatial
 
-    def _native_batch(self, volume_index, g_boxes, l_boxes, g_params, l_params, view_major) -> dict:
-        """The native backend with augmentation: every view cut, resized, flipped + affine-transformed and
-        intensity-augmented in one fused pass per view (``native.views``); the target is kept on the way."""
-        crop, b, n_global, n_local = self.dataset.crop, len(volume_index), g_boxes.shape[1], l_boxes.shape[1]
-        gp = _cat(g_params)
-        order = torch.from_numpy(view_major)
-        gp = {k: (v[order] if isinstance(v, torch.Tensor) else v) for k, v in gp.items()}
-        # Processed sample by sample (a sample's global boxes overlap: IoU > min_iou), stored view-major.
-        x, gt = self._views(np.tile(volume_index, n_global), g_boxes.transpose(1, 0, 2).reshape(-1, 6),
-                            tuple(crop.global_out), gp, keep=b,
-                            order=np.arange(b * n_global).reshape(n_global, b).T.reshape(-1))
-        if n_local:
-            loc, _ = self._views(np.repeat(volume_index, n_local), l_boxes.reshape(-1, 6), tuple(crop.local_out),
-                                 _cat(l_params))
-        else:
-            loc = torch.empty((0, 1, *crop.local_out), dtype=torch.float32)
-        return batch_dict(x[:b], x[b:2 * b], gt, loc, volume_index, g_boxes, l_boxes)
-
     # ------------------------------------------------------------------------------------- batches
     def batch(self, indices: Sequence[int]) -> dict:
         """The batch of items ``indices`` (the dataset's current epoch)."""
@@ -231,24 +213,27 @@ class BatchLoader:
         b, n_global, n_local = len(indices), g_boxes.shape[1], l_boxes.shape[1]
         # Global views view-major (all first views, then all second views): x1, x2 and gt are then contiguous
         # slices of one buffer. Local views sample-major, as the batch's (B, n_local) layout.
-        view_major = np.arange(b * n_global).reshape(b, n_global).T.reshape(-1)
+        g_volumes, g_flat = np.tile(volume_index, n_global), g_boxes.transpose(1, 0, 2).reshape(-1, 6)
+        l_volumes, l_flat = np.repeat(volume_index, n_local), l_boxes.reshape(-1, 6)
+        if ds.augment:
+            view_major = torch.from_numpy(np.arange(b * n_global).reshape(b, n_global).T.reshape(-1))
+            gp = {k: (v[view_major] if isinstance(v, torch.Tensor) else v) for k, v in _cat(g_params).items()}
+            lp = _cat(l_params) if n_local else None
+        empty_locals = torch.empty((0, 1, *crop.local_out), dtype=torch.float32, device=self.device)
         if ds.augment and self.bank is None:
-            return self._native_batch(volume_index, g_boxes, l_boxes, g_params, l_params, view_major)
-        g = self._crop(np.tile(volume_index, n_global), g_boxes.transpose(1, 0, 2).reshape(-1, 6),
-                       tuple(crop.global_out))
-        if n_local:
-            loc = self._crop(np.repeat(volume_index, n_local), l_boxes.reshape(-1, 6), tuple(crop.local_out))
-        else:
-            loc = torch.empty((0, 1, *crop.local_out), dtype=torch.float32, device=g.device)
+            # Native: crop, flip + affine and intensity fused per view (native.views), the target kept on the
+            # way; each sample's two global views processed back to back (their boxes overlap: IoU > min_iou).
+            sample_major = np.arange(b * n_global).reshape(n_global, b).T.reshape(-1)
+            x, gt = self._views(g_volumes, g_flat, tuple(crop.global_out), gp, keep=b, order=sample_major)
+            loc = self._views(l_volumes, l_flat, tuple(crop.local_out), lp)[0] if n_local else empty_locals
+            return batch_dict(x[:b], x[b:2 * b], gt, loc, volume_index, g_boxes, l_boxes)
+        g = self._crop(g_volumes, g_flat, tuple(crop.global_out))
+        loc = self._crop(l_volumes, l_flat, tuple(crop.local_out)) if n_local else empty_locals
         if ds.augment:  # the torch backend: batched ops on the bank's device
-            gp = _cat(g_params)
-            order = torch.from_numpy(view_major)
-            gp = {k: (v[order] if isinstance(v, torch.Tensor) else v) for k, v in gp.items()}
             spatial = spatial_batch(g, gp)
             gt = spatial[:b]
             x = intensity_batch(spatial, gp)
             if n_local:
-                lp = _cat(l_params)
                 loc = intensity_batch(spatial_batch(loc, lp), lp)
         else:
             gt = g[:b]

@@ -326,6 +326,8 @@ def test_affine_matches_augment(shape, flip_all, simd_path):
     maps = native.affine_maps(scales, degrees, shape)
     got = native.affine(x, maps, flips=flips, num_threads=2)
     assert got.dtype == torch.float32 and got.shape == x.shape
+    # More threads than views: the work is split into (view, x) slabs instead; same values.
+    assert torch.equal(native.affine(x, maps, flips=flips, num_threads=n + 2), got)
     assert_close(got, _affine_reference(x, scales, degrees, flips), what=f"affine {shape}")
 
 
