@@ -4,9 +4,11 @@ The C++ (OpenMP) CPU kernels in csrc/ are built as the optional extension ``pcrl
 torch.utils.cpp_extension. Building it needs torch at build time, so install with
 ``pip install --no-build-isolation .`` (the Makefile does). When torch is not importable (pip's default
 isolated build) or compiling fails (no C++ compiler), the package still installs without it: a warning
-is printed and ``pcrlv2_fast.data.native.load_error()`` says why at run time.
+is printed and ``pcrlv2_fast.data.native.load_error()`` says why at run time. With
+``PCRLV2_REQUIRE_NATIVE=1`` (set by CI) the install fails instead.
 """
 
+import os
 import sys
 
 from setuptools import find_packages, setup
@@ -17,6 +19,9 @@ NATIVE_HINT = "install a C++ compiler (g++) and reinstall with --no-build-isolat
 
 
 def _warn_native(reason: str) -> None:
+    if os.environ.get("PCRLV2_REQUIRE_NATIVE") == "1":
+        raise SystemExit(f"error: the C++ extension pcrlv2_fast._C is required (PCRLV2_REQUIRE_NATIVE=1) but was not "
+                         f"built: {reason}\n{NATIVE_HINT}")
     bar = "=" * 100
     print(f"{bar}\nWARNING: C++ extension pcrlv2_fast._C was not built: {reason}\n"
           f"pcrlv2_fast installs without it ({NATIVE_HINT}).\n{bar}", file=sys.stderr)

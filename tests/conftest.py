@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from tests import requirements
+from tests.requirements import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (CI hooks)
+
 PHANTOM_SPACING = (1.5, 1.5, 2.0)
 
 
@@ -69,5 +72,6 @@ def shared_data() -> Path:
     env = os.environ.get("PCRLV2_SHARED_DATA")
     path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
     if not path.is_dir():
-        pytest.skip(f"real sample data not present at {path} (set PCRLV2_SHARED_DATA to its folder)")
+        requirements.skip("shared-data",
+                          f"real sample data not present at {path} (set PCRLV2_SHARED_DATA to its folder)")
     return path

@@ -22,9 +22,10 @@ import pytest
 import torch
 
 from pcrlv2_fast.data import AugmentConfig, BatchLoader, PretrainDataset
+from tests import requirements
 from tests.helpers import assert_close
 
-pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda120)")
+requirements.importorskip("nvidia.dali", "dali")
 
 from pcrlv2_fast.data.dali import DaliLoader, dali_available, dali_load_error  # noqa: E402
 

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from pcrlv2_fast.data import CropConfig, PretrainDataset, draw_sample_boxes, load_scan
 from pcrlv2_fast.data.augment import z_normalize
 from pcrlv2_fast.data.dataset import cut_and_resize
+from tests import requirements
 
 VIEW_KEYS = ("x1", "x2", "gt", "locals")
 
@@ -120,7 +121,7 @@ def test_invalid_arguments(phantom_volumes):
 def test_real_ct_example(shared_data):
     path = shared_data / "totalseg-examples" / "example_ct.nii.gz"
     if not path.exists():
-        pytest.skip(f"{path} not present")
+        requirements.skip("shared-data", f"{path} not present")
     volume = load_scan(path)
     assert volume.modality == "ct" and volume.array.shape == (366, 303, 336)  # 122 x 101 x 112 at 3 mm
     assert volume.array.min() >= 0 and volume.array.max() <= 1
@@ -132,7 +133,7 @@ def test_real_ct_example(shared_data):
 def test_real_mr_example_is_detected(shared_data):
     path = shared_data / "totalseg-examples" / "example_mr_sm.nii.gz"
     if not path.exists():
-        pytest.skip(f"{path} not present")
+        requirements.skip("shared-data", f"{path} not present")
     volume = load_scan(path)
     assert volume.modality == "mr" and volume.array.shape == (351, 273, 60)
     assert volume.array.min() == 0 and volume.array.max() == 1

@@ -21,10 +21,12 @@ from pcrlv2_fast.data import (
 )
 from pcrlv2_fast.data.augment import draw_sample_views
 from pcrlv2_fast.train import PretrainConfig, Pretrainer
+from tests import requirements
 
 BACKENDS = [
     "torch",
-    pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason="C++ extension not built")),
+    pytest.param("native", marks=requirements.needs("native", native.available(),
+                                                    f"C++ extension not built: {native.load_error()}")),
 ]
 BATCHES = [[0, 5, 2], [7, 1]]
 
@@ -166,7 +168,7 @@ def test_batch_loader_without_local_views(phantom_volumes, backend):
     assert_same_batches(reference_batches(dataset, batches), got)
 
 
-@pytest.mark.skipif(not native.available(), reason="C++ extension not built")
+@requirements.needs("native", native.available(), f"C++ extension not built: {native.load_error()}")
 def test_native_loader_reuses_only_released_output_buffers(phantom_volumes):
     # A batch's memory is written again only once nothing references it: not while the caller holds the
     # batch, a tensor of it or a view of one; after it is dropped, the next batch may reuse it.
@@ -190,7 +192,7 @@ def test_native_loader_reuses_only_released_output_buffers(phantom_volumes):
     assert_same_batches([expected], [third])
 
 
-@pytest.mark.skipif(not native.available(), reason="C++ extension not built")
+@requirements.needs("native", native.available(), f"C++ extension not built: {native.load_error()}")
 def test_native_loader_threads_never_share_output_buffers(phantom_volumes):
     import threading
 

@@ -21,12 +21,13 @@ import pytest
 import SimpleITK as sitk
 
 from pcrlv2_fast.data import BatchLoader, PretrainDataset, native, open_cache, preprocess
+from tests import requirements
 
 PAGE = mmap.PAGESIZE
 SHAPE = (320, 320, 160)  # (x, y, z) int16: 32.8 MB, 8001 pages; one sample's crops cover about 15% of them
 _PRESENT = np.uint64(1 << 63)  # /proc/PID/pagemap: the page is mapped in the page table
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts pages with Linux /proc files")
+pytestmark = requirements.needs("pagemap", sys.platform.startswith("linux"), "counts pages with Linux /proc files")
 
 
 class PageReadCounter:
@@ -76,8 +77,8 @@ class PageReadCounter:
             os.close(fd)
         left = self.resident()
         if left:
-            pytest.skip(f"{self.path}: {left} pages stay in the page cache after POSIX_FADV_DONTNEED on this file "
-                        "system (tmpfs?); page reads cannot be counted here")
+            requirements.skip("pagemap", f"{self.path}: {left} pages stay in the page cache after "
+                              "POSIX_FADV_DONTNEED on this file system (tmpfs?); page reads cannot be counted here")
 
     def pages(self) -> int:
         """Pages of the mapping present in this process's page table: those read since ``reset``."""
@@ -120,13 +121,14 @@ def cached_volume(tmp_path_factory):
 @pytest.fixture(scope="module")
 def counter(cached_volume):
     if not os.access("/proc/self/pagemap", os.R_OK):
-        pytest.skip("/proc/self/pagemap is not readable here")
+        requirements.skip("pagemap", "/proc/self/pagemap is not readable here")
     counter = PageReadCounter(cached_volume.array)
     # Calibration: one voxel read is one page, a voxel at the far end is one other page.
     counter.reset()
     _ = int(cached_volume.array[0, 0, 0]) + int(cached_volume.array[-1, -1, -1])
     if counter.pages() != 2:
-        pytest.skip(f"page reads cannot be isolated here (2 voxel reads mapped {counter.pages()} pages)")
+        requirements.skip("pagemap",
+                          f"page reads cannot be isolated here (2 voxel reads mapped {counter.pages()} pages)")
     return counter
 
 
@@ -155,7 +157,7 @@ def _batch_boxes(dataset, indices) -> np.ndarray:
     return np.concatenate([np.concatenate([b.global_boxes, b.local_boxes]) for b in boxes])
 
 
-@pytest.mark.skipif(not native.available(), reason=f"native extension not built: {native.load_error()}")
+@requirements.needs("native", native.available(), f"native extension not built: {native.load_error()}")
 @pytest.mark.parametrize("indices", [[5], [0, 1]])
 def test_native_batch_reads_only_its_crops(cached_volume, counter, indices):
     dataset = PretrainDataset([cached_volume], seed=1)

@@ -15,9 +15,10 @@ import torch
 
 from pcrlv2_fast.data import native
 from pcrlv2_fast.reference.crop_resize import reference_crop_resize
+from tests import requirements
 from tests.helpers import assert_close
 
-needs_native = pytest.mark.skipif(not native.available(), reason=f"native extension unavailable: {native.load_error()}")
+needs_native = requirements.needs("native", native.available(), f"native extension unavailable: {native.load_error()}")
 
 WINDOW = (-1000.0, 1000.0)
 SHAPE = (40, 36, 30)

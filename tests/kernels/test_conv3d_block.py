@@ -15,9 +15,10 @@ import json
 import pytest
 import torch
 
+from tests import requirements
 from tests.helpers import assert_close
 
-pytest.importorskip("triton")
+requirements.importorskip("triton", "triton")
 
 from pcrlv2_fast.kernels import conv3d_block as cb  # noqa: E402  (after the conftest chose the interpreter)
 

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from pcrlv2_fast.losses import PCRLv2Loss
+from tests import requirements
 from tests.helpers import assert_close
 
-pytest.importorskip("triton")
+requirements.importorskip("triton", "triton")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
+    requirements.skip("triton", "no CUDA and TRITON_INTERPRET is not set")
 
 from pcrlv2_fast.kernels import cosine_loss as cl  # noqa: E402  (after the conftest chose the interpreter)
 from pcrlv2_fast.kernels import restoration_loss as rl  # noqa: E402

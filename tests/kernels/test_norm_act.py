@@ -9,9 +9,10 @@ spatial 3x5x7 and 5x7x9) so that tiles are partial along both axes.
 import pytest
 import torch
 
+from tests import requirements
 from tests.helpers import assert_close
 
-pytest.importorskip("triton")
+requirements.importorskip("triton", "triton")
 
 from pcrlv2_fast.kernels import norm_act  # noqa: E402  (after the conftest chose the interpreter)
 

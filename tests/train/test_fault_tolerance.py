@@ -20,6 +20,7 @@ from pcrlv2_fast.checkpoint import (
 )
 from pcrlv2_fast.train import PretrainConfig, Pretrainer
 from pcrlv2_fast.train.loop import NonFiniteLossError
+from tests import requirements
 
 N = 6  # steps: 4 per epoch (2 scans x 4 pairs, batch 2), so the runs cross an epoch and its lr change
 SETTINGS = dict(batch_size=2, pairs_per_volume=4, steps=N, lr=0.01, device="cpu")
@@ -87,7 +88,7 @@ def test_uninterrupted_run_logs_tensorboard_and_resolved_config(reference):
     assert ckpt["resolved"]["world_size"] == 1 and ckpt["resolved"]["optim_impl"] == "foreach"
     assert [s for s, _ in numbered_checkpoints(out)] == [4, 6]  # epoch end and run end, the last 2 kept
     assert os.path.samefile(out / "checkpoint.pt", out / "checkpoint-6.pt")
-    pytest.importorskip("tensorboard")
+    requirements.importorskip("tensorboard", "tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(out)).Reload()
