@@ -6,7 +6,10 @@ backward and an SGD step.
 - ``eager_fp32``: the reference network and objective (pcrlv2_fast.reference), fp32, contiguous.
 - ``engine``: NonSkipUNet3D + PCRLv2Loss through ``pretrain_step`` with the engine's settings (bf16 autocast,
   channels_last_3d).
-- ``engine_compile`` (``--compile``): the same with the model under ``torch.compile``.
+- ``engine_compile`` (``--compile``): the same with the model under ``torch.compile``; its warm-up is a cold
+  compilation (a fresh inductor cache directory).
+
+Each row records its own provider's model, precision, layout and compile flag.
 
 Usage: python benchmarks/benchmark_train_step.py --device cpu [--batch-size 2 --width 32 --steps 3 --compile]
 """
@@ -14,8 +17,10 @@ Usage: python benchmarks/benchmark_train_step.py --device cpu [--batch-size 2 --
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
+import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -70,6 +75,9 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, help="device peak for the model FLOP utilisation column")
     p.add_argument("--out", help="result JSON path (default benchmarks/results/train_step-<device>-<date>.json)")
     args = p.parse_args()
+    if args.compile:
+        # A fresh inductor cache: the recorded warm-up is a cold compilation, as a user's first run sees it.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pcrlv2_inductor_")
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -104,8 +112,14 @@ def main() -> None:
 
     base_name = "eager_" + args.baseline_precision
     providers = {base_name: eager_step, "engine": make_engine(False)}
+    # Each row carries its own provider's settings: the reference runs contiguous, uncompiled, in its precision.
+    engine_settings = {"model": "NonSkipUNet3D", "precision": args.precision, "channels_last": args.channels_last}
+    settings = {base_name: {"model": "reference", "precision": args.baseline_precision, "channels_last": False,
+                            "compile": False},
+                "engine": {**engine_settings, "compile": False}}
     if args.compile:
         providers["engine_compile"] = make_engine(True)
+        settings["engine_compile"] = {**engine_settings, "compile": True}
     times = {name: [] for name in providers}
     warm = {name: 0.0 for name in providers}
     for name, fn in providers.items():
@@ -120,12 +134,11 @@ def main() -> None:
     flops = flops_per_sample(args.width)
     env = environment(device)
     base = median(times[base_name])
-    settings = {"batch_size": args.batch_size, "width": args.width, "precision": args.precision,
-                "channels_last": args.channels_last, "steps": args.steps}
+    shared = {"batch_size": args.batch_size, "width": args.width, "steps": args.steps, "warmup_steps": args.warmup}
     rows = []
     for name, ts in times.items():
         s = median(ts)
-        row = {"benchmark": "train_step", "provider": name, **env, **settings, "compile": name.endswith("compile"),
+        row = {"benchmark": "train_step", "provider": name, **env, **shared, **settings[name],
                "warmup_s": warm[name], "s_per_step": s,
                "samples_per_s": args.batch_size / s, "speedup_vs_" + base_name: base / s,
                "tflops": flops * args.batch_size / s / 1e12, "gflop_per_sample": flops / 1e9}

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def device_name(device: torch.device) -> str:
@@ -26,9 +29,24 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
+def source_state(root: Path = ROOT) -> dict:
+    """The commit the benchmark runs and whether the tree differs from it (result files aside).
+
+    A copy of the tree without ``.git`` (a GPU machine) reads ``$PCRLV2_COMMIT`` / ``$PCRLV2_DIRTY`` instead."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=30).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", ".", f":!{RESULTS.relative_to(root)}"],
+                                cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout
+        return {"commit": commit, "dirty": bool(status.strip())}
+    except (OSError, subprocess.SubprocessError):
+        dirty = os.environ.get("PCRLV2_DIRTY")
+        return {"commit": os.environ.get("PCRLV2_COMMIT"), "dirty": None if dirty is None else dirty == "1"}
+
+
 def environment(device: torch.device) -> dict:
     env = {"device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
-           "date": datetime.date.today().isoformat()}
+           "date": datetime.date.today().isoformat(), **source_state()}
     for mod in ("triton", "nvidia.dali"):
         try:
             env[mod.split(".")[-1]] = __import__(mod, fromlist=["__version__"]).__version__

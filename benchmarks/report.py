@@ -1,0 +1,171 @@
+"""README performance tables, generated from the newest result file of each benchmark series.
+
+A series is a result file name without its date: ``data-cpu-2026-11-26-batch8.json`` belongs to
+``data-cpu-batch8``. The README holds one block per series between ``<!-- results: SERIES -->`` and
+``<!-- /results -->``; this script rewrites those blocks (``--write``) or checks them (``--check``, and
+``tests/test_readme_figures.py``), so a figure in the README cannot outlive the measurement it came from.
+
+Usage: python benchmarks/report.py [--write | --check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+_DATED = re.compile(r"^(?P<head>.+?)-(?P<date>\d{4}-\d{2}-\d{2})(?P<tail>-.+)?\.json$")
+_BLOCK = re.compile(r"(<!-- results: (?P<series>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+
+
+def newest_files(results: Path = RESULTS) -> dict[str, Path]:
+    """series -> its newest result file (by the date in the name)."""
+    newest: dict[str, tuple[str, Path]] = {}
+    for path in results.glob("*.json"):
+        m = _DATED.match(path.name)
+        if m is None:
+            continue
+        series = m["head"] + (m["tail"] or "")
+        if series not in newest or m["date"] > newest[series][0]:
+            newest[series] = (m["date"], path)
+    return {series: path for series, (_, path) in newest.items()}
+
+
+def _provenance(path: Path, env: dict) -> str:
+    commit = env.get("commit")
+    state = "unknown commit" if not commit else f"commit {commit[:10]}" + (", uncommitted changes" if env.get(
+        "dirty") else "")
+    return f"Source: `benchmarks/results/{path.name}` ({state}; {env.get('device', '?')}, torch " \
+           f"{env.get('torch', '?')}, {env.get('date', '?')})."
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_train_step(rows: list[dict], path: Path) -> str:
+    base = next(k for k in rows[0] if k.startswith("speedup_vs_"))
+    out = []
+    for r in rows:
+        layout = "channels_last_3d" if r["channels_last"] else "contiguous"
+        what = f"{r.get('model', '?')}, {r['precision']}, {layout}" + (", torch.compile" if r["compile"] else "")
+        out.append([r["provider"], what, f"{r['s_per_step']:.2f}", f"{r['samples_per_s']:.2f}", f"{r[base]:.2f}x",
+                    f"{r['warmup_s']:.1f}"])
+    r0 = rows[0]
+    note = (f"Batch {r0['batch_size']}, width {r0['width']}, median of {r0['steps']} interleaved steps after "
+            f"{r0.get('warmup_steps', 1)} warm-up step(s) each; {r0['gflop_per_sample'] / 1e3:.2f} TFLOP per sample "
+            "(forward + backward).")
+    header = ["provider", "model, precision, layout", "s/step", "samples/s", base.replace("speedup_vs_", "vs "),
+              "warm-up s"]
+    return "\n\n".join([_table(header, out), note, _provenance(path, r0)])
+
+
+def render_data(rows: list[dict], path: Path) -> str:
+    base = next(k for k in rows[0] if k.startswith("speedup_vs_"))
+    out = [[r["provider"], f"{r['s_per_sample'] * 1e3:.2f}", f"{r[base]:.2f}x"] for r in rows]
+    batch = max(r["batch"] for r in rows)
+    note = f"{rows[0]['samples']} samples, engine loaders in batches of {batch}, one thread each, round-robin."
+    header = ["provider", "ms/sample/core", base.replace("speedup_vs_", "vs ")]
+    return "\n\n".join([_table(header, out), note, _provenance(path, rows[0])])
+
+
+MICRO_OPS = (  # (label, benchmark name of a global view, of a local view)
+    ("crop from the memory map", "test_crop_memmap[global]", "test_crop_memmap[local]"),
+    ("crop + resize (native)", "test_resize_native[1-global]", "test_resize_native[1-local]"),
+    ("flip + affine (native)", "test_affine_native[1-global]", "test_affine_native[1-local]"),
+    ("blur + noise + gamma + swap + z-norm (native)", "test_intensity_native[1-global]",
+     "test_intensity_native[1-local]"),
+    ("whole chain fused per view (native.views)", "test_views_native[global]", "test_views_native[local]"),
+)
+
+
+def render_micro(data: dict, path: Path) -> str:
+    per_item = {b["name"]: b["stats"]["median"] / b.get("extra_info", {}).get("items", 1) for b in data["benchmarks"]}
+    out = [[label, f"{per_item[g] * 1e3:.3f}", f"{per_item[loc] * 1e3:.3f}"] for label, g, loc in MICRO_OPS]
+    info = data["commit_info"]
+    env = {"commit": info.get("id"), "dirty": info.get("dirty"), "date": data["datetime"][:10],
+           "device": data["machine_info"].get("cpu", {}).get("brand_raw", "?"),
+           "torch": data.get("torch", "?")}
+    header = ["op (one view)", "64x64x32 global view, ms", "16^3 local view, ms"]
+    return "\n\n".join([_table(header, out), "Median per view, pytest-benchmark (`make bench-micro`).",
+                        _provenance(path, env)])
+
+
+def render_crop_resize(rows: list[dict], path: Path) -> str:
+    out = [[r["provider"], r["view"], f"{r['crops_per_s']:,.0f}", f"{r['speedup_vs_torch']:.2f}x"] for r in rows]
+    note = (f"{rows[0]['boxes']} boxes per call from a {'x'.join(map(str, rows[0]['volume_shape']))} volume, "
+            f"{rows[0]['threads']} threads; `native_out` writes into a reused buffer.")
+    return "\n\n".join([_table(["provider", "view", "crops/s", "vs torch"], out), note, _provenance(path, rows[0])])
+
+
+def render_scaling(rows: list[dict], path: Path) -> str:
+    out = []
+    for r in rows:
+        eff = r.get("weak_scaling_efficiency", r.get("efficiency_ceiling"))
+        out.append([r["provider"], str(r["processes"]), str(r["threads_per_process"]), f"{r['samples_per_s']:.2f}",
+                    "" if eff is None else f"{eff:.2f}"])
+    note = (f"Width {rows[0]['width']}, {rows[0]['precision']}, batch {rows[0]['per_process_batch']} per process, "
+            "gloo; `2x1proc-independent` runs two unrelated single-process trainings side by side: its figure is "
+            "the ceiling this machine allows.")
+    header = ["provider", "processes", "threads each", "samples/s", "efficiency (or ceiling)"]
+    return "\n\n".join([_table(header, out), note, _provenance(path, rows[0])])
+
+
+RENDERERS = {"train_step": render_train_step, "data": render_data, "micro": render_micro,
+             "crop_resize": render_crop_resize, "scaling": render_scaling}
+
+
+def render(series: str, path: Path) -> str:
+    name = series.split("-")[0]
+    if name not in RENDERERS:
+        raise KeyError(f"no README table for result series {series!r} ({path.name})")
+    return RENDERERS[name](json.loads(path.read_text()), path)
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+    """(series, body) of every results block in the README text."""
+    return [(m["series"], m["body"]) for m in _BLOCK.finditer(text)]
+
+
+def updated(text: str, files: dict[str, Path]) -> str:
+    def fill(m: re.Match) -> str:
+        series = m["series"]
+        if series not in files:
+            raise KeyError(f"README block {series!r} has no result file in {RESULTS}")
+        return m.group(1) + render(series, files[series]) + "\n" + m.group(4)
+
+    return _BLOCK.sub(fill, text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rewrite the README's results blocks")
+    mode.add_argument("--check", action="store_true", help="exit 1 when a block differs from its newest results")
+    args = p.parse_args(argv)
+    text = README.read_text()
+    new = updated(text, newest_files())
+    if args.write:
+        README.write_text(new)
+        print(f"{README}: {len(blocks(new))} results blocks written")
+    elif args.check:
+        stale = [s for (s, body), (_, fresh) in zip(blocks(text), blocks(new)) if body != fresh]
+        if stale:
+            print(f"README results blocks out of date: {', '.join(stale)} (run python benchmarks/report.py --write)")
+            return 1
+        print("README results blocks match the newest results")
+    else:
+        for series, body in blocks(new):
+            print(f"## {series}\n{body}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
