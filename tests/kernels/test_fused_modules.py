@@ -17,9 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tests import requirements
 from tests.helpers import assert_close
 
-pytest.importorskip("triton")
+requirements.importorskip("triton", "triton")
 
 import pcrlv2_fast.nn.functional as fused_fn  # noqa: E402  (after the conftest chose the interpreter)
 from pcrlv2_fast import selftest  # noqa: E402
@@ -354,9 +355,12 @@ def _views(g, n, spatial):
     return (torch.randn(n, 1, *spatial, generator=g) * scale + shift).to(DEVICE)
 
 
-def test_tiny_model_training_curves_match():
+@pytest.mark.parametrize("conv_impl", ["auto", "triton"])
+def test_tiny_model_training_curves_match(conv_impl):
     """Width 1, batch 4, one local view, 8^3 views, 3 SGD steps: the loss terms of every step and the first step's
-    gradients agree.
+    gradients agree. ``conv_impl="triton"`` forces the implicit-GEMM conv kernel (and its data/weight gradient
+    kernels) into every fused block; on CPU ``auto`` runs torch's convolution. The forced conv runs 2 steps: the
+    interpreter takes ~30 s per step there.
 
     Tolerances (measured on the interpreter, with and without conv3d_bn_stats: gradients 3.5e-5, first-step terms
     3e-7, curve 5e-5): tiny networks are ill-conditioned (a 1e-6 relative change of the weights moves some
@@ -367,12 +371,16 @@ def test_tiny_model_training_curves_match():
     for kernels in ("torch", "triton"):
         torch.manual_seed(0)
         model = NonSkipUNet3D(width=1, kernels=kernels, upsample_masks=kernels == "torch").to(DEVICE)
+        blocks = [m for m in model.modules() if isinstance(m, FusedConvBlock3d)]
+        assert len(blocks) == (0 if kernels == "torch" else 17)  # 8 encoder, 6 decoder, 3 heads
+        for block in blocks:
+            block.set_kernels(kernels, conv_impl)
         loss_fn = PCRLv2Loss(total_epochs=10, n_local=1, kernels=kernels)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         scaler = torch.amp.GradScaler(DEVICE, enabled=False)
         g = torch.Generator().manual_seed(1)
         curve = []
-        for step in range(3):
+        for step in range(3 if conv_impl == "auto" else 2):
             x1, x2, loc = _views(g, 4, (8, 8, 8)), _views(g, 4, (8, 8, 8)), _views(g, 4, (8, 8, 8))
             gt = torch.rand(4, 1, 8, 8, 8, generator=g).to(DEVICE)
             terms, skipped, _ = pretrain_step(model, loss_fn, opt, scaler, x1, x2, gt, loc, 0, random.Random(step))

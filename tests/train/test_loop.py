@@ -9,6 +9,7 @@ from pcrlv2_fast.models import NonSkipUNet3D
 from pcrlv2_fast.reference import ReferencePCRLv23d, reference_step_loss
 from pcrlv2_fast.train import PretrainConfig, Pretrainer, pretrain
 from pcrlv2_fast.train.loop import epoch_order, local_batch, lr_at_epoch, step_rng
+from tests import requirements
 
 
 def tiny(tmp_path, name="run", **kw):
@@ -187,7 +188,7 @@ def test_pretrain_on_real_ct_and_mr(tmp_path, shared_data):
     folder = shared_data / "totalseg-examples"
     paths = [folder / "aorta_ct_cropped.nii.gz", folder / "example_mr_sm.nii.gz"]
     if not all(p.exists() for p in paths):
-        pytest.skip(f"real scans not present in {folder}")
+        requirements.skip("shared-data", f"real scans not present in {folder}")
     volumes = [load_scan(p) for p in paths]
     assert [v.modality for v in volumes] == ["ct", "mr"]
     summary = pretrain(tiny(tmp_path, steps=2, width=4, precision="bf16", channels_last=True), volumes)
@@ -195,3 +196,39 @@ def test_pretrain_on_real_ct_and_mr(tmp_path, shared_data):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert load_pretrained(tmp_path / "run" / "checkpoint.pt").width == 4
+
+
+def test_official_loss_limit_skips_only_after_epoch_10(tmp_path, phantom_volumes):
+    """The official rule: a step whose loss exceeds ``skip_loss_above`` (1000) after epoch 10 is skipped. With the
+    limit below any reachable loss, steps of epochs 0-10 train and every later step is skipped, weights unmoved."""
+    # 2 scans x 1 pair, batch 2: one step per epoch, so step i runs in epoch i - 1.
+    cfg = tiny(tmp_path, steps=13, pairs_per_volume=1, skip_loss_above=-1e9, max_nonfinite=0, tensorboard=False)
+    trainer = Pretrainer(cfg, phantom_volumes)
+    assert trainer.steps_per_epoch == 1
+    snapshots = []
+    for epoch in range(13):
+        trainer.step = epoch
+        out = trainer.train_step(next(iter(trainer.batches(epoch, 0))), epoch)
+        snapshots.append(params(trainer.model))
+        assert out.skipped == (epoch > 10) and out.reason == ("loss_limit" if epoch > 10 else None), epoch
+    for name, value in snapshots[10].items():
+        assert torch.equal(snapshots[12][name], value), name  # skipped steps move nothing, running stats included
+    assert any(not torch.equal(snapshots[9][k], v) for k, v in snapshots[10].items())  # epoch 10 still trains
+    assert PretrainConfig().skip_loss_above == 1000.0
+
+
+def test_official_preset_is_the_published_recipe(tmp_path, phantom_volumes):
+    cfg = PretrainConfig.from_name("official", data="unused", out=str(tmp_path / "run"))
+    assert (cfg.width, cfg.batch_size, cfg.epochs, cfg.steps) == (32, 32, 240, None)
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay) == ("sgd", 1e-3, 0.9, 1e-4)
+    assert (cfg.norm, cfg.act, cfg.pairs_per_volume, cfg.all_scales) == ("bn", "relu", 16, False)
+    # The optimizer the trainer builds from it (width shrunk and one epoch of steps counted, to stay small).
+    small = PretrainConfig.from_name("official", data="unused", out=str(tmp_path / "run"), width=2,
+                                     pairs_per_volume=16)
+    trainer = Pretrainer(small, phantom_volumes)
+    opt = trainer.optimizer
+    assert isinstance(opt, torch.optim.SGD)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (1e-3, 0.9, 1e-4, False)
+    assert trainer.steps_per_epoch == 1 and trainer.total_steps == 240  # 2 scans x 16 pairs / 32 per step
+    assert trainer.loss_fn.total_epochs == 240
