@@ -40,8 +40,9 @@ def _provenance(path: Path, env: dict) -> str:
     commit = env.get("commit")
     state = "unknown commit" if not commit else f"commit {commit[:10]}" + (", uncommitted changes" if env.get(
         "dirty") else "")
-    return f"Source: `benchmarks/results/{path.name}` ({state}; {env.get('device', '?')}, torch " \
-           f"{env.get('torch', '?')}, {env.get('date', '?')})."
+    parts = [state, env.get("device", "?")] + ([f"torch {env['torch']}"] if env.get("torch") else []) + [
+        env.get("date", "?")]
+    return f"Source: `benchmarks/results/{path.name}` ({'; '.join(parts[:1])}; {', '.join(parts[1:])})."
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -91,8 +92,7 @@ def render_micro(data: dict, path: Path) -> str:
     out = [[label, f"{per_item[g] * 1e3:.3f}", f"{per_item[loc] * 1e3:.3f}"] for label, g, loc in MICRO_OPS]
     info = data["commit_info"]
     env = {"commit": info.get("id"), "dirty": info.get("dirty"), "date": data["datetime"][:10],
-           "device": data["machine_info"].get("cpu", {}).get("brand_raw", "?"),
-           "torch": data.get("torch", "?")}
+           "device": data["machine_info"].get("cpu", {}).get("brand_raw", "?")}
     header = ["op (one view)", "64x64x32 global view, ms", "16^3 local view, ms"]
     return "\n\n".join([_table(header, out), "Median per view, pytest-benchmark (`make bench-micro`).",
                         _provenance(path, env)])
