@@ -37,6 +37,7 @@ and dy (as the fused norm_act kernels do) passes none, and the conv backward the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -551,32 +552,79 @@ def _print_line(line: str) -> None:
     print(line, flush=True)
 
 
-class ImplChooser:
-    """Per-shape choice between cuDNN and the Triton kernels, made by timing both on first use.
+# Largest relative difference (max |triton - cudnn| / max |cudnn| per output) at which a Triton candidate's first
+# output is accepted: the rounding of the compute dtype, with room for another summation order.
+_AGREEMENT = {"ieee": 1e-4, "tf32": 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
-    Decisions are kept in ``choices`` (key -> "cudnn" | "triton") and, when ``cache_file`` is set, in a JSON
-    file shared by later runs (its keys name the GPU and the torch/Triton versions, so a new stack measures
-    again). Each decision is printed once per process: measured ones with both times, ones read back from the
-    file marked "cached". ``timer(fn) -> ms`` is replaceable (tests mock it). The module's ``CHOOSER`` keeps
-    its file in $PCRLV2_FAST_CACHE_DIR (default ~/.cache/pcrlv2_fast)/conv3d_block.json; delete the file to
-    measure again. A first use inside CUDA-graph capture would fail (timing synchronises): run an eager
-    step first.
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return _AGREEMENT[_dot_precision(dtype)] if dtype == torch.float32 else _AGREEMENT[dtype]
+
+
+def compare_outputs(candidate, reference) -> str | None:
+    """None when two candidates' outputs (tensors, or tuples with None where a gradient was not asked for)
+    agree within the compute dtype's tolerance, else what differs."""
+    pairs = zip(candidate, reference) if isinstance(reference, tuple | list) else [(candidate, reference)]
+    for i, (a, b) in enumerate(pairs):
+        if a is None and b is None:
+            continue
+        if a is None or b is None or a.shape != b.shape:
+            shapes = [None if t is None else tuple(t.shape) for t in (a, b)]
+            return f"output {i}: shape {shapes[0]} vs {shapes[1]}"
+        a32, b32 = a.detach().float(), b.detach().float()
+        if not bool(torch.isfinite(a32).all()):
+            return f"output {i} is not finite"
+        scale = max(float(b32.abs().max()), 1e-30) if b32.numel() else 1.0
+        rel = float((a32 - b32).abs().max()) / scale if a32.numel() else 0.0
+        tol = _tolerance(b.dtype)
+        if rel > tol:
+            return f"output {i} differs by {rel:.2e} of its largest value (tolerance {tol:.0e})"
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+class ImplChooser:
+    """Per-shape choice between cuDNN ("cudnn", the reference) and the Triton kernels, made on first use.
+
+    A Triton candidate is accepted only if it runs and its first output agrees with cuDNN's on that shape
+    (``compare``); then both are timed (``timer(fn) -> ms``, replaceable in tests) and the faster wins. Any
+    exception from a Triton candidate (does not fit, compile or ptxas error, launch error, ...) makes cuDNN the
+    choice, its reason logged once per distinct reason; an exception from cuDNN propagates. Decisions are kept in
+    ``choices`` and, when ``cache_file`` is set, in a JSON file shared by later runs (its keys name the GPU and
+    the torch/Triton versions, so a new stack measures again); a cached Triton choice is still checked against
+    cuDNN once per process. A cache file that cannot be written leaves the choices in memory, with one warning.
+    The module's ``CHOOSER`` keeps its file in $PCRLV2_FAST_CACHE_DIR (default ~/.cache/pcrlv2_fast)/
+    conv3d_block.json; delete the file to measure again. A first use inside CUDA-graph capture would fail
+    (timing synchronises): run an eager step first.
     """
 
+    REFERENCE = "cudnn"
+
     def __init__(self, cache_file: Path | None = None, timer: Callable[[Callable[[], object]], float] = cuda_timer,
-                 log: Callable[[str], None] = _print_line):
+                 log: Callable[[str], None] = _print_line, compare: Callable[[object, object], str | None] = None):
         self.cache_file = cache_file
         self.timer = timer
         self.log = log
+        self.compare = compare or compare_outputs
         self.choices: dict[str, str] = {}
+        self._logged: set[str] = set()
+
+    def _log_once(self, line: str, reason: str) -> None:
+        if reason not in self._logged:
+            self._logged.add(reason)
+            self.log(line)
 
     def _read_file(self) -> dict:
         if self.cache_file is None or not self.cache_file.exists():
             return {}
         try:
             data = json.loads(self.cache_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            self.log(f"conv3d_block: ignoring unreadable choice cache {self.cache_file}: {exc}")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            self._log_once(f"conv3d_block: ignoring unreadable choice cache {self.cache_file}: {exc}", "read")
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -586,40 +634,66 @@ class ImplChooser:
         # Merge with what other processes wrote meanwhile; the rename makes the update atomic.
         data = self._read_file()
         data[key] = choice
-        self.cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.cache_file)
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+            os.replace(tmp, self.cache_file)
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # the folder itself may be what cannot be written
+                tmp.unlink(missing_ok=True)
+            self.log(f"warning: conv3d_block: cannot write the choice cache {self.cache_file} ({exc}); choices stay "
+                     "in memory for this process (set PCRLV2_FAST_CACHE_DIR to a writable folder to keep them)")
+            self.cache_file = None
+
+    def _usable(self, label: str, name: str, fn: Callable[[], object], reference_out) -> bool:
+        """Whether candidate ``name`` runs and agrees with the reference's output (logs why not, once)."""
+        try:
+            problem = self.compare(fn(), reference_out)
+        except triton.runtime.errors.OutOfResources as exc:
+            self._log_once(f"{label}: {name} does not fit on this GPU ({exc}); using {self.REFERENCE}", _reason(exc))
+            return False
+        except Exception as exc:  # compile, ptxas, launch or any other failure of the candidate: never fatal
+            self._log_once(f"{label}: {name} failed ({_reason(exc)}); using {self.REFERENCE} for every shape where "
+                           "it fails", _reason(exc))
+            return False
+        if problem:
+            self.log(f"{label}: {name} disagrees with {self.REFERENCE} ({problem}); using {self.REFERENCE}")
+        return problem is None
 
     def choose(self, key: str, label: str, candidates: dict[str, Callable[[], object]]) -> str:
         """The chosen candidate name for key: remembered, read from the file, or measured now (the fastest)."""
         if key in self.choices:
             return self.choices[key]
+        reference = candidates[self.REFERENCE]
+        reference_out = reference()
         cached = self._read_file().get(key)
         if cached in candidates:
-            self.choices[key] = cached
-            self.log(f"{label}: {cached} (cached in {self.cache_file})")
-            return cached
-        times = {}
-        for name, fn in candidates.items():
-            try:
-                times[name] = self.timer(fn)
-            except triton.runtime.errors.OutOfResources as exc:
-                self.log(f"{label}: {name} does not fit on this GPU ({exc}); not a candidate")
-        if not times:
-            raise RuntimeError(f"{label}: no implementation could run")
+            if cached == self.REFERENCE or self._usable(label, cached, candidates[cached], reference_out):
+                self.choices[key] = cached
+                self.log(f"{label}: {cached} (cached in {self.cache_file})")
+                return cached
+        usable = {self.REFERENCE: reference}
+        usable.update({n: fn for n, fn in candidates.items()
+                       if n != self.REFERENCE and self._usable(label, n, fn, reference_out)})
+        times = {name: self.timer(fn) for name, fn in usable.items()}
         choice = min(times, key=times.get)
         self.choices[key] = choice
         self.log(f"{label}: " + ", ".join(f"{n} {t:.3f} ms" for n, t in times.items()) + f" -> {choice}")
         self._write_file(key, choice)
         return choice
 
+    def demote(self, key: str, label: str, exc: BaseException) -> None:
+        """A chosen Triton kernel failed on a later call: cuDNN from now on for this shape (in memory only)."""
+        self.choices[key] = self.REFERENCE
+        self._log_once(f"{label}: triton failed ({_reason(exc)}); using {self.REFERENCE} from now on", _reason(exc))
+
 
 CHOOSER = ImplChooser(cache_file=_default_cache_file())
 
 
 def _shape_key(x: Tensor, weight: Tensor, direction: str) -> tuple[str, str]:
-    """(cache key, printed label) of one conv shape and direction."""
+    """(cache key, printed label) of one conv shape and direction (fwd, dgrad or wgrad)."""
     N, C_in, D, H, W = x.shape
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[x.dtype]
     label = f"conv3d_block {C_in}->{weight.shape[0]} {D}x{H}x{W} N={N} {dt} {direction}"
@@ -629,14 +703,36 @@ def _shape_key(x: Tensor, weight: Tensor, direction: str) -> tuple[str, str]:
     return f"{dev}|torch {torch.__version__}|triton {triton.__version__}|{label}", label
 
 
-def _resolve(impl: str, x: Tensor, weight: Tensor, direction: str, candidates: dict[str, Callable[[], object]]):
-    """"triton" or "torch" for this call; "auto" asks the chooser on CUDA and is torch elsewhere."""
-    if impl != "auto":
-        return impl
-    if not x.is_cuda:
-        return "torch"
+def _fits_int32(x: Tensor, weight: Tensor) -> bool:
+    """Whether every offset the kernels form fits int32, including masked (padding) neighbours one plane past
+    the end."""
+    N, C, D, H, W = x.shape
+    return max(C, weight.shape[0]) * (N * D * H * W + H * W + W + 1) < 2**31
+
+
+def _measures(x: Tensor) -> bool:
+    """Whether ``auto`` asks the chooser: on CUDA only (timing the interpreter would say nothing)."""
+    return x.is_cuda
+
+
+def _dispatch(impl: str, x: Tensor, weight: Tensor, direction: str, run_torch: Callable[[], object],
+              run_triton: Callable[[], object]):
+    """Run this call by the chosen implementation. ``auto``: the chooser's per-shape choice on CUDA (a Triton
+    failure on a later call falls back to cuDNN), torch on the CPU and for shapes beyond int32 offsets."""
+    if impl == "torch":
+        return run_torch()
+    if impl == "triton":
+        return run_triton()
+    if not _measures(x) or not _fits_int32(x, weight):
+        return run_torch()
     key, label = _shape_key(x, weight, direction)
-    return "triton" if CHOOSER.choose(key, label, candidates) == "triton" else "torch"
+    if CHOOSER.choose(key, label, {"cudnn": run_torch, "triton": run_triton}) != "triton":
+        return run_torch()
+    try:
+        return run_triton()
+    except Exception as exc:  # the chooser promised never to take training down for a Triton failure
+        CHOOSER.demote(key, label, exc)
+        return run_torch()
 
 
 # ------------------------------------------------------------------------------------------ custom ops
@@ -657,11 +753,9 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Tensor | None, impl: str) -> 
     if impl == "triton" and not (x.is_cuda or _interpreting()):
         raise RuntimeError("conv3d_block's Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                            "use impl='torch' or 'auto'")
-    # int32 offsets, including those of masked (padding) neighbours one plane past the end.
-    N, C, D, H, W = x.shape
-    biggest = max(C, weight.shape[0]) * (N * D * H * W + H * W + W + 1)
-    if biggest >= 2**31:
-        raise ValueError(f"x or y of {biggest} elements exceeds the kernels' int32 offsets")
+    if impl == "triton" and not _fits_int32(x, weight):
+        raise ValueError(f"x {tuple(x.shape)} with {weight.shape[0]} output channels exceeds the Triton kernels' "
+                         "int32 offsets; use impl='auto' (falls back to torch) or 'torch'")
 
 
 def _stat_like(x: Tensor, weight: Tensor) -> Tensor:
@@ -674,9 +768,8 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, impl: str) -> tuple[
     _check_inputs(x, weight, bias, impl)
     xc = _cl(x)
     with _device_guard(xc):
-        which = _resolve(impl, xc, weight, "fwd", {"cudnn": lambda: torch_forward(xc, weight, bias),
-                                                   "triton": lambda: triton_forward(xc, weight, bias)})
-        return (triton_forward if which == "triton" else torch_forward)(xc, weight, bias)
+        return _dispatch(impl, xc, weight, "fwd", lambda: torch_forward(xc, weight, bias),
+                         lambda: triton_forward(xc, weight, bias))
 
 
 @_fwd_op.register_fake
@@ -691,14 +784,19 @@ def _bwd_op(dy: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_dw: bool,
             ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias); a gradient not asked for is an empty tensor. dx is channels-last."""
     xc, dyc = _cl(x), _cl(dy.to(x.dtype))
+    dx = dw = db = None
+    # Data and weight gradients are chosen separately: their GEMMs have different shapes and winners.
     with _device_guard(xc):
-        direction = "bwd" if need_dx else "bwd-weight"
-        args = (dyc, xc, weight, need_dx, need_dw, need_db)
-        which = _resolve(impl, xc, weight, direction, {"cudnn": lambda: torch_backward(*args),
-                                                       "triton": lambda: triton_backward(*args)})
-        grads = (triton_backward if which == "triton" else torch_backward)(*args)
+        if need_dx:
+            data = (dyc, xc, weight, True, False, False)
+            dx = _dispatch(impl, xc, weight, "dgrad", lambda: torch_backward(*data)[0],
+                           lambda: triton_backward(*data)[0])
+        if need_dw or need_db:
+            wargs = (dyc, xc, weight, False, need_dw, need_db)
+            dw, db = _dispatch(impl, xc, weight, "wgrad", lambda: torch_backward(*wargs)[1:],
+                               lambda: triton_backward(*wargs)[1:])
     empty = x.new_empty(0)
-    return tuple(g if g is not None else empty.clone() for g in grads)
+    return tuple(g if g is not None else empty.clone() for g in (dx, dw, db))
 
 
 @_bwd_op.register_fake

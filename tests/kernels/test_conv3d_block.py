@@ -342,10 +342,14 @@ def _candidates():
     return {"cudnn": lambda: "cudnn", "triton": lambda: "triton"}
 
 
+def _agree(candidate, reference):
+    return None
+
+
 def test_chooser_measures_once_prints_and_caches(tmp_path):
     lines = []
     timer = _FakeTimer({"cudnn": 1.23, "triton": 0.98})
-    chooser = cb.ImplChooser(cache_file=tmp_path / "choices.json", timer=timer, log=lines.append)
+    chooser = cb.ImplChooser(cache_file=tmp_path / "choices.json", timer=timer, log=lines.append, compare=_agree)
     assert chooser.choose("k1", "conv3d_block 32->64 64x64x32 N=8 bf16 fwd", _candidates()) == "triton"
     assert lines == ["conv3d_block 32->64 64x64x32 N=8 bf16 fwd: cudnn 1.230 ms, triton 0.980 ms -> triton"]
     # Remembered: no new measurement, no new line.
@@ -359,7 +363,8 @@ def test_chooser_measures_once_prints_and_caches(tmp_path):
     # A new process reads the file back: no measurement, one "cached" line per key.
     lines2 = []
     timer2 = _FakeTimer({"cudnn": 9.0, "triton": 9.0})
-    chooser2 = cb.ImplChooser(cache_file=tmp_path / "choices.json", timer=timer2, log=lines2.append)
+    chooser2 = cb.ImplChooser(cache_file=tmp_path / "choices.json", timer=timer2, log=lines2.append,
+                               compare=_agree)
     assert chooser2.choose("k1", "label1", _candidates()) == "triton"
     assert chooser2.choose("k1", "label1", _candidates()) == "triton"
     assert timer2.calls == [] and lines2 == [f"label1: triton (cached in {tmp_path / 'choices.json'})"]
@@ -368,21 +373,145 @@ def test_chooser_measures_once_prints_and_caches(tmp_path):
 def test_chooser_without_file_and_with_a_candidate_that_does_not_fit(tmp_path):
     lines = []
 
-    def timer(fn):
-        if fn() == "triton":
-            raise cb.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
-        return 2.0
+    def too_big():
+        raise cb.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
 
-    chooser = cb.ImplChooser(cache_file=None, timer=timer, log=lines.append)
-    assert chooser.choose("k", "lbl", _candidates()) == "cudnn"
+    timer = _FakeTimer({"cudnn": 2.0})
+    chooser = cb.ImplChooser(cache_file=None, timer=timer, log=lines.append, compare=_agree)
+    assert chooser.choose("k", "lbl", {"cudnn": lambda: "cudnn", "triton": too_big}) == "cudnn"
     assert "does not fit" in lines[0] and lines[1] == "lbl: cudnn 2.000 ms -> cudnn"
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    chooser = cb.ImplChooser(cache_file=bad, timer=_FakeTimer({"cudnn": 2.0, "triton": 1.0}), log=lines.append)
+    chooser = cb.ImplChooser(cache_file=bad, timer=_FakeTimer({"cudnn": 2.0, "triton": 1.0}), log=lines.append,
+                             compare=_agree)
     assert chooser.choose("k", "lbl", _candidates()) == "triton"
     assert any("unreadable" in line for line in lines)
     assert json.loads(bad.read_text()) == {"k": "triton"}
+
+
+@pytest.mark.parametrize("error", [RuntimeError("ptxas fatal: Unresolved extern function"),
+                                   ValueError("CompilationError at 12:4: unsupported"),
+                                   OSError("cannot write the kernel cache")])
+def test_any_triton_failure_falls_back_to_cudnn_logged_once(error):
+    lines = []
+
+    def broken():
+        raise error
+
+    timer = _FakeTimer({"cudnn": 3.0})
+    chooser = cb.ImplChooser(cache_file=None, timer=timer, log=lines.append, compare=_agree)
+    for key in ("k1", "k2"):
+        assert chooser.choose(key, f"lbl {key}", {"cudnn": lambda: "cudnn", "triton": broken}) == "cudnn"
+    failures = [line for line in lines if "failed" in line]
+    assert len(failures) == 1 and type(error).__name__ in failures[0] and str(error) in failures[0]
+    assert lines[-1] == "lbl k2: cudnn 3.000 ms -> cudnn"
+    assert timer.calls == ["cudnn", "cudnn"]
+
+
+def test_a_triton_candidate_that_disagrees_is_rejected(tmp_path):
+    lines = []
+    x = torch.ones(4, 3)
+
+    def cudnn():
+        return x, None
+
+    def far():
+        return 2 * x, None
+
+    def close():  # within fp32's tolerance; None where a gradient was not asked for
+        return x + 1e-6, None
+
+    timer = {cudnn: 5.0, far: 1.0, close: 1.0}.__getitem__
+    chooser = cb.ImplChooser(cache_file=tmp_path / "c.json", timer=timer, log=lines.append)
+    assert chooser.choose("k", "lbl", {"cudnn": cudnn, "triton": far}) == "cudnn"
+    assert "disagrees with cudnn (output 0 differs by 1.00e+00" in lines[0]
+    assert chooser.choose("k2", "lbl2", {"cudnn": cudnn, "triton": close}) == "triton"
+    # A cached Triton choice is checked again in a new process; now it disagrees, so it is measured anew.
+    again = cb.ImplChooser(cache_file=tmp_path / "c.json", timer=lambda fn: 1.0, log=lines.append)
+    assert again.choose("k2", "lbl2", {"cudnn": lambda: (x, None), "triton": lambda: (x * 3, None)}) == "cudnn"
+    assert "disagrees" in lines[-2] and lines[-1].endswith("-> cudnn")
+
+
+def test_an_unwritable_cache_keeps_choices_in_memory_with_one_warning(tmp_path):
+    lines = []
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    timer = _FakeTimer({"cudnn": 2.0, "triton": 1.0})
+    chooser = cb.ImplChooser(cache_file=blocker / "choices.json", timer=timer, log=lines.append, compare=_agree)
+    assert chooser.choose("k1", "lbl1", _candidates()) == "triton"
+    assert chooser.choose("k2", "lbl2", _candidates()) == "triton"
+    assert chooser.choose("k1", "lbl1", _candidates()) == "triton"
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1 and "cannot write the choice cache" in warnings[0]
+    assert timer.calls == ["cudnn", "triton", "cudnn", "triton"] and chooser.choices == {"k1": "triton",
+                                                                                        "k2": "triton"}
+
+
+def _auto_on_cpu(monkeypatch, lines, timer):
+    """Make impl="auto" consult a fresh chooser on CPU tensors (Triton under the interpreter)."""
+    monkeypatch.setattr(cb, "_measures", lambda x: True)
+    chooser = cb.ImplChooser(cache_file=None, timer=timer, log=lines.append)
+    monkeypatch.setattr(cb, "CHOOSER", chooser)
+    return chooser
+
+
+def _prefer_triton(fn):
+    """A timer that finds the Triton candidate faster: the op's candidates are lambdas calling triton_* or
+    torch_* launchers."""
+    return 1.0 if any(name.startswith("triton_") for name in fn.__code__.co_names) else 2.0
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="forces the chooser onto CPU tensors under the interpreter")
+def test_auto_chooses_fwd_dgrad_wgrad_separately_and_survives_failures(monkeypatch):
+    lines = []
+    chooser = _auto_on_cpu(monkeypatch, lines, _prefer_triton)
+    real_backward = cb.triton_backward
+
+    def wgrad_breaks(dy, x, weight, need_dx, need_dw, need_db):
+        if need_dw:
+            raise RuntimeError("ptxas fatal: wgrad kernel")
+        return real_backward(dy, x, weight, need_dx, need_dw, need_db)
+
+    monkeypatch.setattr(cb, "triton_backward", wgrad_breaks)
+    x = _make_x(2, 5, (3, 4, 5), "ndhwc", torch.float32)
+    w, b = _params(5, 6, True)
+    dy = torch.randn(2, 6, 3, 4, 5, device=DEVICE)
+    out = _run(lambda x, w, b: cb.conv3d_bn_stats(x, w, b, impl="auto"), x, w, b, dy, None)
+    expected = _run(ref.conv3d_bn_stats, x, w, b, dy, None)
+    for name, value in out.items():
+        assert_close(value, expected[name], atol=1e-4, rtol=1e-4, what=name)
+    by_direction = {key.rsplit(" ", 2)[-2]: choice for key, choice in chooser.choices.items()}
+    assert by_direction == {"fwd": "triton", "dgrad": "triton", "wgrad": "cudnn"}
+    assert sum("ptxas fatal: wgrad kernel" in line for line in lines) == 1
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="forces the chooser onto CPU tensors under the interpreter")
+def test_auto_demotes_a_chosen_triton_kernel_that_fails_later(monkeypatch):
+    lines = []
+    chooser = _auto_on_cpu(monkeypatch, lines, _prefer_triton)
+    x = _make_x(2, 5, (3, 4, 5), "ndhwc", torch.float32)
+    w, b = _params(5, 6, True)
+    cb.conv3d_bn_stats(x, w, b, impl="auto")
+    (key,) = chooser.choices
+    assert chooser.choices[key] == "triton"
+    monkeypatch.setattr(cb, "triton_forward", lambda *a: (_ for _ in ()).throw(RuntimeError("illegal address")))
+    y, mean, var = cb.conv3d_bn_stats(x, w, b, impl="auto")
+    ry, rmean, rvar = ref.conv3d_bn_stats(x, w, b)
+    assert_close(y, ry, atol=1e-4, rtol=1e-4, what="y after the fallback")
+    assert chooser.choices[key] == "cudnn" and "illegal address" in lines[-1]
+
+
+def test_int32_guard_refuses_only_forced_triton(monkeypatch):
+    x = torch.empty(64, 128, 128, 128, 64, device="meta")  # 128 channels x 67 M voxels: past int32 offsets
+    w = torch.empty(128, 128, 3, 3, 3, device="meta")
+    assert not cb._fits_int32(x, w) and cb._fits_int32(x[:1, :, :16], w)
+    with pytest.raises(ValueError, match="int32 offsets; use impl='auto'"):
+        cb._check_inputs(x, w, None, "triton")
+    cb._check_inputs(x, w, None, "auto")
+    monkeypatch.setattr(cb, "_measures", lambda x: True)
+    monkeypatch.setattr(cb, "CHOOSER", None)  # auto must not even ask
+    assert cb._dispatch("auto", x, w, "fwd", lambda: "torch", lambda: "triton") == "torch"
 
 
 def test_shape_key_names_shape_dtype_direction_and_stack():
@@ -391,8 +520,8 @@ def test_shape_key_names_shape_dtype_direction_and_stack():
     key, label = cb._shape_key(x, w, "fwd")
     assert label == "conv3d_block 32->64 64x64x32 N=8 bf16 fwd"
     assert key.endswith(label) and torch.__version__ in key and cb.triton.__version__ in key
-    key32, label32 = cb._shape_key(x.float(), w.float(), "bwd")
-    assert label32 == "conv3d_block 32->64 64x64x32 N=8 fp32 bwd ieee"  # TF32 off (fixture)
+    key32, label32 = cb._shape_key(x.float(), w.float(), "dgrad")
+    assert label32 == "conv3d_block 32->64 64x64x32 N=8 fp32 dgrad ieee"  # TF32 off (fixture)
     assert key32 != key
 
 
