@@ -211,7 +211,7 @@ def train_step_rows(args, device: torch.device, timer=time_call) -> list[dict]:
 
     from pcrlv2_fast.losses import PCRLv2Loss
     from pcrlv2_fast.models import NonSkipUNet3D
-    from pcrlv2_fast.train.loop import pretrain_step
+    from pcrlv2_fast.train.loop import StepEngine, pretrain_step
 
     gen = torch.Generator().manual_seed(0)
     x1, x2, gt, local_views = make_views(args.batch_size, device, gen)
@@ -229,7 +229,8 @@ def train_step_rows(args, device: torch.device, timer=time_call) -> list[dict]:
         loss_fn = PCRLv2Loss(total_epochs=240, kernels=kernels)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
-        return lambda: pretrain_step(forward, loss_fn, opt, scaler, x1, x2, gt, loc, 0, random.Random(0), amp)
+        engine = StepEngine.build(model, loss_fn, opt, scaler, amp, forward)
+        return lambda: pretrain_step(engine, [(x1, x2, gt, loc)], 0, random.Random(0))
 
     providers = {"engine_torch": make("torch", False), "engine_triton": make("triton", False)}
     if args.compile:

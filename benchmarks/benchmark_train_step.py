@@ -4,8 +4,8 @@ Both providers run the same official step on the same views (2 global 64x64x32 v
 16^3 local views per sample): three forward passes (x1, x2, all local views batched), the objective,
 backward and an SGD step.
 - ``eager_fp32``: the reference network and objective (pcrlv2_fast.reference), fp32, contiguous.
-- ``engine``: NonSkipUNet3D + PCRLv2Loss through ``pretrain_step`` with the engine's settings (bf16 autocast,
-  channels_last_3d).
+- ``engine``: NonSkipUNet3D + PCRLv2Loss through ``pretrain_step`` (the trainer's own step function, skip rules
+  included) with the engine's settings (bf16 autocast, channels_last_3d).
 - ``engine_compile`` (``--compile``): the same with the model under ``torch.compile``; its warm-up is a cold
   compilation (a fresh inductor cache directory).
 
@@ -33,7 +33,7 @@ from utils import environment, median, time_call, write_rows  # noqa: E402
 from pcrlv2_fast.losses import PCRLv2Loss  # noqa: E402
 from pcrlv2_fast.models import NonSkipUNet3D  # noqa: E402
 from pcrlv2_fast.reference import ReferencePCRLv23d, reference_step_loss  # noqa: E402
-from pcrlv2_fast.train.loop import pretrain_step  # noqa: E402
+from pcrlv2_fast.train.loop import StepEngine, pretrain_step  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -108,7 +108,8 @@ def main() -> None:
         forward = torch.compile(model) if compile_model else model
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-        return lambda: pretrain_step(forward, loss_fn, opt, scaler, ex1, ex2, egt, eloc, 0, random.Random(0), amp)
+        engine = StepEngine.build(model, loss_fn, opt, scaler, amp, forward)
+        return lambda: pretrain_step(engine, [(ex1, ex2, egt, eloc)], 0, random.Random(0))
 
     base_name = "eager_" + args.baseline_precision
     providers = {base_name: eager_step, "engine": make_engine(False)}

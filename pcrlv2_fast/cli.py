@@ -49,6 +49,11 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                         "whole batches at once (torch: batched ops on --device; native: C++ kernels on the CPU; dali: "
                         "NVIDIA DALI pipelines, pip install nvidia-dali-cuda120); auto (default): native when built, "
                         "else torch")
+    p.add_argument("--prefetch", type=int, metavar="N",
+                   help="batches built ahead by a background thread while the step runs (default 2; 0: serially)")
+    p.add_argument("--loader-threads", type=int, metavar="T",
+                   help="OpenMP threads of the native loader (default: torch's thread count), so that the producer "
+                        "and the step do not fight over the cores")
     p.add_argument("--kernels", choices=["torch", "triton"],
                    help="plain PyTorch ops (default) or the fused Triton kernels for the conv blocks and the loss")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -60,7 +65,9 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-nonfinite", type=int, metavar="N",
                    help="stop (after saving) when N steps in a row have a non-finite loss or gradient (default 5; "
                         "0: never)")
-    p.add_argument("--log-every", type=int, metavar="N", help="write metrics every N steps (default 1)")
+    p.add_argument("--log-every", type=int, metavar="N",
+                   help="write metrics (and read the loss back from the device) every N steps (default 1 on the CPU, "
+                        "10 on CUDA)")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
                    help="no TensorBoard event files (written when the tensorboard package is installed)")
     p.add_argument("--no-pictures", dest="pictures", action="store_const", const=False)

@@ -124,14 +124,15 @@ class BatchLoader:
 
     ``backend``: ``"torch"`` (a :class:`VolumeBank` on ``device``; the volumes are copied into it once) or
     ``"native"`` (CPU, the C++ extension reading the arrays in place; ``num_threads`` OpenMP threads, default
-    torch's). ``loader.batches(batch_indices)`` yields, for each list of item indices, the dict a
+    torch's; ``pin_memory`` puts its output buffers in page-locked memory). ``loader.batches(batch_indices)``
+    yields, for each list of item indices, the dict a
     ``DataLoader(dataset, batch_sampler=batch_indices)`` yields: float32 ``x1``, ``x2``, ``gt`` (B, 1, *global
     out), ``locals`` (B, n_local, 1, *local out), int64 ``global_boxes`` (B, 2, 6), ``local_boxes``
     (B, n_local, 6) and ``volume_index`` (B,). Call ``dataset.set_epoch`` first, as for the DataLoader.
     """
 
     def __init__(self, dataset: PretrainDataset, backend: str = "torch", device: str | torch.device = "cpu",
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, pin_memory: bool = False):
         if backend not in ("torch", "native"):
             raise ValueError(f"BatchLoader backend must be 'torch' or 'native', got {backend!r}")
         resolve_loader(backend)
@@ -139,6 +140,8 @@ class BatchLoader:
         self.backend = backend
         self.device = torch.device(device)
         self.num_threads = num_threads
+        # Native output buffers in page-locked memory: their host-to-device copies can run asynchronously.
+        self.pin_memory = pin_memory
         if backend == "native":
             if self.device.type != "cpu":
                 raise ValueError(f"the native loader runs on the CPU, got device {self.device}")
@@ -186,7 +189,7 @@ class BatchLoader:
             for t in self._pool:
                 if tuple(t.shape) == shape and _unreferenced(t):
                     return t.view(shape)
-            t = torch.empty(shape, dtype=torch.float32)
+            t = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin_memory)
             if _unreferenced(t):  # the storage use count is readable: keep it for later batches
                 self._pool.append(t)
                 if len(self._pool) > self._POOL_SIZE:

@@ -41,6 +41,7 @@ class LossTerms:
     deep: torch.Tensor
     beta: float
     scale: int  # the global pair's scale (also the deep-supervision scale); -1 with all_scales
+    pair_scales: tuple[int, ...] = ()  # every scale a cosine pair read (the heads that get a gradient)
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -125,11 +126,12 @@ class PCRLv2Loss:
         gt = gt.float()
         beta = beta_schedule(epoch, self.total_epochs)
         if self.all_scales:
-            scale = -1
+            scale, used = -1, set(range(n_scales))
             loss_global = pair_loss_all_scales(feats1, feats2)
             deep = torch.stack([F.mse_loss(full_size(m, gt.shape[2:]).float(), gt) for m in masks]).mean()
         else:
             scale = rng.randint(0, n_scales - 1)
+            used = {scale}
             loss_global = pair_loss(feats1, feats2, scale)
             deep = F.mse_loss(full_size(masks[scale], gt.shape[2:]).float(), gt)
         loss_local = restoration.new_zeros((), dtype=torch.float32)
@@ -140,12 +142,14 @@ class PCRLv2Loss:
                     if self.all_scales:
                         terms.append(pair_loss_all_scales(anchor, view))
                     else:
-                        terms.append(pair_loss(anchor, view, rng.randint(0, n_scales - 1)))
+                        local_scale = rng.randint(0, n_scales - 1)
+                        used.add(local_scale)
+                        terms.append(pair_loss(anchor, view, local_scale))
             loss_local = torch.stack(terms).mean()
         restore = F.mse_loss(restoration.float(), gt)
         deep = beta * deep
         total = loss_global + loss_local + restore + deep
-        return LossTerms(total, loss_global, loss_local, restore, deep, beta, scale)
+        return LossTerms(total, loss_global, loss_local, restore, deep, beta, scale, tuple(sorted(used)))
 
     def _fused(self, restoration, masks, feats1, feats2, local_feats, gt, epoch, rng) -> LossTerms:
         """The same terms through the fused kernels; the scale draws are taken in the torch path's order (the
@@ -165,4 +169,5 @@ class PCRLv2Loss:
                                                        self.n_local, global_scale, local_scales)
         restore, deep = pcrlv2_restoration_losses(restoration, masks, gt, beta, scale)
         total = loss_global + loss_local + restore + deep
-        return LossTerms(total, loss_global, loss_local, restore, deep, beta, scale)
+        used = range(n_scales) if self.all_scales else {global_scale, *(local_scales or ())}
+        return LossTerms(total, loss_global, loss_local, restore, deep, beta, scale, tuple(sorted(used)))

@@ -141,6 +141,11 @@ class NonSkipUNet3D(nn.Module):
 
             fuse_model(self, kernels)
 
+    @property
+    def up_blocks(self) -> tuple[UpTransition, ...]:
+        """The decoder's up blocks, in the order of the feature pyramid and the masks (256, 128, 64 x width/32)."""
+        return self.up_tr256, self.up_tr128, self.up_tr64
+
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's feature pyramid (full, 1/2, 1/4, 1/8 resolution)."""
         f64 = self.down_tr64(x)
@@ -156,7 +161,7 @@ class NonSkipUNet3D(nn.Module):
             raise ValueError(f"every spatial size must be divisible by 8, got {tuple(x.shape[2:])}")
         out = self.encode(x)[-1]
         features, low_masks = [], []
-        for up in (self.up_tr256, self.up_tr128, self.up_tr64):
+        for up in self.up_blocks:
             out, proj, pred, mask = up(out)
             features.append([proj, pred])
             low_masks.append(mask)

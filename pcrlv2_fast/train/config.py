@@ -10,8 +10,9 @@ CUDA_GRAPHS_UNSUPPORTED = (
     "one. (1) Each step draws random decoder scales for the global pair, the deep supervision and each of the 12 "
     "local pairs, so the loss reads different outputs and the backward pass runs different kernels from step to "
     "step (3^13 variants), and with several processes the set of parameters that receive gradients changes with "
-    "them. (2) Skipping a step with a non-finite loss or gradient (and fp16's overflow check) is a decision on the "
-    "host from values on the device. (Batch-norm running-statistic updates alone would be fine inside a graph.) "
+    "them. (2) fp16's gradient scaler decides on the host whether to skip a step. (The skip of a step with a "
+    "non-finite loss or gradient is a device flag, and batch-norm running-statistic updates would be fine inside "
+    "a graph.) "
     "Use --compile to cut kernel-launch overhead instead."
 )
 
@@ -57,6 +58,10 @@ class PretrainConfig:
     # auto (native when the C++ extension is built, else torch) | dataset (per-sample DataLoader with `workers`
     # processes) | torch | native (whole batches at once); all give the same samples.
     loader: str = "auto"
+    # Batches built ahead of the step by a background thread (host-to-device copies on a side stream on CUDA);
+    # 0 builds each batch in the training thread when the step needs it. The batches are the same either way.
+    prefetch: int = 2
+    loader_threads: int | None = None  # OpenMP threads of the native loader; None: torch's intra-op thread count
     # torch (plain PyTorch ops) | triton (the fused kernels of pcrlv2_fast.kernels for the conv blocks and the
     # loss; on CPU tensors they need TRITON_INTERPRET=1, otherwise the torch path runs with a logged warning)
     kernels: str = "torch"
@@ -68,7 +73,7 @@ class PretrainConfig:
     max_nonfinite: int = 5
     save_every: int = 0  # also checkpoint every N steps (0: at each epoch end and at the end only)
     keep_checkpoints: int = 2  # checkpoint-<step>.pt files kept beside checkpoint.pt (0: checkpoint.pt only)
-    log_every: int = 1
+    log_every: int | None = None  # metrics rows (and device reads) every N steps; None: 1 on the CPU, 10 on CUDA
     tensorboard: bool = True  # event files next to metrics.jsonl, when the tensorboard package is installed
     pictures: bool = True
 
@@ -96,7 +101,7 @@ class PretrainConfig:
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
-        positive = ("epochs", "batch_size", "accumulate", "width", "pairs_per_volume", "log_every")
+        positive = ("epochs", "batch_size", "accumulate", "width", "pairs_per_volume")
         for field in positive:
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
@@ -106,7 +111,10 @@ class PretrainConfig:
             raise ValueError("batch_size must be >= 2: the projection BatchNorm1d layers need 2 samples per batch")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        for field in ("max_nonfinite", "save_every", "keep_checkpoints"):
+        for field in ("loader_threads", "log_every"):
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        for field in ("max_nonfinite", "save_every", "keep_checkpoints", "prefetch"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         if self.batch_size % self.accumulate:

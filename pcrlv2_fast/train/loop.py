@@ -16,20 +16,27 @@ K > 1 batch norm sees each micro-batch separately. A run may resume with another
 Precision: ``fp32`` (TF32 off), ``tf32`` (fp32 tensors, TF32 matmuls and convolutions on CUDA), ``bf16``
 (autocast) or ``fp16`` (autocast and a gradient scaler). The objective is always computed in fp32.
 
-Skipped steps leave parameters, optimizer state and batch-norm running statistics as they were. A step is
-skipped when its loss (over all processes) is not finite, its gradient is not finite, the fp16 scaler finds
-an overflow, or, as in the official code, its loss exceeds ``skip_loss_above`` after epoch 10. After
-``max_nonfinite`` steps in a row with a non-finite loss or gradient the run saves and stops with
-``NonFiniteLossError``.
+One step function: :func:`pretrain_step` (views in, loss terms and skip decision out) is what the trainer,
+the benchmarks and the profiler run. Skipped steps leave parameters, optimizer state and batch-norm running
+statistics as they were. A step is skipped when its loss (over all processes) is not finite, its gradient is
+not finite, the fp16 scaler finds an overflow, or, as in the official code, its loss exceeds
+``skip_loss_above`` after epoch 10. After ``max_nonfinite`` steps in a row with a non-finite loss or gradient
+the run saves and stops with ``NonFiniteLossError`` (checked at log points).
+
+Overlap: batches are built ahead by a producer thread (``prefetch``, see prefetch.py) and copied to the GPU on a
+side stream. The step leaves its results on the device: the skip decision is a device flag the fused optimizer
+reads (``found_inf``), skip counts are device counters, and the loop reads loss terms, counters and the stop
+agreement back every ``log_every`` steps only (10 by default on CUDA). With fp16's gradient scaler, an unfused
+optimizer, or on the first step that creates optimizer state, one flag is read per step.
 
 Stopping: SIGTERM or SIGINT lets the current step finish, saves a checkpoint and returns normally (the
-command exits 0); a second signal interrupts at once. The processes of a torchrun launch agree after every
-step on whether any of them was signalled, so all stop after the same step (torchrun forwards SIGTERM to
+command exits 0); a second signal interrupts at once. The processes of a torchrun launch agree at every log
+point on whether any of them was signalled, so all stop after the same step (torchrun forwards SIGTERM to
 them; it reports the signal itself with a non-zero exit). ``--resume auto`` continues from the newest
 readable checkpoint.
 
 CUDA graphs are not supported (``config.CUDA_GRAPHS_UNSUPPORTED`` says why): the random per-step scale choice
-changes the kernels of every step, and the non-finite skip is a host decision on device values.
+changes the kernels of every step.
 """
 
 from __future__ import annotations
@@ -77,13 +84,14 @@ from ..models import NonSkipUNet3D
 from ..utils.io import atomic_write
 from . import distributed as D
 from .config import PretrainConfig
+from .prefetch import Prefetcher
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # What a run writes into its folder (removed by --overwrite before a fresh start).
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", "restoration.png", "loss_curve.png")
 RUN_GLOBS = ("checkpoint-*.pt", "events.out.tfevents.*")
 TERMS = ("loss", "loss_global", "loss_local", "loss_restore", "loss_deep", "beta")
-PERF_KEYS = ("samples_per_s", "data_s", "step_s", "data_wait", "gpu_mem_gb")
+PERF_KEYS = ("samples_per_s", "data_wait_s", "step_s", "data_wait", "gpu_mem_gb")
 
 
 class NonFiniteLossError(ValueError):
@@ -166,38 +174,6 @@ def forward_objective(forward, loss_fn: PCRLv2Loss, x1, x2, gt, loc, epoch: floa
     return terms, restoration, masks
 
 
-def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params) -> tuple[float, bool]:
-    """Unscale the gradients (fp16), measure their norm and take the optimizer step unless one is not finite.
-    Returns (grad_norm, applied); with the scaler enabled, a step it skips for an overflow lowers its scale."""
-    scaler.unscale_(optimizer)
-    norm = float(grad_norm(params))
-    if scaler.is_enabled():
-        scale = scaler.get_scale()
-        scaler.step(optimizer)
-        scaler.update()
-        return norm, scaler.get_scale() >= scale
-    if not math.isfinite(norm):
-        return norm, False
-    optimizer.step()
-    return norm, True
-
-
-def pretrain_step(forward, loss_fn: PCRLv2Loss, optimizer, scaler, x1, x2, gt, loc, epoch: int, rng: random.Random,
-                  amp_dtype: torch.dtype | None = None, skip_loss_above: float = 1000.0):
-    """One single-process PCRLv2 optimisation step: forward passes, objective, backward and the optimizer step.
-    Returns (terms, skipped, (restoration, masks)); a step with a non-finite loss or gradient, an fp16 overflow,
-    or (official) a loss above ``skip_loss_above`` after epoch 10 is skipped."""
-    terms, restoration, masks = forward_objective(forward, loss_fn, x1, x2, gt, loc, epoch, rng, amp_dtype)
-    loss = float(terms.total.detach())
-    skip = not math.isfinite(loss) or (loss > skip_loss_above and epoch > 10)
-    if not skip:
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms.total).backward()
-        _, applied = apply_update(optimizer, scaler, [p for g in optimizer.param_groups for p in g["params"]])
-        skip = not applied
-    return terms, skip, (restoration, masks)
-
-
 class StepModule(nn.Module):
     """One micro-batch's forward passes and objective as one module call.
 
@@ -212,23 +188,217 @@ class StepModule(nn.Module):
         self.loss_fn = loss_fn
         # In a list: a torch.compile wrapper is not registered as a second copy of the model's parameters.
         self._forward = [forward if forward is not None else model]
+        self.used_scales: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # (pair heads, deep heads) last read
 
     def forward(self, x1, x2, gt, loc, epoch: float, rng: random.Random, amp_dtype: torch.dtype | None):
         terms, restoration, masks = forward_objective(self._forward[0], self.loss_fn, x1, x2, gt, loc, epoch, rng,
                                                       amp_dtype)
+        deep = range(len(self.model.up_blocks)) if terms.scale < 0 else (terms.scale,)
+        self.used_scales = (terms.pair_scales, tuple(deep))
         total = terms.total
         stats = torch.stack([total.detach(), terms.global_.detach(), terms.local.detach(), terms.restore.detach(),
-                             terms.deep.detach(), total.new_tensor(terms.beta)]).float()
+                             terms.deep.detach(), torch.full_like(total.detach(), terms.beta)]).float()
         return total, stats, restoration.detach(), [m.detach() for m in masks]
+
+    def drop_unused_head_grads(self) -> None:
+        """Eager autograd leaves the heads of the scales the loss did not read this step without a gradient, so the
+        optimizer leaves them alone. A compiled forward (AOTAutograd) hands them zero gradients instead, which
+        weight decay and momentum would still apply: set those back to None, as eager has them."""
+        pair_scales, deep_scales = self.used_scales
+        for i, up in enumerate(self.model.up_blocks):
+            heads = ([up.bn, up.predictor_head] if i not in pair_scales else []) + (
+                [up.deep_supervision_head] if i not in deep_scales else [])
+            for head in heads:
+                for p in head.parameters():
+                    p.grad = None
+
+
+# Why a step was skipped, by the code pretrain_step leaves on the device (0: not skipped).
+SKIP_REASONS = (None, "nonfinite_loss", "loss_limit", "nonfinite_grad", "fp16_overflow")
 
 
 @dataclass
 class StepOutput:
-    terms: dict
-    skipped: bool
+    """One step's results, left on the device: reading ``terms``, ``skipped``, ``reason`` or ``grad_norm`` waits
+    for the step to finish (the trainer reads them every ``log_every`` steps)."""
+
+    stats: torch.Tensor  # (6,) fp32: TERMS averaged over the micro-batches and processes
+    code: torch.Tensor  # () int64: index into SKIP_REASONS
+    norm: torch.Tensor  # () fp32: the 2-norm of the (unscaled) gradients
     sample: dict = field(default_factory=dict)  # first sample's views and outputs (on the device), for pictures
-    reason: str | None = None  # why the step was skipped: nonfinite_loss, nonfinite_grad, fp16_overflow, loss_limit
-    grad_norm: float = math.nan
+
+    @property
+    def terms(self) -> dict[str, float]:
+        return dict(zip(TERMS, self.stats.tolist(), strict=True))
+
+    @property
+    def reason(self) -> str | None:
+        return SKIP_REASONS[int(self.code)]
+
+    @property
+    def skipped(self) -> bool:
+        return int(self.code) != 0
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.norm)
+
+
+def loss_skip_code(loss: torch.Tensor, epoch: float, loss_limit: float) -> torch.Tensor:
+    """The skip code a step's (process-averaged) loss implies, on the device: 1 for a non-finite loss, 2 for
+    (the official rule) a loss above ``loss_limit`` after epoch 10, else 0."""
+    code = torch.where(torch.isfinite(loss), 0, 1)
+    if epoch > 10:
+        code = torch.where((code == 0) & (loss > loss_limit), 2, code)
+    return code.long()
+
+
+@dataclass
+class StepEngine:
+    """What one optimisation step needs besides its views. The trainer builds one (its module DDP-wrapped under
+    torchrun); the benchmarks and the profiler build theirs with :meth:`build`, so all of them time and run the
+    same :func:`pretrain_step`."""
+
+    module: nn.Module  # a StepModule, or DistributedDataParallel around one
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    params: list
+    buffers: list
+    amp_dtype: torch.dtype | None = None
+    skip_loss_above: float = 1000.0
+    dist: D.DistInfo = field(default_factory=D.DistInfo)
+
+    @classmethod
+    def build(cls, model: nn.Module, loss_fn: PCRLv2Loss, optimizer: torch.optim.Optimizer,
+              scaler: torch.amp.GradScaler | None = None, amp_dtype: torch.dtype | None = None, forward=None,
+              skip_loss_above: float = 1000.0) -> StepEngine:
+        """A single-process engine; ``forward`` is the model's compiled wrapper, if any."""
+        if scaler is None:
+            scaler = torch.amp.GradScaler(next(model.parameters()).device.type, enabled=False)
+        return cls(StepModule(model, loss_fn, forward), optimizer, scaler, list(model.parameters()),
+                   list(model.buffers()), amp_dtype, skip_loss_above)
+
+    @property
+    def ddp(self):
+        return self.module if isinstance(self.module, nn.parallel.DistributedDataParallel) else None
+
+    @property
+    def step_module(self) -> StepModule:
+        return self.module.module if self.ddp is not None else self.module
+
+
+def _same_draws(rng: random.Random) -> random.Random:
+    """A copy of rng: every micro-batch of a step makes the step's scale draws."""
+    copy = random.Random()
+    copy.setstate(rng.getstate())
+    return copy
+
+
+def _device_skip(engine: StepEngine) -> bool:
+    """Whether the update can be skipped on the device: a fused optimizer (it reads ``found_inf``) without a
+    gradient scaler, and state already made for every parameter with a gradient (the fused SGD kernel leaves a
+    momentum buffer it creates while skipping uninitialised)."""
+    opt = engine.optimizer
+    fused = all(group.get("fused") for group in opt.param_groups)
+    return fused and not engine.scaler.is_enabled() and all(p in opt.state for p in engine.params if p.grad is not None)
+
+
+def _update(engine: StepEngine, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unscale (fp16), measure the gradient norm, and take the optimizer step unless the step is to be skipped.
+    Returns (norm, code) with code 3 (non-finite gradient) or 4 (fp16 overflow) added. The decision stays on the
+    device where the optimizer allows it; otherwise (CPU, an unfused optimizer, fp16's scaler) one flag is read."""
+    opt, scaler = engine.optimizer, engine.scaler
+    scaler.unscale_(opt)
+    norm = grad_norm(engine.params).float().to(code.device)
+    if scaler.is_enabled():
+        # The scaler finds the overflow itself (and lowers its scale); it reads its flag on the host.
+        if int(code) == 0:
+            scale = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            if scaler.get_scale() < scale:
+                code = torch.full_like(code, 4)
+        return norm, code
+    code = torch.where((code == 0) & ~torch.isfinite(norm), 3, code)
+    if _device_skip(engine):
+        opt.found_inf, opt.grad_scale = (code != 0).float(), None
+        try:
+            opt.step()
+        finally:
+            del opt.found_inf, opt.grad_scale
+    elif int(code) == 0:
+        opt.step()
+    return norm, code
+
+
+def pretrain_step(engine: StepEngine, micro: list[tuple], epoch: float, rng: random.Random) -> StepOutput:
+    """One optimizer step over ``micro``, a list of (x1, x2, gt, loc) view tuples on the device (``accumulate``
+    micro-batches of this process; loc batched view-major), with the scale draws of ``rng``.
+
+    Gradients are averaged over micro-batches and (DDP) over ranks. A step with a non-finite loss, a loss above
+    the official limit after epoch 10, a non-finite gradient or an fp16 overflow is skipped: parameters,
+    optimizer state and batch-norm running statistics stay as they were. Nothing is read back to the host here
+    on CUDA with the default fused optimizer in fp32/tf32/bf16: the results stay on the device (StepOutput)."""
+    k, ddp = len(micro), engine.ddp
+    saved_buffers = [b.detach().clone() for b in engine.buffers]
+    engine.optimizer.zero_grad(set_to_none=True)
+    stats_sum, sample = None, {}
+    for m, (x1, x2, gt, loc) in enumerate(micro):
+        # Gradients are averaged over ranks once, in the backward of the last micro-batch.
+        with nullcontext() if ddp is None or m == k - 1 else ddp.no_sync():
+            total, stats, restoration, masks = engine.module(x1, x2, gt, loc, epoch, _same_draws(rng),
+                                                             engine.amp_dtype)
+            stats = D.mean_across(stats, engine.dist)
+            stats_sum = stats if stats_sum is None else stats_sum + stats
+            if m == 0:
+                # Views of the first sample (no copies, no kernels): only the last step's are drawn.
+                sample = {"x1": x1[0], "gt": gt[0], "restoration": restoration[0], "masks": [t[:1] for t in masks]}
+            engine.scaler.scale(total / k if k > 1 else total).backward()
+    engine.step_module.drop_unused_head_grads()
+    stats = stats_sum / k
+    norm, code = _update(engine, loss_skip_code(stats[0], epoch, engine.skip_loss_above))
+    with torch.no_grad():
+        skipped = code != 0
+        for b, saved in zip(engine.buffers, saved_buffers):
+            b.copy_(torch.where(skipped, saved, b))
+    return StepOutput(stats, code, norm, sample)
+
+
+class SkipCounters:
+    """Skipped steps by reason and the current run of steps with a non-finite loss or gradient, counted on the
+    device from each step's skip code; ``read()`` brings them to the host (at log points and checkpoints)."""
+
+    def __init__(self, device: torch.device):
+        self.counts = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=device)
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
+
+    def add(self, code: torch.Tensor) -> None:
+        code = code.to(self.counts.device)
+        self.counts.index_add_(0, code.view(1), torch.ones(1, dtype=torch.long, device=code.device))
+        nonfinite = (code == 1) | (code == 3)
+        # A non-finite step extends the run, a step that trained ends it, other skips leave it as it is.
+        self.streak = torch.where(nonfinite, self.streak + 1, torch.where(code == 0, 0, self.streak))
+
+    def load(self, skip_counts: dict, streak: int) -> None:
+        for reason, n in skip_counts.items():
+            self.counts[SKIP_REASONS.index(reason)] = int(n)
+        self.streak.fill_(int(streak))
+
+    def read(self) -> tuple[int, dict[str, int], int]:
+        """(skipped steps, {reason: count}, streak)."""
+        values = torch.cat([self.counts, self.streak.view(1)]).tolist()
+        counts = {reason: n for reason, n in zip(SKIP_REASONS[1:], values[1:-1], strict=True) if n}
+        return sum(counts.values()), counts, values[-1]
+
+
+class _Window:
+    """Host-side timing of the steps since the last log point."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.wait = time.perf_counter(), 0, 0.0
 
 
 class Pretrainer:
@@ -241,7 +411,7 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig, volumes: list[Volume] | None = None):
         self.cfg = cfg.validate()
         self.out = Path(cfg.out)
-        self.ddp = None
+        self.ddp = self.engine = None
         self.dist, self.device = D.init_distributed(resolve_device(cfg.device))
         try:
             self._build(volumes)
@@ -274,7 +444,8 @@ class Pretrainer:
             self.batch_loader = DaliLoader(self.dataset, self.device, batch_size=self.micro_batch)
         else:
             self.batch_loader = None if self.loader == "dataset" else BatchLoader(
-                self.dataset, self.loader, self.device if self.loader == "torch" else "cpu")
+                self.dataset, self.loader, self.device if self.loader == "torch" else "cpu",
+                num_threads=cfg.loader_threads, pin_memory=self.device.type == "cuda" and self.loader == "native")
         self.steps_per_epoch = len(self.dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -296,7 +467,7 @@ class Pretrainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.optim_impl = optimizer_impl(cfg.optim_impl, self.device)
         self.amp_dtype = AMP_DTYPES.get(cfg.precision)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self._scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.loss_fn = PCRLv2Loss(total_epochs=self.total_epochs, n_local=self.dataset.crop.n_local,
                                   all_scales=cfg.all_scales, kernels=cfg.kernels)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
@@ -306,9 +477,12 @@ class Pretrainer:
             # all_scales every parameter is used. Synchronised batch norm keeps the buffers equal on all ranks.
             self.ddp = D.wrap_ddp(self.step_module, self.device, find_unused_parameters=not cfg.all_scales,
                                   sync_buffers=not self.sync_bn)
-        self._params = list(self.model.parameters())
-        self._buffers = list(self.model.buffers())
+        self.engine = StepEngine(self.ddp or self.step_module, self.optimizer, self._scaler,
+                                 list(self.model.parameters()), list(self.model.buffers()), self.amp_dtype,
+                                 cfg.skip_loss_above, self.dist)
         self.step = 0
+        self._epoch = 0
+        self.counters = SkipCounters(self.device)
         self.skipped = 0
         self.skip_counts: dict[str, int] = {}
         self.nonfinite_streak = 0
@@ -342,8 +516,19 @@ class Pretrainer:
 
     def close(self) -> None:
         """Leave the process group this trainer joined (the DDP wrapper goes first: it holds the group)."""
-        self.ddp = None
+        self.ddp = self.engine = None
         D.destroy(self.dist)
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        """The gradient scaler the step uses (disabled unless --precision fp16)."""
+        return self.engine.scaler if self.engine is not None else self._scaler
+
+    @scaler.setter
+    def scaler(self, scaler: torch.amp.GradScaler) -> None:
+        self._scaler = scaler
+        if self.engine is not None:
+            self.engine.scaler = scaler
 
     # ----------------------------------------------------------------------------------------- state
     def resolved(self) -> dict:
@@ -356,6 +541,7 @@ class Pretrainer:
         }
 
     def state(self) -> dict:
+        self._read_counters()
         return {
             "skipped": self.skipped,
             "skip_counts": dict(self.skip_counts),
@@ -391,6 +577,7 @@ class Pretrainer:
         self.skipped = int(ckpt.get("skipped", 0))
         self.skip_counts = dict(ckpt.get("skip_counts", {}))
         self.nonfinite_streak = int(ckpt.get("nonfinite_streak", 0))
+        self.counters.load(self.skip_counts, self.nonfinite_streak)
         self._saved_step = self.step
         # Settings that change the samples, the schedule or the objective make the continuation another run.
         saved = {**(ckpt.get("config") or {}), **(ckpt.get("resolved") or {})}
@@ -471,48 +658,11 @@ class Pretrainer:
         return t.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
     def train_step(self, batch: dict | list[dict], epoch: int) -> StepOutput:
-        """One optimizer step on this process's micro-batches (a batch dict, or a list of ``accumulate`` of them)."""
-        micro = batch if isinstance(batch, list) else [batch]
-        k = len(micro)
-        module = self.ddp if self.ddp is not None else self.step_module
-        saved_buffers = [b.detach().clone() for b in self._buffers]
-        self.optimizer.zero_grad(set_to_none=True)
-        stats_sum, done, reason, sample = None, 0, None, {}
-        for m, mb in enumerate(micro):
-            x1, x2, gt = (self.to_device(mb[key]) for key in ("x1", "x2", "gt"))
-            loc = self.to_device(local_batch(mb["locals"]))
-            # Gradients are averaged over ranks once, in the backward of the last micro-batch.
-            sync = self.ddp is None or m == k - 1
-            with nullcontext() if sync else self.ddp.no_sync():
-                total, stats, restoration, masks = module(x1, x2, gt, loc, epoch, step_rng(self.cfg.seed, self.step),
-                                                          self.amp_dtype)
-                stats = D.mean_across(stats, self.dist)
-                stats_sum = stats if stats_sum is None else stats_sum + stats
-                done += 1
-                if m == 0:
-                    # Views of the first sample, kept on the device: only the last step's are copied out.
-                    sample = {"x1": x1[0], "gt": gt[0], "restoration": restoration[0],
-                              "masks": [full_size(t[:1], gt.shape[2:])[0] for t in masks]}
-                loss = float(stats[0])
-                if not math.isfinite(loss):
-                    reason = "nonfinite_loss"
-                elif loss > self.cfg.skip_loss_above and epoch > 10:
-                    reason = "loss_limit"
-                if reason is not None:
-                    break
-                self.scaler.scale(total / k if k > 1 else total).backward()
-        norm = math.nan
-        if reason is None:
-            norm, applied = apply_update(self.optimizer, self.scaler, self._params)
-            if not applied:
-                reason = "fp16_overflow" if self.scaler.is_enabled() else "nonfinite_grad"
-        if reason is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for b, saved in zip(self._buffers, saved_buffers):
-                    b.copy_(saved)
-        terms = dict(zip(TERMS, (stats_sum / done).tolist(), strict=True))
-        return StepOutput(terms, reason is not None, sample, reason, norm)
+        """One optimizer step on this process's micro-batches (a batch dict, or a list of ``accumulate`` of them;
+        dicts from :meth:`device_batch` are used as they are)."""
+        micro = [self.device_batch(mb) for mb in (batch if isinstance(batch, list) else [batch])]
+        views = [(mb["x1"], mb["x2"], mb["gt"], mb["loc"]) for mb in micro]
+        return pretrain_step(self.engine, views, epoch, step_rng(self.cfg.seed, self.step))
 
     # ------------------------------------------------------------------------------------------- run
     def batch_indices(self, epoch: int, start: int) -> list[list[int]]:
@@ -569,52 +719,35 @@ class Pretrainer:
                 writer.close()
         return self.finish(rates, last)
 
+    def _micro_batches(self):
+        """(epoch, micro-batch) for this process, from the current step to the end of the run, epoch after epoch."""
+        step = self.step
+        while step < self.total_steps:
+            epoch, start = divmod(step, self.steps_per_epoch)
+            for batch in self.batches(epoch, start):
+                yield epoch, batch
+            step = (epoch + 1) * self.steps_per_epoch
+
+    def device_batch(self, batch: dict) -> dict:
+        """x1, x2, gt and loc (the local views batched view-major) of a batch on the device, in the model's memory
+        format: what a step reads (made by the prefetching thread, ahead of the step)."""
+        out = {key: self.to_device(batch[key]) for key in ("x1", "x2", "gt")}
+        # The pinned host batch is copied as it is; the view-major reordering runs on the device.
+        loc = batch["loc"] if "loc" in batch else local_batch(batch["locals"].to(self.device, non_blocking=True))
+        out["loc"] = self.to_device(loc)
+        return out
+
     def _loop(self, rates: list[float], metrics, writer, bar) -> StepOutput | None:
         cfg, last = self.cfg, None
-        while self.step < self.total_steps and self.stop_signal is None:
-            epoch, start = divmod(self.step, self.steps_per_epoch)
-            lr = lr_at_epoch(cfg.lr, epoch, self.total_epochs)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            micro = []
-            t_data = time.perf_counter()
-            for batch in self.batches(epoch, start):
-                micro.append(batch)
-                if len(micro) < cfg.accumulate:
-                    continue
-                t_step = time.perf_counter()
-                last = self.train_step(micro, epoch)
-                micro = []
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                t_end = time.perf_counter()
-                self.step += 1
-                self._count(last)
-                stop, data_s = self._agree(t_step - t_data)
-                rate = cfg.batch_size / (t_end - t_data)
-                rates.append(rate)
-                row = {"step": self.step, "epoch": epoch, **last.terms, "lr": lr, "grad_norm": last.grad_norm,
-                       "samples_per_s": rate, "data_s": data_s, "step_s": t_end - t_step,
-                       "data_wait": data_s / (t_end - t_data), "skipped": last.skipped, "skip_reason": last.reason,
-                       "skipped_total": self.skipped}
-                if self.scaler.is_enabled():
-                    row["loss_scale"] = self.scaler.get_scale()
-                if self.device.type == "cuda":
-                    row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps or stop:
-                    self._log(row, metrics, writer)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", glob=f"{row['loss_global']:.3f}",
-                                loc=f"{row['loss_local']:.3f}", rest=f"{row['loss_restore']:.4f}", sps=f"{rate:.2f}")
+        feed = Prefetcher(self._micro_batches(), self.device_batch, self.device, depth=cfg.prefetch)
+        window = _Window()
+        try:
+            while self.step < self.total_steps:
+                last = self._one_step(feed, window)
+                stop = self._at_log_point(last, window, rates, metrics, writer, bar)
                 bar.update(1)
-                if cfg.save_every and self.step % cfg.save_every == 0:
+                if self.step % self.steps_per_epoch == 0 or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
-                if cfg.max_nonfinite and self.nonfinite_streak >= cfg.max_nonfinite:
-                    path = self.save()
-                    raise NonFiniteLossError(
-                        f"{self.nonfinite_streak} steps in a row (steps {self.step - self.nonfinite_streak + 1}-"
-                        f"{self.step}) had a non-finite loss or gradient, so the run stopped (--max-nonfinite "
-                        f"{cfg.max_nonfinite}); step {self.step} is saved in {path}. Lower --lr, use --precision bf16 "
-                        "instead of fp16, or check the scans; --resume auto continues after these steps")
                 if stop:
                     self.stop_signal = self.stop_signal or "a signal to another process"
                     path = self.save()
@@ -622,24 +755,80 @@ class Pretrainer:
                         print(f"\nstopped by {self.stop_signal} after step {self.step}; saved {path} "
                               "(continue with --resume auto)", file=sys.stderr)
                     break
-                if self.step >= self.total_steps:
-                    break
-                t_data = time.perf_counter()
-            self.save()
+        finally:
+            feed.close()
+        self.save()
         return last
 
-    def _count(self, out: StepOutput) -> None:
-        if out.skipped:
-            self.skipped += 1
-            self.skip_counts[out.reason] = self.skip_counts.get(out.reason, 0) + 1
-        if out.reason in ("nonfinite_loss", "nonfinite_grad"):
-            self.nonfinite_streak += 1
-        elif not out.skipped:
-            self.nonfinite_streak = 0
+    def _one_step(self, feed: Prefetcher, window: _Window) -> StepOutput:
+        """Take one step's micro-batches from the feed and run the step (nothing is read back from the device)."""
+        cfg = self.cfg
+        micro = []
+        for _ in range(cfg.accumulate):
+            epoch, batch, waited = next(feed)
+            micro.append(batch)
+            window.wait += waited
+        self._epoch = epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at_epoch(cfg.lr, epoch, self.total_epochs)
+        last = self.train_step(micro, epoch)
+        self.step += 1
+        window.steps += 1
+        self.counters.add(last.code)
+        return last
+
+    def _at_log_point(self, last: StepOutput, window: _Window, rates: list[float], metrics, writer, bar) -> bool:
+        """Every ``log_every`` steps (and at the end): read the step's results and the skip counters back from the
+        device, agree with the other processes on stopping, write the metrics row and check the non-finite
+        streak. Returns whether to stop. Between log points a single process still stops on its own signal."""
+        cfg = self.cfg
+        if not (self.step % self.log_every == 0 or self.step == self.total_steps):
+            return not self.dist.enabled and self.stop_signal is not None
+        values = torch.cat([last.stats.float(), last.norm.view(1).float(), last.code.view(1).float()]).tolist()
+        terms, norm, code = dict(zip(TERMS, values[:len(TERMS)], strict=True)), values[-2], int(values[-1])
+        self._read_counters()
+        stop, wait = self._agree(window.wait)
+        elapsed = time.perf_counter() - window.start
+        rate = cfg.batch_size * window.steps / elapsed
+        rates.append(rate)
+        row = {"step": self.step, "epoch": self._epoch, **terms, "lr": self.optimizer.param_groups[0]["lr"],
+               "grad_norm": norm, "samples_per_s": rate, "data_wait_s": wait / window.steps,
+               "step_s": elapsed / window.steps, "data_wait": min(1.0, wait / elapsed), "skipped": code != 0,
+               "skip_reason": SKIP_REASONS[code], "skipped_total": self.skipped, "window_steps": window.steps}
+        if self.scaler.is_enabled():
+            row["loss_scale"] = self.scaler.get_scale()
+        if self.device.type == "cuda":
+            row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._log(row, metrics, writer)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", glob=f"{row['loss_global']:.3f}",
+                        loc=f"{row['loss_local']:.3f}", rest=f"{row['loss_restore']:.4f}", sps=f"{rate:.2f}")
+        window.reset()
+        self._check_nonfinite_streak()
+        return stop
+
+    @property
+    def log_every(self) -> int:
+        """--log-every, or by default every step on the CPU and every 10 steps on CUDA (each read waits for the GPU)."""
+        if self.cfg.log_every is not None:
+            return self.cfg.log_every
+        return 10 if self.device.type == "cuda" else 1
+
+    def _read_counters(self) -> None:
+        self.skipped, self.skip_counts, self.nonfinite_streak = self.counters.read()
+
+    def _check_nonfinite_streak(self) -> None:
+        cfg = self.cfg
+        if cfg.max_nonfinite and self.nonfinite_streak >= cfg.max_nonfinite:
+            path = self.save()
+            raise NonFiniteLossError(
+                f"{self.nonfinite_streak} steps in a row (steps {self.step - self.nonfinite_streak + 1}-"
+                f"{self.step}) had a non-finite loss or gradient, so the run stopped (--max-nonfinite "
+                f"{cfg.max_nonfinite}); step {self.step} is saved in {path}. Lower --lr, use --precision bf16 "
+                "instead of fp16, or check the scans; --resume auto continues after these steps")
 
     def _agree(self, data_s: float) -> tuple[bool, float]:
-        """(stop, data_s): whether any process was asked to stop, and the data wait averaged over processes, in
-        one reduction so that every process leaves the loop after the same step."""
+        """(stop, data_s): whether any process was asked to stop, and the data wait (seconds) averaged over
+        processes, in one reduction so that every process leaves the loop after the same step."""
         values = torch.tensor([float(self.stop_signal is not None), data_s], dtype=torch.float64, device=self.device)
         values = D.sum_across(values, self.dist).tolist()
         return values[0] > 0, values[1] / self.dist.world_size
@@ -689,6 +878,7 @@ class Pretrainer:
                   "stop at once)", file=sys.stderr)
 
     def finish(self, rates: list[float], last: StepOutput | None) -> dict:
+        self._read_counters()
         # Throughput excludes the first steps (allocator and compile warm-up) when there are enough of them.
         steady = rates[min(3, len(rates) // 2):] if rates else []
         files = {"checkpoint": str(self.out / LATEST), "metrics": str(self.out / "metrics.jsonl")}
@@ -711,6 +901,7 @@ class Pretrainer:
 
         if self.cfg.pictures and last is not None:
             s = {k: _cpu(v) for k, v in last.sample.items()}
+            s["masks"] = [full_size(m, s["gt"].shape[1:])[0] for m in s["masks"]]
             save_restoration_png(self.out / "restoration.png", s["x1"], s["gt"], s["restoration"], s["masks"],
                                  title=f"step {self.step}")
             save_loss_curve_png(self.out / "metrics.jsonl", self.out / "loss_curve.png")
@@ -736,4 +927,5 @@ def pretrain(cfg: PretrainConfig, volumes: list[Volume] | None = None) -> dict:
         trainer.close()
 
 
-__all__ = ["NonFiniteLossError", "Pretrainer", "StepModule", "StepOutput", "pretrain", "pretrain_step"]
+__all__ = ["SKIP_REASONS", "NonFiniteLossError", "Pretrainer", "StepEngine", "StepModule", "StepOutput", "pretrain",
+           "pretrain_step"]

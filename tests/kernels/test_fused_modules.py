@@ -30,10 +30,11 @@ from pcrlv2_fast.losses.pcrlv2 import full_size  # noqa: E402
 from pcrlv2_fast.models import LUConv, NonSkipUNet3D  # noqa: E402
 from pcrlv2_fast.nn import FusedConvBlock3d, FusedNormAct3d, FusedSequential, fuse_model  # noqa: E402
 from pcrlv2_fast.reference import ReferencePCRLv23d  # noqa: E402
-from pcrlv2_fast.train.loop import pretrain_step  # noqa: E402
+from pcrlv2_fast.train.loop import StepEngine, pretrain_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 1e-5
+TERM_KEYS = ("loss_global", "loss_local", "loss_restore", "loss_deep")
 
 
 def _close(actual, expected, what, rtol=RTOL):
@@ -377,15 +378,15 @@ def test_tiny_model_training_curves_match(conv_impl):
             block.set_kernels(kernels, conv_impl)
         loss_fn = PCRLv2Loss(total_epochs=10, n_local=1, kernels=kernels)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        scaler = torch.amp.GradScaler(DEVICE, enabled=False)
+        engine = StepEngine.build(model, loss_fn, opt)
         g = torch.Generator().manual_seed(1)
         curve = []
         for step in range(3 if conv_impl == "auto" else 2):
             x1, x2, loc = _views(g, 4, (8, 8, 8)), _views(g, 4, (8, 8, 8)), _views(g, 4, (8, 8, 8))
             gt = torch.rand(4, 1, 8, 8, 8, generator=g).to(DEVICE)
-            terms, skipped, _ = pretrain_step(model, loss_fn, opt, scaler, x1, x2, gt, loc, 0, random.Random(step))
-            assert not skipped
-            curve.append(torch.stack([terms.global_, terms.local, terms.restore, terms.deep]).detach().cpu())
+            out = pretrain_step(engine, [(x1, x2, gt, loc)], 0, random.Random(step))
+            assert not out.skipped
+            curve.append(torch.tensor([out.terms[k] for k in TERM_KEYS]))
             if step == 0:
                 first_grads[kernels] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         curves[kernels] = torch.stack(curve)
