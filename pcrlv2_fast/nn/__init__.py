@@ -10,8 +10,8 @@ Every module takes ``kernels="triton" | "torch"``; "torch" is the plain PyTorch 
 
 from .dispatch import KERNELS
 from .functional import conv_norm_act, norm_act
-from .fuse import FusedBlock, FuseReport, fuse_model
+from .fuse import FusedBlock, FuseReport, fuse_model, fused_block_counts
 from .modules import FusedConvBlock3d, FusedNormAct3d, FusedSequential
 
 __all__ = ["KERNELS", "FuseReport", "FusedBlock", "FusedConvBlock3d", "FusedNormAct3d", "FusedSequential",
-           "conv_norm_act", "fuse_model", "norm_act"]
+           "conv_norm_act", "fuse_model", "fused_block_counts", "norm_act"]

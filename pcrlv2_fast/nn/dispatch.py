@@ -37,6 +37,13 @@ def log_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether the Triton kernels run on tensors of ``device``: CUDA, or the CPU under the interpreter, with Triton
+    installed."""
+    device = torch.device(device)
+    return _HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
+
+
 def triton_usable(x: torch.Tensor, what: str) -> bool:
     """Whether the Triton kernels can take ``x``; logs the fallback to the torch path once when they cannot."""
     if x.is_cuda or (x.device.type == "cpu" and interpreting()):

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from ..models.unet3d import LUConv
-from .dispatch import check_kernels
-from .functional import act_kind, norm_kind, unsupported_reason
+from .dispatch import check_kernels, kernels_run_on
+from .functional import act_kind, conv_bn_stats_fn, is_conv3x3, norm_kind, unsupported_reason
 from .modules import FusedConvBlock3d, FusedSequential, _check_conv_impl
 
 # Norms of 3-D networks (GroupNorm is dimension-agnostic: a fused run falls back to torch on non-5-D inputs).
@@ -133,3 +134,22 @@ def fuse_model(model: nn.Module, kernels: str = "triton", conv_impl: str = "auto
 
     visit(model, "")
     return report
+
+
+def fused_block_counts(model: nn.Module, device: torch.device) -> dict[str, str]:
+    """How many conv blocks of ``model`` run fused in training on ``device``: ``{"conv": "a/n", "norm_act": "b/n"}``
+    over its n conv blocks (``LUConv`` / ``FusedConvBlock3d``). ``norm_act``: the block's norm + activation run
+    the kernels (kernels="triton", a norm and activation they implement: not SyncBatchNorm, a device they run
+    on); ``conv``: of those, the ones whose 3x3x3 convolution also produces the BatchNorm statistics
+    (conv3d_bn_stats)."""
+    runs_kernels = kernels_run_on(device)
+    total = norm_act = conv = 0
+    for m in model.modules():
+        if not isinstance(m, LUConv | FusedConvBlock3d):
+            continue
+        total += 1
+        if not runs_kernels or getattr(m, "kernels", "torch") != "triton" or unsupported_reason(m.bn1, m.activation):
+            continue
+        norm_act += 1
+        conv += conv_bn_stats_fn() is not None and norm_kind(m.bn1) == "bn" and is_conv3x3(m.conv1)
+    return {"conv": f"{conv}/{total}", "norm_act": f"{norm_act}/{total}"}

@@ -81,6 +81,7 @@ from ..data import (
 from ..losses import PCRLv2Loss
 from ..losses.pcrlv2 import full_size
 from ..models import NonSkipUNet3D
+from ..nn import fused_block_counts
 from ..utils.io import atomic_write
 from . import distributed as D
 from .config import PretrainConfig
@@ -146,9 +147,25 @@ def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module) -> torch.optim.
     impl = optimizer_impl(cfg.optim_impl, next(model.parameters()).device)
     kwargs = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                               **kwargs)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              **kwargs)
+        if cfg.momentum:
+            prime_momentum(opt)
+        return opt
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def prime_momentum(opt: torch.optim.SGD) -> None:
+    """Give every parameter a zero momentum buffer up front. Fused SGD fails when a parameter gets its first
+    gradient after others already have buffers (it expects all or none), and each PCRLv2 step leaves the heads of
+    undrawn scales without a gradient, so a head can join late. With dampening 0 a zero buffer is exactly torch's
+    first step (buffer = gradient), so the updates do not change."""
+    for group in opt.param_groups:
+        if group["dampening"] != 0:
+            raise ValueError("momentum buffers can be primed only without dampening")
+        for p in group["params"]:
+            if opt.state[p].get("momentum_buffer") is None:  # a loaded checkpoint's buffers are kept
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def grad_norm(params) -> torch.Tensor:
@@ -462,6 +479,8 @@ class Pretrainer:
                               upsample_masks=cfg.kernels == "torch")
         if self.sync_bn:
             model = D.convert_sync_batchnorm(model, self.device)
+        # Counted after the SyncBatchNorm conversion: what the run's blocks will really execute.
+        self.fused_blocks = fused_block_counts(model, self.device)
         self.memory_format = torch.channels_last_3d if cfg.channels_last else torch.contiguous_format
         self.model = model.to(self.device).to(memory_format=self.memory_format)
         self.optimizer = build_optimizer(cfg, self.model)
@@ -571,6 +590,8 @@ class Pretrainer:
         check_state_dict(self.model, ckpt["state_dict"], path)
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        if isinstance(self.optimizer, torch.optim.SGD) and self.cfg.momentum:
+            prime_momentum(self.optimizer)  # checkpoints of runs without primed buffers
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
@@ -701,6 +722,9 @@ class Pretrainer:
             with atomic_write(self.out / "config.json", "w") as f:
                 json.dump({**cfg.to_dict(), "resolved": self.resolved()}, f, indent=2)
         self.model.train()
+        if main:
+            print(f"fused blocks: conv {self.fused_blocks['conv']}, norm+act {self.fused_blocks['norm_act']} "
+                  f"(--kernels {cfg.kernels}, {self.dist.world_size} process(es), {self.device})", file=sys.stderr)
         rates, last = [], None
         writer = self._open_tensorboard(resumed) if main else None
         metrics = open(self.out / "metrics.jsonl", "a") if main else None
@@ -891,6 +915,7 @@ class Pretrainer:
             "world_size": self.dist.world_size,
             "rank": self.dist.rank,
             "precision": self.cfg.precision,
+            "fused_blocks": self.fused_blocks,
             "stopped_by": self.stop_signal,
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "files": files,

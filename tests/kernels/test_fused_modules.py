@@ -415,3 +415,19 @@ def test_selftest_subcommand_registration():
     selftest.add_selftest_parser(sub)
     args = parser.parse_args(["selftest", "--device", "cpu", "--json"])
     assert args.command == "selftest" and args.device == "cpu" and args.json and callable(args.func)
+
+
+def test_fused_block_counts_say_what_runs_fused(monkeypatch):
+    from pcrlv2_fast.nn import fused_block_counts
+
+    model = NonSkipUNet3D(width=1, kernels="triton")
+    assert fused_block_counts(model, DEVICE) == {"conv": "17/17", "norm_act": "17/17"}
+    assert fused_block_counts(NonSkipUNet3D(width=1), DEVICE) == {"conv": "0/17", "norm_act": "0/17"}
+    # SyncBatchNorm (several processes) is not fused: those blocks run torch's modules.
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
+    assert fused_block_counts(synced, DEVICE) == {"conv": "0/17", "norm_act": "0/17"}
+    gn = NonSkipUNet3D(width=1, norm="gn", kernels="triton")
+    assert fused_block_counts(gn, DEVICE) == {"conv": "0/17", "norm_act": "17/17"}
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")  # plain CPU tensors: the torch path runs
+        assert fused_block_counts(model, "cpu") == {"conv": "0/17", "norm_act": "0/17"}

@@ -217,3 +217,35 @@ def test_nonfinite_streak_stops_the_run(tmp_path, cache_volumes, one_thread):
     assert changed == [False, True, False, False]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skip_reason"] for r in rows] == ["nonfinite_loss", None, "nonfinite_grad", "nonfinite_loss"]
+
+
+def test_fused_optimizer_skips_on_the_device(tmp_path, cache_volumes, one_thread, monkeypatch):
+    """With a fused optimizer (CPU here, as on CUDA) a skipped step is a device flag the optimizer reads
+    (``found_inf``): no parameter, momentum or running statistic moves (momentum buffers exist from the start:
+    see prime_momentum)."""
+    from pcrlv2_fast.train import loop
+
+    decisions = []
+    real = loop._device_skip
+    monkeypatch.setattr(loop, "_device_skip", lambda engine: decisions.append(real(engine)) or decisions[-1])
+    trainer = Pretrainer(config(tmp_path / "run", steps=4, optim_impl="fused", max_nonfinite=0), cache_volumes)
+    assert all(group["fused"] for group in trainer.optimizer.param_groups)
+    snapshots = [params(trainer.model)]
+    momenta = []
+    record_steps(trainer, snapshots, nan_loss_steps=(0, 2))
+    original = trainer.train_step
+
+    def step_and_keep_momenta(batch, epoch):
+        out = original(batch, epoch)
+        momenta.append([s["momentum_buffer"].clone() for s in trainer.optimizer.state.values()])
+        return out
+
+    trainer.train_step = step_and_keep_momenta
+    trainer.run()
+    assert decisions == [True, True, True, True]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skip_reason"] for r in rows] == ["nonfinite_loss", None, "nonfinite_loss", None]
+    changed = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(snapshots, snapshots[1:])]
+    assert changed == [False, True, False, True]
+    assert all(torch.equal(a, b) for a, b in zip(momenta[1], momenta[2]))  # the skipped step kept the momentum
+    assert trainer.skip_counts == {"nonfinite_loss": 2}
