@@ -1,7 +1,16 @@
 """Triton helpers shared by the kernels."""
 
+from contextlib import nullcontext
+
+import torch
 import triton
 import triton.language as tl
+
+
+def device_guard(t: torch.Tensor):
+    """Make ``t``'s GPU the current device for a launch: Triton launches on the current device and stream, which
+    is GPU 0 unless set, so tensors on another GPU (``--device cuda:1``) need it. A no-op on the CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
 
 
 @triton.jit

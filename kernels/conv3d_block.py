@@ -43,7 +43,6 @@ import json
 import os
 import statistics
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -53,6 +52,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import chan_merge as _chan_merge
+from .common import device_guard
 from .common import to_out as _to_out
 
 # Read once, as triton.jit does when the kernels below are decorated.
@@ -328,10 +328,6 @@ def _num_sms(t: Tensor) -> int:
     if not t.is_cuda:
         return 4
     return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
-
-
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
 
 
 def _np2(v: int, lo: int, hi: int) -> int:
@@ -767,7 +763,7 @@ def _fwd_op(x: Tensor, weight: Tensor, bias: Tensor | None, impl: str) -> tuple[
     """(y, mean, var): y (N, C_out, D, H, W) channels-last in x's dtype, mean/var (C_out,) fp32."""
     _check_inputs(x, weight, bias, impl)
     xc = _cl(x)
-    with _device_guard(xc):
+    with device_guard(xc):
         return _dispatch(impl, xc, weight, "fwd", lambda: torch_forward(xc, weight, bias),
                          lambda: triton_forward(xc, weight, bias))
 
@@ -786,7 +782,7 @@ def _bwd_op(dy: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_dw: bool,
     xc, dyc = _cl(x), _cl(dy.to(x.dtype))
     dx = dw = db = None
     # Data and weight gradients are chosen separately: their GEMMs have different shapes and winners.
-    with _device_guard(xc):
+    with device_guard(xc):
         if need_dx:
             data = (dyc, xc, weight, True, False, False)
             dx = _dispatch(impl, xc, weight, "dgrad", lambda: torch_backward(*data)[0],

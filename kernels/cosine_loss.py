@@ -31,6 +31,8 @@ import triton.language as tl
 
 from pcrlv2_fast.reference.fused_losses import CosineTerm
 
+from .common import device_guard
+
 __all__ = ["CosineTerm", "cosine_pair_loss", "pair_terms", "pcrlv2_cosine_losses"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -140,11 +142,12 @@ def cosine_forward(pred: torch.Tensor, proj: torch.Tensor, blocks: torch.Tensor,
     n_blocks = blocks.shape[0]
     partial = torch.empty((n_slots, n_blocks), dtype=torch.float32, device=pred.device)
     if n_blocks:
-        _cosine_fwd_kernel[(n_blocks,)](
-            pred, proj, blocks, terms, partial, eps,
-            N_SLOTS=n_slots, SLOTS_P2=triton.next_power_of_2(n_slots), BLOCK_R=block_r, BLOCK_C=block_c,
-            num_warps=4,
-        )
+        with device_guard(pred):
+            _cosine_fwd_kernel[(n_blocks,)](
+                pred, proj, blocks, terms, partial, eps,
+                N_SLOTS=n_slots, SLOTS_P2=triton.next_power_of_2(n_slots), BLOCK_R=block_r, BLOCK_C=block_c,
+                num_warps=4,
+            )
     return partial.sum(dim=1)
 
 
@@ -154,10 +157,11 @@ def cosine_backward(grad: torch.Tensor, pred: torch.Tensor, proj: torch.Tensor, 
     _check_device(pred)
     grad_pred = torch.empty_like(pred)
     if blocks.shape[0]:
-        _cosine_bwd_kernel[(blocks.shape[0],)](
-            grad.to(torch.float32).contiguous(), pred, proj, grad_pred, blocks, terms, eps,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
-        )
+        with device_guard(pred):
+            _cosine_bwd_kernel[(blocks.shape[0],)](
+                grad.to(torch.float32).contiguous(), pred, proj, grad_pred, blocks, terms, eps,
+                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+            )
     return grad_pred
 
 

@@ -23,7 +23,6 @@ Passes over the big tensors (statistics and all accumulation in fp32; y and dx i
 
 import functools
 import os
-from contextlib import nullcontext
 
 import torch
 import triton
@@ -31,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import chan_merge as _chan_merge
+from .common import device_guard
 from .common import to_out as _to_out
 
 # Read once, as triton.jit does when the kernels below are decorated.
@@ -379,10 +379,6 @@ def _as_layout(x: Tensor) -> tuple[Tensor, bool]:
     return x.contiguous(), False
 
 
-def _device_guard(x: Tensor):
-    return torch.cuda.device(x.device) if x.is_cuda else nullcontext()
-
-
 def _check_inputs(x: Tensor, weight, bias, prelu_weight, act: str) -> None:
     if act not in ACTS:
         raise ValueError(f"act must be one of {tuple(ACTS)}, got {act!r}")
@@ -545,7 +541,7 @@ def _bn_fwd_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, running_me
     N, C, S = _dims(xc)
     update = training and running_mean is not None
     new_rm, new_rv = _new_running(x, running_mean, running_var, update)
-    with _device_guard(xc):
+    with device_guard(xc):
         if training or running_mean is None:
             if N * S < 2 and training:
                 raise ValueError(f"expected more than 1 value per channel when training, got input {tuple(x.shape)}")
@@ -579,7 +575,7 @@ def _bn_bwd_op(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None
                mean: Tensor, rstd: Tensor, batch_stats: bool, act: str, param_grads: bool
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dprelu); a grad is an empty tensor when its parameter is absent or not asked for."""
-    with _device_guard(x):
+    with device_guard(x):
         dx, sums = _launch_backward(dy, x, weight, bias, prelu_weight, mean, rstd, act, None, batch_stats,
                                     param_grads)
         return (dx, *_param_grads(sums, weight, bias, prelu_weight, act, param_grads, x))
@@ -646,7 +642,7 @@ def _gn_fwd_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, prelu_weig
     N, C, _ = _dims(xc)
     if num_groups < 1 or C % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the number of channels ({C})")
-    with _device_guard(xc):
+    with device_guard(xc):
         part, nsplit = _launch_stats(xc, cl)
         mean, rstd = _launch_combine(part, N, C, nsplit, num_groups, eps)
         y = _launch_apply(xc, cl, mean, rstd, weight, bias, prelu_weight, act, num_groups)
@@ -665,7 +661,7 @@ def _gn_bwd_op(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None
                mean: Tensor, rstd: Tensor, num_groups: int, act: str, param_grads: bool
                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dprelu); a grad is an empty tensor when its parameter is absent or not asked for."""
-    with _device_guard(x):
+    with device_guard(x):
         dx, sums = _launch_backward(dy, x, weight, bias, prelu_weight, mean, rstd, act, num_groups, True,
                                     param_grads)
         return (dx, *_param_grads(sums, weight, bias, prelu_weight, act, param_grads, x))

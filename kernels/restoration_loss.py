@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import device_guard
+
 __all__ = ["restoration_loss", "restoration_loss_forward", "restoration_loss_backward", "pcrlv2_restoration_losses"]
 
 MAX_MASKS = 3
@@ -417,14 +419,15 @@ def restoration_loss_forward(restored: torch.Tensor, masks: Sequence[torch.Tenso
     partial = torch.empty((1 + len(masks), grid), dtype=torch.float32, device=target.device)
     tensors, strides, sizes, facs = _slots(masks, factors, restored)
     wts = list(weights) + [0.0] * (MAX_MASKS - len(masks))
-    _restoration_fwd_kernel[(grid,)](
-        restored, target, partial, *tensors,
-        *restored.stride(), *target.stride(),
-        *strides[0], *sizes[0], *strides[1], *sizes[1], *strides[2], *sizes[2],
-        *(float(w) for w in wts),
-        C, D, H, W, n_rows, n_cb, 1.0 / target.numel(),
-        N_MASKS=len(masks), **_factor_kwargs(facs), LOGITS=from_logits, BLOCK_R=br, BLOCK_W=bw, num_warps=warps,
-    )
+    with device_guard(target):
+        _restoration_fwd_kernel[(grid,)](
+            restored, target, partial, *tensors,
+            *restored.stride(), *target.stride(),
+            *strides[0], *sizes[0], *strides[1], *sizes[1], *strides[2], *sizes[2],
+            *(float(w) for w in wts),
+            C, D, H, W, n_rows, n_cb, 1.0 / target.numel(),
+            N_MASKS=len(masks), **_factor_kwargs(facs), LOGITS=from_logits, BLOCK_R=br, BLOCK_W=bw, num_warps=warps,
+        )
     return partial.sum(dim=1)
 
 
@@ -459,16 +462,17 @@ def restoration_loss_backward(grad: torch.Tensor, restored: torch.Tensor, masks:
     slot_args = []
     for k in range(MAX_MASKS):
         slot_args += [*strides[k], *gstrides[k], *sizes[k]]
-    _restoration_bwd_kernel[(start,)](
-        grad, restored, target, gx, *tensors, *gtensors,
-        *restored.stride(), *target.stride(), *gx.stride(),
-        *slot_args,
-        *(float(w) for w in wts),
-        *ranges[0], *ranges[1], *ranges[2],
-        C, D, H, W, n_rows, n_cb, n_full, 1.0 / target.numel(),
-        N_MASKS=len(masks), **_factor_kwargs(facs), LOGITS=from_logits,
-        BLOCK_R=br, BLOCK_W=bw, **tiles, num_warps=warps,
-    )
+    with device_guard(target):
+        _restoration_bwd_kernel[(start,)](
+            grad, restored, target, gx, *tensors, *gtensors,
+            *restored.stride(), *target.stride(), *gx.stride(),
+            *slot_args,
+            *(float(w) for w in wts),
+            *ranges[0], *ranges[1], *ranges[2],
+            C, D, H, W, n_rows, n_cb, n_full, 1.0 / target.numel(),
+            N_MASKS=len(masks), **_factor_kwargs(facs), LOGITS=from_logits,
+            BLOCK_R=br, BLOCK_W=bw, **tiles, num_warps=warps,
+        )
     return [gx] + gms
 
 

@@ -14,6 +14,7 @@ in a fresh process when triton was already imported for the GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -26,6 +27,9 @@ KERNEL_MODULES = ("pcrlv2_fast.kernels.norm_act", "pcrlv2_fast.kernels.restorati
 DTYPES = ("float32", "bfloat16", "float16")
 # float32: relative error bound (sums over a few hundred elements in a different order than torch's).
 FP32_TOL = 1e-4
+# float32 with TF32 allowed (--tf32): the kernels' fp32 dots and cuDNN's fp32 convolutions round their inputs to
+# TF32's 10-bit mantissa (2^-11 relative per product).
+TF32_TOL = 5e-3
 # bfloat16/float16: one unit in the last place (relative), added to twice the eager error.
 ULP = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
 COLUMNS = ("op", "dtype", "fwd max err", "bwd max err", "tolerance", "pass")
@@ -230,27 +234,50 @@ def _triton_compiled_for_gpu() -> bool:
     return any(isinstance(v, JITFunction) for mod in modules if mod is not None for v in vars(mod).values())
 
 
-def _rows_from_subprocess(device: str) -> list[dict]:
+def _rows_from_subprocess(device: str, tf32: bool) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pcrlv2_fast.selftest", "--device", device, "--json"],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", "pcrlv2_fast.selftest", "--device", device, "--json"]
+                          + (["--tf32"] if tf32 else []), capture_output=True, text=True, env=env)
     lines = proc.stdout.strip().splitlines()
     if not lines:
         raise RuntimeError(f"selftest subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1])
 
 
-def run_selftest(device: str | None = None) -> list[dict]:
+@contextlib.contextmanager
+def tf32_policy(enabled: bool):
+    """TF32 for fp32 matmuls and convolutions (CUDA) set explicitly for the checks, restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _apply_tf32_tolerance(rows: list[dict]) -> list[dict]:
+    for r in rows:
+        if r["dtype"] == "float32" and r["tol"] is not None:
+            r["tol"] = TF32_TOL
+            r["ok"] = r["fwd_err"] <= TF32_TOL and r["bwd_err"] <= TF32_TOL
+            r["note"] = (r["note"] + " TF32").strip()
+    return rows
+
+
+def run_selftest(device: str | None = None, tf32: bool = False) -> list[dict]:
     """Check every kernel against its reference; one row per (op, dtype): op, dtype, fwd_err, bwd_err, tol,
-    ok (None for an op that is not installed) and note."""
+    ok (None for an op that is not installed) and note. TF32 is off for the checks (fp32 compared in IEEE
+    arithmetic, tolerance FP32_TOL) unless ``tf32``, which allows it and uses TF32_TOL for the fp32 rows."""
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu":
         if _triton_compiled_for_gpu():
-            return _rows_from_subprocess(str(dev))
+            return _rows_from_subprocess(str(dev), tf32)
         os.environ["TRITON_INTERPRET"] = "1"  # before triton and the kernel modules are imported
     elif dev.type != "cuda":
         raise ValueError(f"the selftest runs on cuda or on the cpu (Triton interpreter), not {dev.type}")
-    return _run_checks(dev)
+    with tf32_policy(tf32):
+        rows = _run_checks(dev)
+    return _apply_tf32_tolerance(rows) if tf32 else rows
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -273,16 +300,21 @@ def format_table(rows: list[dict]) -> str:
 def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:N or cpu (Triton interpreter); default: cuda when available")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON line instead of the table")
+    p.add_argument("--tf32", action="store_true",
+                   help=f"allow TF32 in fp32 matmuls/convolutions (fp32 tolerance {TF32_TOL:g}, not {FP32_TOL:g})")
 
 
 def _report(args: argparse.Namespace) -> int:
-    rows = run_selftest(args.device)
+    rows = run_selftest(args.device, args.tf32)
     if args.json:
         print(json.dumps(rows))
     else:
         where = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         mode = "" if where.startswith("cuda") else " (Triton interpreter)"
-        print(f"pcrlv2_fast kernel selftest on {where}{mode}; errors relative to the fp32 reference's largest value")
+        policy = (f"TF32 on: fp32 rows within {TF32_TOL:g}" if args.tf32
+                  else "TF32 off: fp32 compared in IEEE arithmetic")
+        print(f"pcrlv2_fast kernel selftest on {where}{mode}; errors relative to the fp32 reference's largest value; "
+              f"{policy}")
         print(format_table(rows))
         failed = [r for r in rows if r["ok"] is False]
         print(f"{len(failed)} of {sum(r['ok'] is not None for r in rows)} checks failed" if failed

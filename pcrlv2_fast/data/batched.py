@@ -61,6 +61,7 @@ __all__ = [
     "flip_batch",
     "affine_batch",
     "blur_batch",
+    "blur_dtype",
     "noise_batch",
     "gamma_batch",
     "swap_batch",
@@ -324,13 +325,23 @@ def _blur_matrices(sigmas: torch.Tensor, n: int) -> torch.Tensor:
     return matrices.scatter_add_(2, source.expand(len(sigmas), n, -1), kernel[:, None, :].expand(-1, n, -1))
 
 
-def blur_batch(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """``augment.blur`` per sample with per-axis sigmas (N, 3) in voxels: x, then y, then z."""
+def blur_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype blur_batch multiplies in: float64 for float32 views on CUDA, where an fp32 matmul may run in TF32
+    (10-bit mantissa: the trainer allows TF32 for bf16/tf32 runs, and the flag is process-wide, so it cannot be
+    switched off for the loader's thread alone); the views' own dtype elsewhere. The blur matmuls are small."""
+    return torch.float64 if x.is_cuda and x.dtype == torch.float32 else x.dtype
+
+
+def blur_batch(x: torch.Tensor, sigmas: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``augment.blur`` per sample with per-axis sigmas (N, 3) in voxels: x, then y, then z, multiplied in
+    ``dtype`` (default :func:`blur_dtype`) and returned in x's dtype."""
     n, c, sx, sy, sz = x.shape
-    mx, my, mz = (_blur_matrices(sigmas[:, a], s).to(x.device, x.dtype) for a, s in enumerate((sx, sy, sz)))
-    out = torch.matmul(mx[:, None], x.reshape(n, c, sx, sy * sz)).view(n, c, sx, sy, sz)
+    dtype = dtype or blur_dtype(x)
+    mx, my, mz = (_blur_matrices(sigmas[:, a], s).to(x.device, dtype) for a, s in enumerate((sx, sy, sz)))
+    out = torch.matmul(mx[:, None], x.to(dtype).reshape(n, c, sx, sy * sz)).view(n, c, sx, sy, sz)
     out = torch.matmul(my[:, None, None], out)
-    return torch.matmul(out.view(n, c, sx * sy, sz), mz.transpose(1, 2)[:, None]).view(n, c, sx, sy, sz)
+    out = torch.matmul(out.view(n, c, sx * sy, sz), mz.transpose(1, 2)[:, None]).view(n, c, sx, sy, sz)
+    return out.to(x.dtype)
 
 
 def noise_batch(

@@ -228,6 +228,21 @@ def test_blur_batch(n, shape, layout):
         assert_close(out[i], blur(x[i], sigmas[i]))
 
 
+def test_blur_batch_multiplies_in_float64_where_fp32_could_be_tf32():
+    """On CUDA float32 views are blurred in float64 (a process-wide TF32 switch would otherwise round the matmuls'
+    inputs to 10 bits); the float64 product equals the float32 one to float32 rounding."""
+    from pcrlv2_fast.data.batched import blur_dtype
+
+    x = batch(3, (9, 8, 7), seed=9)
+    assert blur_dtype(x) == torch.float32
+    cuda_like = type("CudaTensorLike", (), {"is_cuda": True, "dtype": torch.float32})()
+    assert blur_dtype(cuda_like) == torch.float64
+    sigmas = torch.tensor([[1.0, 0.5, 2.0], [0.0, 1.5, 0.7], [0.3, 0.0, 0.0]], dtype=torch.float64)
+    exact = blur_batch(x, sigmas, dtype=torch.float64)
+    assert exact.dtype == torch.float32
+    assert_close(exact, blur_batch(x, sigmas), atol=2e-6)
+
+
 def test_blur_batch_several_channels_and_large_sigma():
     x = batch(2, (7, 12, 5), channels=2, seed=8)
     sigmas = torch.tensor([[3.0, 0.4, 2.5], [0.0, 5.0, 0.9]], dtype=torch.float64)  # radii beyond the axis length

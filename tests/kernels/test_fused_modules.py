@@ -409,6 +409,28 @@ def test_selftest_passes_and_prints_the_table(capsys):
     assert "all checks passed" in out
 
 
+def test_selftest_tf32_policy_is_explicit(monkeypatch, capsys):
+    seen = []
+    real = selftest._run_checks
+
+    def recording(device):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+        return [r for r in real(device) if r["op"] == "bn_act3d"]
+
+    monkeypatch.setattr(selftest, "_run_checks", recording)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    strict = selftest.run_selftest("cpu")
+    relaxed = selftest.run_selftest("cpu", tf32=True)
+    assert seen == [(False, False), (True, True)]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    fp32 = [r for r in strict if r["dtype"] == "float32"][0]
+    fp32_tf32 = [r for r in relaxed if r["dtype"] == "float32"][0]
+    assert fp32["tol"] == selftest.FP32_TOL and fp32_tf32["tol"] == selftest.TF32_TOL and "TF32" in fp32_tf32["note"]
+    low = [[r["tol"] for r in rows if r["dtype"] != "float32"] for rows in (strict, relaxed)]
+    assert low[0] == low[1]
+    assert selftest.main(["--tf32"]) == 0 and "TF32 on" in capsys.readouterr().out
+
+
 def test_selftest_subcommand_registration():
     parser = argparse.ArgumentParser(prog="pcrlv2-fast")
     sub = parser.add_subparsers(dest="command", required=True)
