@@ -54,6 +54,9 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-threads", type=int, metavar="T",
                    help="OpenMP threads of the native loader (default: torch's thread count), so that the producer "
                         "and the step do not fight over the cores")
+    p.add_argument("--gpu-cache-gb", type=float, metavar="G",
+                   help="GPU memory --loader torch may fill with the volumes (default: a quarter of the free memory); "
+                        "above it the native loader feeds the GPU from the CPU")
     p.add_argument("--kernels", choices=["torch", "triton"],
                    help="plain PyTorch ops (default) or the fused Triton kernels for the conv blocks and the loss")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")

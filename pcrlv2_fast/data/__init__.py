@@ -6,7 +6,15 @@ from .dali import DaliLoader, dali_available, dali_load_error
 from .dataset import PretrainDataset, cut_and_resize
 from .geometry import CropConfig, SampleBoxes, box_iou, draw_sample_boxes
 from .io import MIN_SHAPE, SCAN_SUFFIXES, ScanError, Volume, find_scans, load_scan, load_volumes
-from .loader import LOADERS, BatchLoader, default_loader, draw_sample_params, resolve_loader
+from .loader import (
+    LOADERS,
+    BatchLoader,
+    bank_bytes,
+    default_loader,
+    draw_sample_params,
+    gpu_cache_choice,
+    resolve_loader,
+)
 
 __all__ = [
     "ScanError",
@@ -29,6 +37,8 @@ __all__ = [
     "dali_available",
     "dali_load_error",
     "default_loader",
+    "bank_bytes",
+    "gpu_cache_choice",
     "draw_sample_params",
     "resolve_loader",
     "preprocess",

@@ -39,7 +39,8 @@ from .augment import draw_sample_params
 from .batched import VolumeBank, intensity_batch, spatial_batch, z_normalize_batch
 from .dataset import PretrainDataset
 
-__all__ = ["LOADERS", "BatchLoader", "default_loader", "draw_sample_params", "resolve_loader"]
+__all__ = ["LOADERS", "BatchLoader", "bank_bytes", "default_loader", "draw_sample_params", "gpu_cache_choice",
+           "resolve_loader"]
 
 LOADERS = ("dataset", "torch", "native", "dali")
 
@@ -63,6 +64,30 @@ def resolve_loader(name: str) -> str:
         if (error := dali_load_error()) is not None:
             raise ValueError(error)
     return name
+
+
+def bank_bytes(volumes: Sequence) -> int:
+    """Bytes a :class:`VolumeBank` of ``volumes`` holds on its device: every voxel in their common dtype (float32
+    when the dtypes differ), as the torch loader stores them."""
+    dtypes = {np.asarray(v.array).dtype for v in volumes}
+    itemsize = dtypes.pop().itemsize if len(dtypes) == 1 else 4
+    return sum(int(np.prod(np.shape(v.array))) for v in volumes) * itemsize
+
+
+def gpu_cache_choice(need: int, budget: float, native_ok: bool) -> tuple[str, str]:
+    """(loader, message) for ``--loader torch`` on a GPU: the torch loader keeps every volume in GPU memory, so it
+    runs only when that fits ``budget`` bytes; above it the native loader builds the batches on the CPU (into
+    pinned buffers, copied ahead of the step). Without the C++ extension that is an error naming the fixes."""
+    gib = 2.0**30
+    if need <= budget:
+        return "torch", (f"torch loader: the volumes take {need / gib:.2f} GiB on the GPU "
+                         f"(budget {budget / gib:.2f} GiB)")
+    if not native_ok:
+        raise ValueError(f"the volumes need {need / gib:.2f} GiB of GPU memory for --loader torch, above the GPU cache "
+                         f"budget of {budget / gib:.2f} GiB; raise --gpu-cache-gb or build the C++ extension for the "
+                         "native loader")
+    return "native", (f"the volumes need {need / gib:.2f} GiB, above the GPU cache budget of {budget / gib:.2f} GiB "
+                      "(--gpu-cache-gb): the native loader builds the batches on the CPU into pinned buffers instead")
 
 
 def draw_batch(dataset: PretrainDataset, indices: Sequence[int]):

@@ -62,6 +62,9 @@ class PretrainConfig:
     # 0 builds each batch in the training thread when the step needs it. The batches are the same either way.
     prefetch: int = 2
     loader_threads: int | None = None  # OpenMP threads of the native loader; None: torch's intra-op thread count
+    # GPU memory the torch loader may fill with the volumes (GiB); None: a quarter of the free memory. Above it
+    # the native loader feeds the GPU from the CPU instead.
+    gpu_cache_gb: float | None = None
     # torch (plain PyTorch ops) | triton (the fused kernels of pcrlv2_fast.kernels for the conv blocks and the
     # loss; on CPU tensors they need TRITON_INTERPRET=1, otherwise the torch path runs with a logged warning)
     kernels: str = "torch"
@@ -114,6 +117,8 @@ class PretrainConfig:
         for field in ("loader_threads", "log_every"):
             if getattr(self, field) is not None and getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
+        if self.gpu_cache_gb is not None and self.gpu_cache_gb < 0:
+            raise ValueError(f"gpu_cache_gb must be >= 0, got {self.gpu_cache_gb}")
         for field in ("max_nonfinite", "save_every", "keep_checkpoints", "prefetch"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")

@@ -72,12 +72,15 @@ from ..data import (
     PretrainDataset,
     ScanError,
     Volume,
+    bank_bytes,
     cached_volumes,
     default_loader,
+    gpu_cache_choice,
     is_cache,
     open_cache,
     resolve_loader,
 )
+from ..data.native import available as native_available
 from ..losses import PCRLv2Loss
 from ..losses.pcrlv2 import full_size
 from ..models import NonSkipUNet3D
@@ -455,6 +458,8 @@ class Pretrainer:
         # "dataset": per-sample items through a DataLoader (cfg.workers processes); "torch" / "native": whole
         # batches cut and augmented in one pass (same samples, see data/loader.py).
         self.loader = resolve_loader(default_loader() if cfg.loader == "auto" else cfg.loader)
+        if self.loader == "torch" and self.device.type == "cuda":
+            self.loader = self._fit_gpu_cache(volumes)
         if self.loader == "dali":
             from ..data.dali import DaliLoader
 
@@ -509,6 +514,17 @@ class Pretrainer:
         self.resumed_from: Path | None = None
         self.skipped_checkpoints: list[Path] = []
         self._saved_step: int | None = None
+
+    def _fit_gpu_cache(self, volumes: list[Volume]) -> str:
+        """The torch loader keeps every volume on the GPU: only within --gpu-cache-gb (default a quarter of the
+        free memory); above it the native loader. The choice is printed."""
+        cfg = self.cfg
+        budget = (cfg.gpu_cache_gb * 2**30 if cfg.gpu_cache_gb is not None
+                  else torch.cuda.mem_get_info(self.device)[0] / 4)
+        loader, message = gpu_cache_choice(bank_bytes(volumes), budget, native_available())
+        if self.dist.is_main:
+            print(message, file=sys.stderr)
+        return loader
 
     def _load_volumes(self) -> list[Volume]:
         """Raw scans are preprocessed into OUT/cache first (resumable); with several processes rank 0 does it and

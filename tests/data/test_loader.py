@@ -215,3 +215,18 @@ def test_native_loader_threads_never_share_output_buffers(phantom_volumes):
     got = results[0] + results[1]
     assert len({b["x1"].data_ptr() for b in got}) == len(got)
     assert_same_batches(reference_batches(dataset, requests[0] + requests[1]), got)
+
+
+def test_gpu_cache_budget_decides_between_the_torch_and_native_loaders(phantom_volumes):
+    from pcrlv2_fast.data import bank_bytes, gpu_cache_choice
+    from pcrlv2_fast.data.batched import VolumeBank
+
+    need = bank_bytes(phantom_volumes)
+    bank = VolumeBank([v.array for v in phantom_volumes], [tuple(v.window) for v in phantom_volumes])
+    assert need == bank.data.numel() * bank.data.element_size()
+    loader, message = gpu_cache_choice(need, need, native_ok=False)
+    assert loader == "torch" and "on the GPU" in message
+    loader, message = gpu_cache_choice(need, need - 1, native_ok=True)
+    assert loader == "native" and "--gpu-cache-gb" in message and "pinned" in message
+    with pytest.raises(ValueError, match="raise --gpu-cache-gb or build the C\\+\\+ extension"):
+        gpu_cache_choice(need, need / 2, native_ok=False)

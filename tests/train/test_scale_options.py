@@ -21,6 +21,11 @@ def test_cli_flags_reach_the_config():
     assert (cfg.precision, cfg.accumulate, cfg.sync_bn, cfg.optim_impl) == ("tf32", 2, False, "loop")
     assert (cfg.max_nonfinite, cfg.keep_checkpoints, cfg.log_every, cfg.tensorboard) == (3, 0, 5, False)
     assert parse("--sync-bn").sync_bn is True and parse().sync_bn is None
+    cfg = parse("--prefetch", "0", "--loader-threads", "1", "--gpu-cache-gb", "12.5")
+    assert (cfg.prefetch, cfg.loader_threads, cfg.gpu_cache_gb) == (0, 1, 12.5)
+    assert (parse().prefetch, parse().loader_threads, parse().gpu_cache_gb, parse().log_every) == (2, None, None, None)
+    with pytest.raises(ValueError, match="gpu_cache_gb"):
+        parse("--gpu-cache-gb", "-1").validate()
 
 
 def test_cuda_graphs_flag_explains_why_not(tmp_path, capsys):
