@@ -23,6 +23,7 @@ Passes over the big tensors (statistics and all accumulation in fp32; y and dx i
 
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -467,48 +468,92 @@ def _launch_apply(xc, cl, mean, rstd, weight, bias, prelu_weight, act, groups):
     return y
 
 
-def _launch_backward(dy, x, weight, bias, prelu_weight, mean, rstd, act, groups, batch_stats, param_grads):
-    """dx and the per-channel sums (3, C) of g, g*xhat, PReLU (BN) or (3, N, C) (GN); sums None if unused."""
+def _bwd_layout(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """(x, dy, channels_last): x dense in its nearer layout, dy in the same (it may arrive in another layout, e.g.
+    contiguous grads of a channels-last output)."""
     xc, cl = _as_layout(x)
-    # dy may arrive in another layout than x (e.g. contiguous grads of a channels-last output): match x's.
     dyc = dy.movedim(1, -1).contiguous().movedim(-1, 1) if cl else dy.contiguous()
+    return xc, dyc, cl
+
+
+def _launch_bwd_sums(xc, dyc, cl, weight, bias, prelu_weight, mean, rstd, act, groups):
+    """Per-channel sums (3, C) of g, g*xhat and the PReLU term (BN), or per (sample, channel) (3, N, C) (GN)."""
     N, C, S = _dims(xc)
     block_s, block_c, warps = _tile_config(S, C, cl)
     ncb, nsb = triton.cdiv(C, block_c), triton.cdiv(S, block_s)
     w, b, a, a_stride, has_w, has_b = _common_args(xc, weight, bias, prelu_weight)
     G = groups or 1
     flags = dict(GROUPED=groups is not None, CHANNELS_LAST=cl, HAS_W=has_w, HAS_B=has_b, ACT=ACTS[act])
-    sums = None
-    if batch_stats or param_grads:
-        nsplit, per_split = _splits(xc, N, ncb, nsb)
-        part = torch.empty((3, N * nsplit, C), device=xc.device, dtype=torch.float32)
-        _bwd_reduce_kernel[(N * nsplit, ncb)](
-            xc, dyc, part, mean, rstd, w, b, a, a_stride, S, C, nsplit, per_split * block_s, part[0].numel(),
-            G, C // G, **flags, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
-        # GroupNorm needs per-(sample, channel) sums (its dx mixes the channels of a group within a sample).
-        K, J, *addr = _key_item(N, C, nsplit, None, per_sample=groups is not None)
-        q = 3 if act == "prelu" else 2
-        sums = torch.zeros((3, K), device=xc.device, dtype=torch.float32)
-        block_k, block_j = _small_blocks(K, J)
-        _sum_kernel[(triton.cdiv(K, block_k), q)](part, sums, K, J, part[0].numel(), *addr,
-                                                  BLOCK_K=block_k, BLOCK_J=block_j)
-        if groups is not None:
-            sums = sums.view(3, N, C)
-    k1 = k2 = mean
-    if batch_stats:
-        wf = weight.float() if weight is not None else torch.ones(C, device=xc.device)
-        if groups is None:
-            k1, k2 = wf * sums[0] / (N * S), wf * sums[1] / (N * S)
-        else:
-            M = (C // groups) * S
-            k1 = (wf * sums[0]).view(N, groups, -1).sum(-1).reshape(-1) / M
-            k2 = (wf * sums[1]).view(N, groups, -1).sum(-1).reshape(-1) / M
-        k1, k2 = k1.contiguous(), k2.contiguous()
+    nsplit, per_split = _splits(xc, N, ncb, nsb)
+    part = torch.empty((3, N * nsplit, C), device=xc.device, dtype=torch.float32)
+    _bwd_reduce_kernel[(N * nsplit, ncb)](
+        xc, dyc, part, mean, rstd, w, b, a, a_stride, S, C, nsplit, per_split * block_s, part[0].numel(),
+        G, C // G, **flags, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+    # GroupNorm needs per-(sample, channel) sums (its dx mixes the channels of a group within a sample).
+    K, J, *addr = _key_item(N, C, nsplit, None, per_sample=groups is not None)
+    q = 3 if act == "prelu" else 2
+    sums = torch.zeros((3, K), device=xc.device, dtype=torch.float32)
+    block_k, block_j = _small_blocks(K, J)
+    _sum_kernel[(triton.cdiv(K, block_k), q)](part, sums, K, J, part[0].numel(), *addr,
+                                              BLOCK_K=block_k, BLOCK_J=block_j)
+    return sums.view(3, N, C) if groups is not None else sums
+
+
+def _launch_bwd_dx(xc, dyc, cl, weight, bias, prelu_weight, mean, rstd, act, groups, k1, k2, batch_stats):
+    """dx = rstd * (w * g - k1 - xhat * k2) (batch statistics) or rstd * w * g (fixed statistics)."""
+    N, C, S = _dims(xc)
+    block_s, block_c, warps = _tile_config(S, C, cl)
+    ncb, nsb = triton.cdiv(C, block_c), triton.cdiv(S, block_s)
+    w, b, a, a_stride, has_w, has_b = _common_args(xc, weight, bias, prelu_weight)
+    G = groups or 1
+    flags = dict(GROUPED=groups is not None, CHANNELS_LAST=cl, HAS_W=has_w, HAS_B=has_b, ACT=ACTS[act])
     dx = torch.empty_like(xc)
     _bwd_dx_kernel[(N * nsb, ncb)](
         xc, dyc, dx, mean, rstd, k1, k2, w, b, a, a_stride, S, C, nsb, G, C // G, **flags,
         BATCH_STATS=batch_stats, ROUND_BF16=_round_bf16(dx), BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
-    return dx, sums
+    return dx
+
+
+def _dx_coefficients(sums: Tensor, weight, count: int, groups, N: int, C: int, S: int) -> tuple[Tensor, Tensor]:
+    """(k1, k2) of the batch-statistics dx from the sums: w * sum(g) / count and w * sum(g * xhat) / count per
+    channel (BN, over ``count`` values per channel), or per (sample, group) (GN)."""
+    wf = weight.float() if weight is not None else torch.ones(C, device=sums.device)
+    if groups is None:
+        return (wf * sums[0] / count).contiguous(), (wf * sums[1] / count).contiguous()
+    M = (C // groups) * S
+    k1 = (wf * sums[0]).view(N, groups, -1).sum(-1).reshape(-1) / M
+    k2 = (wf * sums[1]).view(N, groups, -1).sum(-1).reshape(-1) / M
+    return k1.contiguous(), k2.contiguous()
+
+
+def _launch_backward(dy, x, weight, bias, prelu_weight, mean, rstd, act, groups, batch_stats, param_grads):
+    """dx and the per-channel sums (3, C) of g, g*xhat, PReLU (BN) or (3, N, C) (GN); sums None if unused."""
+    xc, dyc, cl = _bwd_layout(dy, x)
+    N, C, S = _dims(xc)
+    sums = None
+    if batch_stats or param_grads:
+        sums = _launch_bwd_sums(xc, dyc, cl, weight, bias, prelu_weight, mean, rstd, act, groups)
+    k1 = k2 = mean
+    if batch_stats:
+        k1, k2 = _dx_coefficients(sums, weight, N * S, groups, N, C, S)
+    return _launch_bwd_dx(xc, dyc, cl, weight, bias, prelu_weight, mean, rstd, act, groups, k1, k2, batch_stats), sums
+
+
+def bn_act3d_backward_reduced(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                              prelu_weight: Tensor | None, mean: Tensor, rstd: Tensor, act: str,
+                              reduce_sums: Callable[[Tensor], Tensor], count: int):
+    """The batch-statistics backward of ``bn_act3d`` when the statistics covered more than this ``x``: the
+    per-channel sums of g and g*xhat go through ``reduce_sums`` (e.g. an all-reduce over the processes of a
+    synchronised batch norm) and are divided by ``count``, the values per channel behind ``mean``/``rstd``.
+    Returns (dx, dweight, dbias, dprelu) with the parameter gradients from this process's own sums (data
+    parallelism averages those afterwards)."""
+    with device_guard(x):
+        xc, dyc, cl = _bwd_layout(dy, x)
+        N, C, S = _dims(xc)
+        sums = _launch_bwd_sums(xc, dyc, cl, weight, bias, prelu_weight, mean, rstd, act, None)
+        k1, k2 = _dx_coefficients(reduce_sums(sums[:2].clone()), weight, count, None, N, C, S)
+        dx = _launch_bwd_dx(xc, dyc, cl, weight, bias, prelu_weight, mean, rstd, act, None, k1, k2, True)
+        return (dx, *_param_grads(sums, weight, bias, prelu_weight, act, True, x))
 
 
 def _param_grads(sums, weight, bias, prelu_weight, act, param_grads: bool, x: Tensor):

@@ -20,6 +20,7 @@ import importlib
 import logging
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
@@ -33,13 +34,29 @@ _conv_bn_stats = _UNRESOLVED
 
 
 # ------------------------------------------------------------------------------------------- descriptions
+def is_sync_bn(norm: nn.Module) -> bool:
+    """A batch norm synchronised over processes: torch's SyncBatchNorm, or one whose class says so with
+    ``SYNCHRONISED = True`` (the gloo implementation of the training layer)."""
+    return type(norm) is nn.SyncBatchNorm or bool(getattr(type(norm), "SYNCHRONISED", False))
+
+
+def sync_group(norm: nn.Module):
+    """The process group a synchronised batch norm reduces over in this call (training, several processes), else
+    None (then it is plain batch norm)."""
+    if not (is_sync_bn(norm) and norm.training and dist.is_available() and dist.is_initialized()):
+        return None
+    group = getattr(norm, "process_group", None) or dist.group.WORLD
+    return group if dist.get_world_size(group) > 1 else None
+
+
 def norm_kind(norm: nn.Module) -> str | None:
     """'bn', 'gn' or 'in' for a norm the kernels implement exactly, None otherwise.
 
     Exact types only: a subclass may change the forward. InstanceNorm3d with running statistics is left to torch
-    (the GroupNorm kernel keeps no running statistics); SyncBatchNorm needs cross-process statistics.
+    (the GroupNorm kernel keeps no running statistics). A synchronised batch norm is 'bn': after a 3x3x3 conv its
+    statistics are merged over the processes (see _sync_conv_bn); elsewhere it runs torch's module.
     """
-    if type(norm) is nn.BatchNorm3d:
+    if type(norm) is nn.BatchNorm3d or is_sync_bn(norm):
         return "bn"
     if type(norm) is nn.GroupNorm:
         return "gn"
@@ -150,10 +167,21 @@ def _torch_norm_act(x: Tensor, norm: nn.Module, act: nn.Module | None) -> Tensor
     return x if act is None else act(x)
 
 
+def _local_stats_only(norm: nn.Module) -> bool:
+    """A synchronised batch norm in a multi-process training call without a conv to take its statistics from:
+    torch's module runs it (logged once)."""
+    if sync_group(norm) is None:
+        return False
+    log_once("sync-norm-act", "kernels='triton': a synchronised batch norm without a 3x3x3 conv before it runs "
+             "torch's module")
+    return True
+
+
 def norm_act(x: Tensor, norm: nn.Module, act: nn.Module | None, kernels: str = "triton") -> Tensor:
     """``act(norm(x))`` for a 5-D x, fused into one kernel per direction with ``kernels="triton"``."""
     check_kernels(kernels)
-    if kernels == "triton" and _fusable(x, norm, act) and triton_usable(x, "fused norm+activation"):
+    if (kernels == "triton" and _fusable(x, norm, act) and not _local_stats_only(norm)
+            and triton_usable(x, "fused norm+activation")):
         return _fused_norm_act(x, norm, act)
     return _torch_norm_act(x, norm, act)
 
@@ -186,6 +214,50 @@ class _BnActFromStats(torch.autograd.Function):
                 da if prelu_weight is not None and ctx.act == "prelu" and need[3] else None, None, None, None, None)
 
 
+def _merge_over_ranks(mean: Tensor, var: Tensor, n: int, group) -> tuple[Tensor, Tensor, Tensor]:
+    """The batch statistics of every process's batch: each process's (count, mean, biased variance) per channel
+    gathered in one collective and merged by Chan's formula in float64 (no E[y^2] - E[y]^2 cancellation).
+    Returns fp32 mean and variance and the total count (a device tensor: no host read)."""
+    packed = torch.stack([torch.full_like(mean, float(n)), mean, var])  # (3, C)
+    gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, packed, group=group)
+    counts, means, variances = torch.stack(gathered).double().unbind(1)  # (world, C) each
+    total = counts.sum(0)
+    merged = (counts * means).sum(0) / total
+    merged_var = (counts * (variances + (means - merged).square())).sum(0) / total
+    return merged.float(), merged_var.float(), total[0]
+
+
+class _SyncBnActFromStats(torch.autograd.Function):
+    """_BnActFromStats for statistics merged over processes: the backward's per-channel sums of g and g*xhat are
+    all-reduced (one collective) and divided by the total count for the input gradient, as SyncBatchNorm does;
+    the weight and bias gradients come from this process's sums (data parallelism averages them)."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, prelu_weight, mean, var, eps: float, act: str, count: Tensor, group):
+        out, mean32, rstd, _, _ = torch.ops.pcrlv2.bn_act3d_fwd(y, weight, bias, mean, var, prelu_weight, False, 0.0,
+                                                                eps, act)
+        ctx.save_for_backward(y, weight, bias, prelu_weight, mean32, rstd, count)
+        ctx.act, ctx.group = act, group
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        y, weight, bias, prelu_weight, mean, rstd, count = ctx.saved_tensors
+
+        def all_reduce(t: Tensor) -> Tensor:
+            dist.all_reduce(t, group=ctx.group)
+            return t
+
+        dx, dw, db, da = _norm_act_kernels().bn_act3d_backward_reduced(dy, y, weight, bias, prelu_weight, mean, rstd,
+                                                                       ctx.act, all_reduce, count.float())
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, dw if weight is not None and need[1] else None,
+                db if bias is not None and need[2] else None,
+                da if prelu_weight is not None and ctx.act == "prelu" and need[3] else None,
+                None, None, None, None, None, None)
+
+
 def _conv_bn_from_stats(x: Tensor, conv: nn.Conv3d, bn: nn.BatchNorm3d, act: nn.Module | None, conv_impl: str,
                         stats_fn) -> Tensor:
     _norm_act_kernels()  # registers the pcrlv2::bn_act3d_* ops used by _BnActFromStats
@@ -195,13 +267,19 @@ def _conv_bn_from_stats(x: Tensor, conv: nn.Conv3d, bn: nn.BatchNorm3d, act: nn.
     # _BnActFromStats' backward already includes the terms through the batch statistics.
     y, mean, var = stats_fn(x, conv.weight, conv.bias, impl=conv_impl)
     n = y.numel() // y.shape[1]
-    if n < 2:
+    group = sync_group(bn)
+    if n * (1 if group is None else dist.get_world_size(group)) < 2:
         raise ValueError(f"expected more than 1 value per channel when training, got input {tuple(y.shape)}")
     mean, var = mean.detach(), var.detach()
+    if group is not None:
+        mean, var, n = _merge_over_ranks(mean, var, n, group)
     if bn.training and rm is not None:
         with torch.no_grad():
             rm.copy_((1.0 - factor) * rm.float() + factor * mean)
             rv.copy_((1.0 - factor) * rv.float() + factor * var * (n / (n - 1)))
+    if group is not None:
+        return _SyncBnActFromStats.apply(y, bn.weight, bn.bias, _prelu_weight(act), mean, var, float(bn.eps),
+                                         act_kind(act), n, group)
     return _BnActFromStats.apply(y, bn.weight, bn.bias, _prelu_weight(act), mean, var, float(bn.eps),
                                  act_kind(act))
 
@@ -219,4 +297,6 @@ def conv_norm_act(x: Tensor, conv: nn.Module, norm: nn.Module, act: nn.Module | 
     if (stats_fn is not None and norm_kind(norm) == "bn" and is_conv3x3(conv)
             and (norm.training or norm.running_mean is None)):
         return _conv_bn_from_stats(x, conv, norm, act, conv_impl, stats_fn)
+    if _local_stats_only(norm):
+        return _torch_norm_act(conv(x), norm, act)
     return _fused_norm_act(conv(x), norm, act)

@@ -193,6 +193,9 @@ class CpuSyncBatchNorm(_BatchNorm):
     it is plain batch norm.
     """
 
+    # Read by pcrlv2_fast.nn (is_sync_bn): the fused conv blocks merge this norm's statistics over the processes.
+    SYNCHRONISED = True
+
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
             raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {x.dim()}")

@@ -445,9 +445,9 @@ def test_fused_block_counts_say_what_runs_fused(monkeypatch):
     model = NonSkipUNet3D(width=1, kernels="triton")
     assert fused_block_counts(model, DEVICE) == {"conv": "17/17", "norm_act": "17/17"}
     assert fused_block_counts(NonSkipUNet3D(width=1), DEVICE) == {"conv": "0/17", "norm_act": "0/17"}
-    # SyncBatchNorm (several processes) is not fused: those blocks run torch's modules.
+    # SyncBatchNorm (several processes): the conv blocks merge their statistics over the processes, still fused.
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
-    assert fused_block_counts(synced, DEVICE) == {"conv": "0/17", "norm_act": "0/17"}
+    assert fused_block_counts(synced, DEVICE) == {"conv": "17/17", "norm_act": "17/17"}
     gn = NonSkipUNet3D(width=1, norm="gn", kernels="triton")
     assert fused_block_counts(gn, DEVICE) == {"conv": "0/17", "norm_act": "17/17"}
     if DEVICE == "cpu":
