@@ -40,10 +40,23 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+
+def _simpleitk():
+    """SimpleITK, imported when a scan is read: training from a preprocessed cache does not need it."""
+    try:
+        import SimpleITK
+    except ImportError as exc:
+        raise ScanError(f"reading scans needs SimpleITK ({exc}): pip install SimpleITK; a preprocessed cache "
+                        "(pcrlv2-fast preprocess) trains without it") from exc
+    return SimpleITK
+
 
 __all__ = [
     "ScanError",
@@ -293,6 +306,7 @@ def _listed(items: list[str]) -> str:
 
 def _dicom_header(path: Path) -> sitk.ImageFileReader:
     """A reader holding the header of one DICOM file (pixels not read); RuntimeError when GDCM cannot parse it."""
+    sitk = _simpleitk()
     reader = sitk.ImageFileReader()
     reader.SetImageIO("GDCMImageIO")
     reader.SetFileName(str(path))
@@ -405,6 +419,7 @@ def _dicom_text(values: np.ndarray) -> str:
 
 def _read_dicom_series(folder: Path) -> sitk.ImageSeriesReader:
     """A reader for the one DICOM series in ``folder``, after the checks listed in the module docstring."""
+    sitk = _simpleitk()
     dcm_files = sorted(p for p in folder.iterdir()
                        if _is_dicom_name(p.name) and not p.name.startswith(".") and p.is_file())
     series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
@@ -441,6 +456,7 @@ def _read_dicom_series(folder: Path) -> sitk.ImageSeriesReader:
 
 def read_image(path: Path) -> sitk.Image:
     """The SimpleITK image of a scan file or DICOM series folder; every failure is a ScanError naming the file."""
+    sitk = _simpleitk()
     if path.is_dir():
         reader = _read_dicom_series(path)
     else:
@@ -474,6 +490,7 @@ def _check_geometry(path: Path, image: sitk.Image) -> None:
 
 
 def _resample(image: sitk.Image, spacing: tuple[float, float, float], fill: float) -> sitk.Image:
+    sitk = _simpleitk()
     in_size, in_spacing = image.GetSize(), image.GetSpacing()
     out_size = [int(n * s / o + 0.5) for n, s, o in zip(in_size, in_spacing, spacing, strict=True)]
     resampler = sitk.ResampleImageFilter()
@@ -514,6 +531,7 @@ def read_resampled(
     Raises :class:`ScanError` for unreadable/truncated files, non-3D or vector images, invalid spacing,
     NaN/inf voxels, constant volumes and volumes smaller than ``min_shape`` after resampling.
     """
+    sitk = _simpleitk()
     path = Path(path)
     _check_arguments(spacing, modality)
     if not path.exists():

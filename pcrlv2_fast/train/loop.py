@@ -917,6 +917,20 @@ class Pretrainer:
             print(f"\n{self.stop_signal}: finishing step {self.step + 1}, then saving a checkpoint (send it again to "
                   "stop at once)", file=sys.stderr)
 
+    def _pictures(self, last: StepOutput) -> dict[str, str]:
+        """restoration.png and loss_curve.png ({name: path}); without matplotlib a one-line notice and none."""
+        try:
+            from ..viz import save_loss_curve_png, save_restoration_png
+        except ImportError as exc:
+            print(f"note: no pictures ({exc}); pip install matplotlib to get them", file=sys.stderr)
+            return {}
+        s = {k: _cpu(v) for k, v in last.sample.items()}
+        s["masks"] = [full_size(m, s["gt"].shape[1:])[0] for m in s["masks"]]
+        save_restoration_png(self.out / "restoration.png", s["x1"], s["gt"], s["restoration"], s["masks"],
+                             title=f"step {self.step}")
+        save_loss_curve_png(self.out / "metrics.jsonl", self.out / "loss_curve.png")
+        return {"restoration": str(self.out / "restoration.png"), "loss_curve": str(self.out / "loss_curve.png")}
+
     def finish(self, rates: list[float], last: StepOutput | None) -> dict:
         self._read_counters()
         # Throughput excludes the first steps (allocator and compile warm-up) when there are enough of them.
@@ -938,15 +952,8 @@ class Pretrainer:
         }
         if not self.dist.is_main:
             return summary
-        from ..viz import save_loss_curve_png, save_restoration_png
-
         if self.cfg.pictures and last is not None:
-            s = {k: _cpu(v) for k, v in last.sample.items()}
-            s["masks"] = [full_size(m, s["gt"].shape[1:])[0] for m in s["masks"]]
-            save_restoration_png(self.out / "restoration.png", s["x1"], s["gt"], s["restoration"], s["masks"],
-                                 title=f"step {self.step}")
-            save_loss_curve_png(self.out / "metrics.jsonl", self.out / "loss_curve.png")
-            files.update(restoration=str(self.out / "restoration.png"), loss_curve=str(self.out / "loss_curve.png"))
+            files.update(self._pictures(last))
         if any(self.out.glob("events.out.tfevents.*")):
             files["tensorboard"] = str(self.out)
         with atomic_write(self.out / "summary.json", "w") as f:
