@@ -131,7 +131,7 @@ def _blocks(max_rows: int, max_cols: int) -> tuple[int, int]:
 
 
 def _check_device(t: torch.Tensor) -> None:
-    if t.device.type != "cuda" and not _interpreting():
+    if not t.is_cuda and not _interpreting():
         raise RuntimeError("the Triton cosine loss needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
 
 

@@ -389,7 +389,7 @@ def _check_inputs(restored: torch.Tensor, masks: Sequence[torch.Tensor], target:
             raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
         if t.device != target.device:
             raise ValueError(f"{name} is on {t.device}, target on {target.device}")
-    if target.device.type != "cuda" and not _interpreting():
+    if not target.is_cuda and not _interpreting():
         raise RuntimeError("the Triton restoration loss needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
     return factors
 

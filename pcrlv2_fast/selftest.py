@@ -300,11 +300,20 @@ def format_table(rows: list[dict]) -> str:
 def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cuda, cuda:N or cpu (Triton interpreter); default: cuda when available")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON line instead of the table")
+    p.add_argument("--arch", help="instead of running the kernels: compile every configuration the engine launches "
+                                   "for the official model for this GPU architecture (sm_90) and report registers, "
+                                   "spills and shared memory (no GPU needed)")
+    p.add_argument("--dtypes", default="bf16,fp16,fp32,tf32", help="with --arch: the precisions to compile")
+    p.add_argument("--json-out", metavar="PATH", help="with --arch: also write the report as JSON")
     p.add_argument("--tf32", action="store_true",
                    help=f"allow TF32 in fp32 matmuls/convolutions (fp32 tolerance {TF32_TOL:g}, not {FP32_TOL:g})")
 
 
 def _report(args: argparse.Namespace) -> int:
+    if args.arch:
+        from .compile_report import run
+
+        return run(args.arch, tuple(args.dtypes.split(",")), args.json_out)
     rows = run_selftest(args.device, args.tf32)
     if args.json:
         print(json.dumps(rows))
