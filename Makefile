@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-cpu bench-data bench-micro bench-gpu clean
+.PHONY: install demo test lint bench bench-cpu bench-data bench-micro bench-gpu bench-compile check-triton36 clean
 
 # torch goes in first and the package builds without isolation: setup.py compiles the C++ extension
 # pcrlv2_fast._C (csrc/) against the installed torch.
@@ -44,6 +44,24 @@ bench-micro: $(STAMP)
 
 bench: bench-cpu bench-data bench-micro
 
+# Every Triton kernel configuration of the official model compiled for Hopper (sm_90) here, no GPU needed:
+# registers, spills, shared memory (benchmarks/results/compile-sm_90-<date>.json).
+bench-compile: $(STAMP)
+	$(PY) benchmarks/benchmark_compile.py
+
+# The GPU machine's Triton (3.6.0) in a second environment: the sm_90 compile report (bf16 set) and the kernel
+# tests under the interpreter.
+VENV36 ?= .venv-triton36
+check-triton36: $(STAMP)
+	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
+	$(VENV36)/bin/python -m pip install -q --upgrade pip setuptools wheel
+	$(VENV36)/bin/python -m pip install -q $$(grep -E '^torch[<>=!~ ]' requirements-dev.txt)
+	$(VENV36)/bin/python -m pip install -q triton==3.6.0 numpy tqdm SimpleITK pytest
+	$(VENV36)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(VENV36)/bin/python -c "import triton; assert triton.__version__ == '3.6.0', triton.__version__"
+	$(VENV36)/bin/python -m pcrlv2_fast selftest --arch sm_90 --dtypes bf16
+	$(VENV36)/bin/python -m pytest -q tests/kernels
+
 # On a CUDA machine: kernel selftest, per-kernel and conv-block benchmarks, the train step and the GPU data
 # loaders; JSON rows in benchmarks/results/.
 bench-gpu: $(STAMP)
@@ -54,4 +72,4 @@ bench-gpu: $(STAMP)
 	$(PY) benchmarks/benchmark_data.py --device cuda
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) $(VENV36) runs build *.egg-info
