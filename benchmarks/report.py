@@ -118,8 +118,22 @@ def render_scaling(rows: list[dict], path: Path) -> str:
     return "\n\n".join([_table(header, out), note, _provenance(path, rows[0])])
 
 
+def render_compile(rows: list[dict], path: Path) -> str:
+    kernels: dict[str, list[dict]] = {}
+    for r in rows:
+        kernels.setdefault(r["kernel"], []).append(r)
+    out = [[k, str(len(v)), str(max(r["regs"] for r in v)), str(min(r["warps_per_sm"] for r in v)),
+            f"{max(r['shared'] for r in v):,}", str(sum(r["spill_bytes"] for r in v)),
+            "yes" if all(r["ok"] for r in v) else "NO"] for k, v in kernels.items()]
+    r0 = rows[0]
+    note = (f"{len(rows)} configurations (bf16, fp16, fp32, fp32 with TF32) compiled for {r0['arch']} with Triton "
+            f"{r0['triton']}; registers per thread, resident warps per SM implied by registers and shared memory.")
+    header = ["kernel", "configs", "max regs", "min warps/SM", "max shared B", "spill B", "pass"]
+    return "\n\n".join([_table(header, out), note, _provenance(path, r0)])
+
+
 RENDERERS = {"train_step": render_train_step, "data": render_data, "micro": render_micro,
-             "crop_resize": render_crop_resize, "scaling": render_scaling}
+             "crop_resize": render_crop_resize, "scaling": render_scaling, "compile": render_compile}
 
 
 def render(series: str, path: Path) -> str:
