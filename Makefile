@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-cpu bench-data bench-micro bench-gpu bench-compile check-triton36 clean
+.PHONY: install demo test lint bench bench-cpu bench-data bench-micro bench-gpu bench-compile check-triton36 gpu-bundle gpu-check clean
 
 # torch goes in first and the package builds without isolation: setup.py compiles the C++ extension
 # pcrlv2_fast._C (csrc/) against the installed torch.
@@ -56,7 +56,8 @@ check-triton36: $(STAMP)
 	test -x $(VENV36)/bin/python || $(PYTHON) -m venv $(VENV36)
 	$(VENV36)/bin/python -m pip install -q --upgrade pip setuptools wheel
 	$(VENV36)/bin/python -m pip install -q $$(grep -E '^torch[<>=!~ ]' requirements-dev.txt)
-	$(VENV36)/bin/python -m pip install -q triton==3.6.0 numpy tqdm SimpleITK pytest
+	# numpy < 2.4: Triton 3.6's interpreter converts one-element arrays to Python ints, which numpy 2.4 refuses.
+	$(VENV36)/bin/python -m pip install -q triton==3.6.0 "numpy<2.4" tqdm SimpleITK pytest
 	$(VENV36)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	$(VENV36)/bin/python -c "import triton; assert triton.__version__ == '3.6.0', triton.__version__"
 	$(VENV36)/bin/python -m pcrlv2_fast selftest --arch sm_90 --dtypes bf16
@@ -70,6 +71,18 @@ bench-gpu: $(STAMP)
 	$(PY) benchmarks/benchmark_conv3d_block.py --device cuda
 	$(PY) benchmarks/benchmark_train_step.py --device cuda --baseline-precision bf16
 	$(PY) benchmarks/benchmark_data.py --device cuda
+
+# The GPU visit. Here: `make gpu-bundle` puts a small real preprocessed cache (from ../shared/data) and the commit
+# into gpu_bundle/ (ignored, carried with the tree). On the GPU machine (its own torch and Triton, no venv):
+# `make gpu-check` runs every stage time-boxed and writes JSON under $OUT or benchmarks/results/.
+# `make gpu-check DEVICE=cpu GPU_PYTHON=.venv/bin/python` is the dry run at tiny sizes.
+DEVICE ?= cuda
+GPU_PYTHON ?= python3
+gpu-bundle: $(STAMP)
+	$(PY) benchmarks/gpu_bundle.py
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --device $(DEVICE)
 
 clean:
 	rm -rf $(VENV) $(VENV36) runs build *.egg-info

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import environment, write_rows  # noqa: E402
+from utils import environment, roofline_ms, write_rows  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (C_in, C_out, D, H, W) of every 3x3x3 conv of the official network (width 32) on a 64x64x32 global view:
@@ -146,7 +146,8 @@ def run_case(shape, mode: str, provider: str, args, device, compiled: dict) -> d
     flop = gemm_flop * {"fwd": 1, "bwd": 2, "full": 3, "block": 3}[mode]
     return {"benchmark": "conv3d_block", "provider": provider, "mode": mode, "batch_size": args.batch_size,
             "c_in": c_in, "c_out": c_out, "d": D, "h": H, "w": W, "dtype": args.dtype, "ms": ms, "ms_p20": lo,
-            "ms_p80": hi, "tflops": flop / (ms * 1e-3) / 1e12}
+            "ms_p80": hi, "tflops": flop / (ms * 1e-3) / 1e12,
+            "predicted_ms_h100": roofline_ms(flop, nbytes=sum(t.numel() * t.element_size() for t in (x, w, dy)))}
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from utils import environment, median, time_call, write_rows  # noqa: E402
+from utils import environment, median, roofline_ms, time_call, write_rows  # noqa: E402
 
 OPS = ("bn_act3d", "gn_act3d", "restoration_loss", "cosine_pair_loss")
 PROVIDERS = ("fused", "torch", "torch_compile")
@@ -189,7 +189,8 @@ def bench_case(case: Case, provider: str, mode: str, timer=do_bench_ms) -> dict:
     ms, p20, p80 = timer(fn, leaves)
     moved = {"fwd": case.fwd_bytes, "bwd": case.bwd_bytes, "full": case.fwd_bytes + case.bwd_bytes}[mode]
     return {"benchmark": "kernels", "op": case.op, "shape": case.shape, "provider": provider, "mode": mode,
-            "ms": ms, "ms_p20": p20, "ms_p80": p80, "bytes": moved, "gbps": moved / (ms * 1e-3) / 1e9, **case.extra}
+            "ms": ms, "ms_p20": p20, "ms_p80": p80, "bytes": moved, "gbps": moved / (ms * 1e-3) / 1e9,
+            "predicted_ms_h100": roofline_ms(nbytes=moved), **case.extra}
 
 
 def build_cases(ops, batch: int, width: int, dtype: torch.dtype, device: torch.device, view=VIEW) -> list[Case]:

@@ -70,8 +70,10 @@ def main() -> None:
     p.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     p.add_argument("--compile", action="store_true", help="also time the engine under torch.compile")
-    p.add_argument("--baseline-precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="eager reference step precision (GPU targets compare against eager AMP)")
+    p.add_argument("--baseline-precision", default="fp32",
+                   help="eager reference step precision(s), comma-separated (fp32, bf16, fp16; e.g. fp32,bf16: the "
+                        "GPU targets compare against eager AMP); speed-ups are against the first")
+    p.add_argument("--triton", action="store_true", help="also time the engine with the fused Triton kernels")
     p.add_argument("--peak-tflops", type=float, help="device peak for the model FLOP utilisation column")
     p.add_argument("--out", help="result JSON path (default benchmarks/results/train_step-<device>-<date>.json)")
     args = p.parse_args()
@@ -91,42 +93,58 @@ def main() -> None:
     amp = PRECISIONS[args.precision]
     loss_fn = PCRLv2Loss(total_epochs=240)
     ex1, ex2, egt, eloc = (t.contiguous(memory_format=fmt) for t in (x1, x2, gt, loc))
-    base_amp = PRECISIONS[args.baseline_precision]
+    def make_eager(precision: str):
+        base_amp = PRECISIONS[precision]
 
-    def eager_step():
-        ctx = torch.autocast(device.type, dtype=base_amp) if base_amp is not None else nullcontext()
-        with ctx:
-            loss = reference_step_loss(ref, x1, x2, gt, local_views, 0, 240, random.Random(0))[0]
-        ref_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        ref_opt.step()
+        def eager_step():
+            ctx = torch.autocast(device.type, dtype=base_amp) if base_amp is not None else nullcontext()
+            with ctx:
+                loss = reference_step_loss(ref, x1, x2, gt, local_views, 0, 240, random.Random(0))[0]
+            ref_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            ref_opt.step()
 
-    def make_engine(compile_model: bool):
-        model = NonSkipUNet3D(width=args.width).to(device)
+        return eager_step
+
+    def make_engine(compile_model: bool, kernels: str = "torch"):
+        model = NonSkipUNet3D(width=args.width, kernels=kernels, upsample_masks=kernels == "torch").to(device)
         model.load_state_dict(ref.state_dict())
         model = model.to(memory_format=fmt)
         forward = torch.compile(model) if compile_model else model
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-        engine = StepEngine.build(model, loss_fn, opt, scaler, amp, forward)
+        objective = loss_fn if kernels == "torch" else PCRLv2Loss(total_epochs=240, kernels=kernels)
+        engine = StepEngine.build(model, objective, opt, scaler, amp, forward)
         return lambda: pretrain_step(engine, [(ex1, ex2, egt, eloc)], 0, random.Random(0))
 
-    base_name = "eager_" + args.baseline_precision
-    providers = {base_name: eager_step, "engine": make_engine(False)}
+    baselines = args.baseline_precision.split(",")
+    for precision in baselines:
+        if precision not in PRECISIONS:
+            p.error(f"--baseline-precision: {precision!r} is not one of {list(PRECISIONS)}")
+    base_name = "eager_" + baselines[0]
     # Each row carries its own provider's settings: the reference runs contiguous, uncompiled, in its precision.
+    providers, settings = {}, {}
+    for precision in baselines:
+        providers["eager_" + precision] = make_eager(precision)
+        settings["eager_" + precision] = {"model": "reference", "precision": precision, "channels_last": False,
+                                          "compile": False, "kernels": "torch"}
     engine_settings = {"model": "NonSkipUNet3D", "precision": args.precision, "channels_last": args.channels_last}
-    settings = {base_name: {"model": "reference", "precision": args.baseline_precision, "channels_last": False,
-                            "compile": False},
-                "engine": {**engine_settings, "compile": False}}
-    if args.compile:
-        providers["engine_compile"] = make_engine(True)
-        settings["engine_compile"] = {**engine_settings, "compile": True}
+    variants = [("engine", False, "torch")] + ([("engine_compile", True, "torch")] if args.compile else []) + (
+        [("engine_triton", False, "triton")] if args.triton else [])
+    for name, compiled, kernels in variants:
+        providers[name] = make_engine(compiled, kernels)
+        settings[name] = {**engine_settings, "compile": compiled, "kernels": kernels}
     times = {name: [] for name in providers}
     warm = {name: 0.0 for name in providers}
+    peak = {}
     for name, fn in providers.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         for i in range(args.warmup):
             warm[name] += time_call(fn, device)
             print(f"{name}: warm-up {i + 1}/{args.warmup} done after {warm[name]:.2f} s", flush=True)
+        if device.type == "cuda":
+            peak[name] = torch.cuda.max_memory_allocated(device) / 2**30
     for i in range(args.steps):  # interleaved so that drift in machine load hits every provider alike
         for name, fn in providers.items():
             times[name].append(time_call(fn, device))
@@ -145,6 +163,10 @@ def main() -> None:
                "tflops": flops * args.batch_size / s / 1e12, "gflop_per_sample": flops / 1e9}
         if args.peak_tflops:
             row["mfu"] = row["tflops"] / args.peak_tflops
+            # Roofline floor of the step: its FLOPs at the device's dense peak.
+            row["predicted_s_per_step"] = flops * args.batch_size / (args.peak_tflops * 1e12)
+        if name in peak:
+            row["peak_mem_gb"] = peak[name]
         rows.append(row)
     path = write_rows(rows, "train_step", device, args.out)
     print(f"\n{'provider':<15} {'s/step':>8} {'samples/s':>10} {'TFLOP/s':>8} {'speed-up':>9}")

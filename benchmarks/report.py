@@ -56,7 +56,8 @@ def render_train_step(rows: list[dict], path: Path) -> str:
     out = []
     for r in rows:
         layout = "channels_last_3d" if r["channels_last"] else "contiguous"
-        what = f"{r.get('model', '?')}, {r['precision']}, {layout}" + (", torch.compile" if r["compile"] else "")
+        what = f"{r.get('model', '?')}, {r['precision']}, {layout}" + (", torch.compile" if r["compile"] else "") + (
+            ", Triton kernels" if r.get("kernels") == "triton" else "")
         out.append([r["provider"], what, f"{r['s_per_step']:.2f}", f"{r['samples_per_s']:.2f}", f"{r[base]:.2f}x",
                     f"{r['warmup_s']:.1f}"])
     r0 = rows[0]
@@ -132,8 +133,30 @@ def render_compile(rows: list[dict], path: Path) -> str:
     return "\n\n".join([_table(header, out), note, _provenance(path, r0)])
 
 
+def render_predictions(rows: list[dict], path: Path) -> str:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["op"] != "train step":
+            groups.setdefault(r["pass"], []).append(r)
+    out = []
+    for name, rs in groups.items():
+        ms = sum(r["predicted_ms"] * r["count"] for r in rs)
+        memory_bound = sum(r["bytes"] / 3.35e12 > r["flop"] / 989e12 for r in rs)
+        out.append([name, str(len(rs)), f"{ms:.2f}", f"{memory_bound}/{len(rs)}"])
+    step = next(r for r in rows if r["op"] == "train step")
+    total = sum(float(o[2]) for o in out)
+    out.append(["sum of the above", "", f"{total:.2f}", ""])
+    out.append(["whole step at peak FLOP/s", "", f"{step['predicted_ms']:.2f}",
+                f"{step['samples_per_s']:.0f} samples/s"])
+    note = ("Predicted, not measured: batch 32, width 32 on an H100 SXM (989 TFLOP/s dense bf16, 3.35 TB/s); per row "
+            "the larger of FLOPs at peak and least bf16 traffic at full bandwidth, summed over the step's layers.")
+    header = ["pass", "rows", "predicted ms per step", "memory-bound rows"]
+    return "\n\n".join([_table(header, out), note, _provenance(path, rows[0])])
+
+
 RENDERERS = {"train_step": render_train_step, "data": render_data, "micro": render_micro,
-             "crop_resize": render_crop_resize, "scaling": render_scaling, "compile": render_compile}
+             "crop_resize": render_crop_resize, "scaling": render_scaling, "compile": render_compile,
+             "predictions": render_predictions}
 
 
 def render(series: str, path: Path) -> str:

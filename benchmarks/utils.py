@@ -14,6 +14,14 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# The roofline that predictions are judged by: H100 SXM, dense bf16 tensor-core peak and HBM3 bandwidth.
+H100 = {"bf16_tflops": 989.0, "hbm_gbps": 3350.0}
+
+
+def roofline_ms(flop: float = 0.0, nbytes: float = 0.0, device: dict = H100) -> float:
+    """The least time an op can take on ``device``: its FLOPs at the compute peak or its bytes at the memory
+    bandwidth, whichever binds (milliseconds)."""
+    return max(flop / (device["bf16_tflops"] * 1e12), nbytes / (device["hbm_gbps"] * 1e9)) * 1e3
 RESULTS = ROOT / "benchmarks" / "results"
 
 
