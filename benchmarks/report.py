@@ -137,7 +137,9 @@ def render_predictions(rows: list[dict], path: Path) -> str:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["op"] != "train step":
-            groups.setdefault(r["pass"], []).append(r)
+            layer = r["op"].startswith(("conv", "bn_act"))
+            groups.setdefault(("conv " if r["op"].startswith("conv") else "") + r["pass"] if layer
+                              else f"{r['op']} {r['pass']}", []).append(r)
     out = []
     for name, rs in groups.items():
         ms = sum(r["predicted_ms"] * r["count"] for r in rs)
