@@ -117,6 +117,16 @@ def _gather_flat(X_ptr, m, d, h, w, m_ok, k, C, D, H, W, K):
 
 
 @triton.jit
+def _tap_tile(X_ptr, m, d, h, w, m_ok, tap, c, C_in, D, H, W, EVEN_K: tl.constexpr):
+    # [BLOCK_M, BLOCK_K] tile of X shifted by one tap, channels c (one chunk); zero in the padding.
+    ok, delta = _tap_rows(d, h, w, m_ok, tap, D, H, W)
+    a_ptrs = X_ptr + (m + delta)[:, None] * C_in + c[None, :]
+    if EVEN_K:
+        return tl.load(a_ptrs, mask=ok[:, None], other=0.0)
+    return tl.load(a_ptrs, mask=ok[:, None] & (c < C_in)[None, :], other=0.0)
+
+
+@triton.jit
 def _conv3d_fwd_kernel(
     X_ptr,  # (N, D, H, W, C_in) input, dense channels-last
     W_ptr,  # (27 * C_in, C_out) packed weight in X's dtype: row tap * C_in + ci
@@ -197,7 +207,9 @@ def _conv3d_wgrad_kernel(
 ):
     # dW^T[C_out, K] = dY^T @ X_shift with C_out as the MMA's row dimension: Hopper's warp-group MMA wants at
     # least 64 rows, which C_out (64..512 in the heavy layers) has and one tap's C_in chunk (32 in the
-    # full-resolution 32->64 conv) has not.
+    # full-resolution 32->64 conv) has not. Tap by tap, a program takes the three w-neighbour taps of one
+    # (kd, kh): each dY tile loaded feeds three MMAs (three accumulators), so dY, the largest operand of the
+    # deep layers, is read 9 times per conv instead of 27.
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
@@ -207,34 +219,45 @@ def _conv3d_wgrad_kernel(
     if FLAT:
         k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     else:
-        # A K tile is one tap and a chunk of its channels: the padding mask is per row.
+        # A K tile is the taps kw = 0, 1, 2 of one (kd, kh) and a chunk of their channels: the padding mask is
+        # per row.
         ncb = tl.cdiv(C_in, BLOCK_K)
-        tap = pid_k // ncb
-        c = (pid_k - tap * ncb) * BLOCK_K + tl.arange(0, BLOCK_K)
+        tap = (pid_k // ncb) * 3
+        c = (pid_k - (pid_k // ncb) * ncb) * BLOCK_K + tl.arange(0, BLOCK_K)
         k = tap * C_in + c
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
     m_lo = split * SPAN
     m_hi = tl.minimum(m_lo + SPAN, M)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         m = m0 + tl.arange(0, BLOCK_M)
         d, h, w, m_ok = _voxels(m, M, D, H, W)
+        # dY^T tile [BLOCK_N, BLOCK_M], loaded in the orientation the dot consumes (no register transpose).
+        g = tl.load(DY_ptr + co[:, None] + m[None, :] * C_out, mask=co_ok[:, None] & m_ok[None, :], other=0.0)
         if FLAT:
             a = _gather_flat(X_ptr, m, d, h, w, m_ok, k, C_in, D, H, W, K)
         else:
-            ok, delta = _tap_rows(d, h, w, m_ok, tap, D, H, W)
-            a_ptrs = X_ptr + (m + delta)[:, None] * C_in + c[None, :]
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=ok[:, None], other=0.0)
-            else:
-                a = tl.load(a_ptrs, mask=ok[:, None] & (c < C_in)[None, :], other=0.0)
-        # dY^T tile [BLOCK_N, BLOCK_M], loaded in the orientation the dot consumes (no register transpose).
-        g = tl.load(DY_ptr + co[:, None] + m[None, :] * C_out, mask=co_ok[:, None] & m_ok[None, :], other=0.0)
+            a = _tap_tile(X_ptr, m, d, h, w, m_ok, tap, c, C_in, D, H, W, EVEN_K)
         acc = _mma(g, a, acc, DOT_PRECISION, UPCAST)
+        if not FLAT:
+            acc1 = _mma(g, _tap_tile(X_ptr, m, d, h, w, m_ok, tap + 1, c, C_in, D, H, W, EVEN_K), acc1,
+                        DOT_PRECISION, UPCAST)
+            acc2 = _mma(g, _tap_tile(X_ptr, m, d, h, w, m_ok, tap + 2, c, C_in, D, H, W, EVEN_K), acc2,
+                        DOT_PRECISION, UPCAST)
         if HAS_BIAS:
             db += tl.sum(g.to(tl.float32), axis=1)
     out = DW_ptr + split * C_out * K + co[:, None] * K + k[None, :]
-    tl.store(out, acc, mask=co_ok[:, None] & (k < K)[None, :])
+    if FLAT:
+        tl.store(out, acc, mask=co_ok[:, None] & (k < K)[None, :])
+    else:
+        # Each tap's columns are C_in further on; c < C_in keeps a partial chunk out of the next tap's columns
+        # (another program's).
+        ok = co_ok[:, None] & (c < C_in)[None, :]
+        tl.store(out, acc, mask=ok)
+        tl.store(out + C_in, acc1, mask=ok)
+        tl.store(out + 2 * C_in, acc2, mask=ok)
     if HAS_BIAS:
         # Every K tile summed the same dy; the first one writes it.
         if pid_k == 0:
@@ -442,9 +465,14 @@ def triton_forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tens
     return y, mean, var
 
 
+def _wgrad_k_tiles(c_in: int, bk: int, flat: bool) -> int:
+    """Programs along K: flat tiles of the 27 * c_in columns, or (kd, kh) pairs (three taps each) x channel chunks."""
+    return triton.cdiv(27 * c_in, bk) if flat else 9 * triton.cdiv(c_in, bk)
+
+
 def _wgrad_config(M: int, c_in: int, c_out: int, t: Tensor) -> tuple[dict, int, int]:
     """(tile meta-parameters, NSPLIT, SPAN) of the weight-gradient reduction: output tiles of up to 128 output
-    channels x one tap's chunk of up to 64 input channels, reduced over 64-voxel steps; enough M splits that
+    channels x three taps' chunks of up to 64 input channels, reduced over 64-voxel steps; enough M splits that
     the (K tiles x C_out tiles x splits) programs fill the GPU about twice, each still looping over at least
     8 steps, and few enough that the fp32 partials keep int32 offsets."""
     flat = c_in < 16
@@ -454,7 +482,7 @@ def _wgrad_config(M: int, c_in: int, c_out: int, t: Tensor) -> tuple[dict, int, 
         bm, bn = 64, _np2(c_out, 16, 128)
         bk, flat_bk = _np2(c_in, 16, 64), _np2(27 * c_in, 16, 64)
     bk = flat_bk if flat else bk
-    n_kt = triton.cdiv(27 * c_in, bk) if flat else 27 * triton.cdiv(c_in, bk)
+    n_kt = _wgrad_k_tiles(c_in, bk, flat)
     chunks = triton.cdiv(M, bm)
     if _interpreting():
         nsplit = min(2, chunks)  # the tests' shapes still go through the split reduction
@@ -481,8 +509,7 @@ def triton_backward(dy: Tensor, x: Tensor, weight: Tensor, need_dx: bool, need_d
         K = 27 * C_in
         part_w = torch.empty((nsplit, K * C_out), device=x.device, dtype=torch.float32)
         part_b = torch.empty((nsplit, C_out), device=x.device, dtype=torch.float32) if need_db else part_w
-        n_kt = triton.cdiv(K, cfg["BLOCK_K"]) if cfg["FLAT"] else 27 * triton.cdiv(C_in, cfg["BLOCK_K"])
-        grid = (n_kt, triton.cdiv(C_out, cfg["BLOCK_N"]), nsplit)
+        grid = (_wgrad_k_tiles(C_in, cfg["BLOCK_K"], cfg["FLAT"]), triton.cdiv(C_out, cfg["BLOCK_N"]), nsplit)
         _conv3d_wgrad_kernel[grid](x, dy, part_w, part_b, M, D, H, W, C_in, C_out, span, HAS_BIAS=need_db,
                                    DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_interpreting(), **cfg)
         if need_dw:

@@ -119,6 +119,8 @@ CASES = [
     (17, 17, (4, 6, 5), "ndhwc", BF16, True, False),
     (1, 17, (4, 6, 5), "ncdhw", F16, True, False),
     (17, 8, (3, 5, 7), "ndhwc", F16, False, True),
+    # Two channel chunks per tap, the second partial (the weight gradient's three-tap tiles and their stores).
+    (41, 9, (3, 4, 5), "ndhwc", F32, True, False),
 ]
 
 
