@@ -476,19 +476,25 @@ def _bwd_layout(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor, bool]:
     return xc, dyc, cl
 
 
-def _launch_bwd_sums(xc, dyc, cl, weight, bias, prelu_weight, mean, rstd, act, groups):
-    """Per-channel sums (3, C) of g, g*xhat and the PReLU term (BN), or per (sample, channel) (3, N, C) (GN)."""
+def _bwd_setup(xc, cl, weight, bias, prelu_weight, act, groups):
+    """What both backward launches share: sizes, tiles, parameter pointers and flags."""
     N, C, S = _dims(xc)
     block_s, block_c, warps = _tile_config(S, C, cl)
     ncb, nsb = triton.cdiv(C, block_c), triton.cdiv(S, block_s)
     w, b, a, a_stride, has_w, has_b = _common_args(xc, weight, bias, prelu_weight)
-    G = groups or 1
-    flags = dict(GROUPED=groups is not None, CHANNELS_LAST=cl, HAS_W=has_w, HAS_B=has_b, ACT=ACTS[act])
+    flags = dict(GROUPED=groups is not None, CHANNELS_LAST=cl, HAS_W=has_w, HAS_B=has_b, ACT=ACTS[act],
+                 BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+    return N, C, S, ncb, nsb, (w, b, a, a_stride), groups or 1, flags
+
+
+def _launch_bwd_sums(xc, dyc, cl, weight, bias, prelu_weight, mean, rstd, act, groups):
+    """Per-channel sums (3, C) of g, g*xhat and the PReLU term (BN), or per (sample, channel) (3, N, C) (GN)."""
+    N, C, S, ncb, nsb, params, G, flags = _bwd_setup(xc, cl, weight, bias, prelu_weight, act, groups)
     nsplit, per_split = _splits(xc, N, ncb, nsb)
+    block_s = flags["BLOCK_S"]
     part = torch.empty((3, N * nsplit, C), device=xc.device, dtype=torch.float32)
     _bwd_reduce_kernel[(N * nsplit, ncb)](
-        xc, dyc, part, mean, rstd, w, b, a, a_stride, S, C, nsplit, per_split * block_s, part[0].numel(),
-        G, C // G, **flags, BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+        xc, dyc, part, mean, rstd, *params, S, C, nsplit, per_split * block_s, part[0].numel(), G, C // G, **flags)
     # GroupNorm needs per-(sample, channel) sums (its dx mixes the channels of a group within a sample).
     K, J, *addr = _key_item(N, C, nsplit, None, per_sample=groups is not None)
     q = 3 if act == "prelu" else 2
@@ -501,16 +507,11 @@ def _launch_bwd_sums(xc, dyc, cl, weight, bias, prelu_weight, mean, rstd, act, g
 
 def _launch_bwd_dx(xc, dyc, cl, weight, bias, prelu_weight, mean, rstd, act, groups, k1, k2, batch_stats):
     """dx = rstd * (w * g - k1 - xhat * k2) (batch statistics) or rstd * w * g (fixed statistics)."""
-    N, C, S = _dims(xc)
-    block_s, block_c, warps = _tile_config(S, C, cl)
-    ncb, nsb = triton.cdiv(C, block_c), triton.cdiv(S, block_s)
-    w, b, a, a_stride, has_w, has_b = _common_args(xc, weight, bias, prelu_weight)
-    G = groups or 1
-    flags = dict(GROUPED=groups is not None, CHANNELS_LAST=cl, HAS_W=has_w, HAS_B=has_b, ACT=ACTS[act])
+    N, C, S, ncb, nsb, params, G, flags = _bwd_setup(xc, cl, weight, bias, prelu_weight, act, groups)
     dx = torch.empty_like(xc)
     _bwd_dx_kernel[(N * nsb, ncb)](
-        xc, dyc, dx, mean, rstd, k1, k2, w, b, a, a_stride, S, C, nsb, G, C // G, **flags,
-        BATCH_STATS=batch_stats, ROUND_BF16=_round_bf16(dx), BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+        xc, dyc, dx, mean, rstd, k1, k2, *params, S, C, nsb, G, C // G, **flags, BATCH_STATS=batch_stats,
+        ROUND_BF16=_round_bf16(dx))
     return dx
 
 
