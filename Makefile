@@ -71,6 +71,7 @@ bench-gpu: $(STAMP)
 	$(PY) benchmarks/benchmark_conv3d_block.py --device cuda
 	$(PY) benchmarks/benchmark_train_step.py --device cuda --baseline-precision bf16
 	$(PY) benchmarks/benchmark_data.py --device cuda
+	$(PY) benchmarks/benchmark_compile.py
 
 # The GPU visit. Here: `make gpu-bundle` puts a small real preprocessed cache (from ../shared/data) and the commit
 # into gpu_bundle/ (ignored, carried with the tree). On the GPU machine (its own torch and Triton, no venv):
