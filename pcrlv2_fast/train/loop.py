@@ -433,6 +433,10 @@ class Pretrainer:
         self.out = Path(cfg.out)
         self.ddp = self.engine = None
         self.dist, self.device = D.init_distributed(resolve_device(cfg.device))
+        if self.device.type == "cuda" and self.device.index is not None:
+            # --device cuda:N in one process: libraries that use the current device (cuDNN handles, Triton
+            # launches outside a guard) then use the run's GPU too.
+            torch.cuda.set_device(self.device)
         try:
             self._build(volumes)
         except BaseException:
