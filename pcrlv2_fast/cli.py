@@ -50,7 +50,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                         "NVIDIA DALI pipelines, pip install nvidia-dali-cuda120); auto (default): native when built, "
                         "else torch")
     p.add_argument("--prefetch", type=int, metavar="N",
-                   help="batches built ahead by a background thread while the step runs (default 2; 0: serially)")
+                   help="batches built ahead by a background thread while the step runs (default 2 on CUDA, 0 on the "
+                        "CPU, where the producer competes with the step for the cores; 0: serially)")
     p.add_argument("--loader-threads", type=int, metavar="T",
                    help="OpenMP threads of the native loader (default: torch's thread count), so that the producer "
                         "and the step do not fight over the cores")

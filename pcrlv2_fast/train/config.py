@@ -60,7 +60,8 @@ class PretrainConfig:
     loader: str = "auto"
     # Batches built ahead of the step by a background thread (host-to-device copies on a side stream on CUDA);
     # 0 builds each batch in the training thread when the step needs it. The batches are the same either way.
-    prefetch: int = 2
+    # None: 2 on CUDA, 0 on the CPU (there the producer competes with the step for the cores).
+    prefetch: int | None = None
     loader_threads: int | None = None  # OpenMP threads of the native loader; None: torch's intra-op thread count
     # GPU memory the torch loader may fill with the volumes (GiB); None: a quarter of the free memory. Above it
     # the native loader feeds the GPU from the CPU instead.
@@ -119,7 +120,9 @@ class PretrainConfig:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.gpu_cache_gb is not None and self.gpu_cache_gb < 0:
             raise ValueError(f"gpu_cache_gb must be >= 0, got {self.gpu_cache_gb}")
-        for field in ("max_nonfinite", "save_every", "keep_checkpoints", "prefetch"):
+        if self.prefetch is not None and self.prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
+        for field in ("max_nonfinite", "save_every", "keep_checkpoints"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         if self.batch_size % self.accumulate:

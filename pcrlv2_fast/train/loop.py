@@ -575,7 +575,8 @@ class Pretrainer:
         return {
             "device": str(self.device), "world_size": self.dist.world_size, "micro_batch": self.micro_batch,
             "accumulate": self.cfg.accumulate, "sync_bn": self.sync_bn, "optim_impl": self.optim_impl,
-            "loader": self.loader, "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "loader": self.loader, "prefetch": self.prefetch, "log_every": self.log_every,
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "total_epochs": self.total_epochs, "torch": torch.__version__,
         }
 
@@ -783,7 +784,7 @@ class Pretrainer:
 
     def _loop(self, rates: list[float], metrics, writer, bar) -> StepOutput | None:
         cfg, last = self.cfg, None
-        feed = Prefetcher(self._micro_batches(), self.device_batch, self.device, depth=cfg.prefetch)
+        feed = Prefetcher(self._micro_batches(), self.device_batch, self.device, depth=self.prefetch)
         window = _Window()
         try:
             while self.step < self.total_steps:
@@ -849,6 +850,14 @@ class Pretrainer:
         window.reset()
         self._check_nonfinite_streak()
         return stop
+
+    @property
+    def prefetch(self) -> int:
+        """--prefetch, or by default 2 on CUDA and 0 on the CPU: on 2 CPU cores the producer slowed the demo's steps
+        (4.45 -> 3.80 samples/s) more than overlapping a few milliseconds of batch building gained."""
+        if self.cfg.prefetch is not None:
+            return self.cfg.prefetch
+        return 2 if self.device.type == "cuda" else 0
 
     @property
     def log_every(self) -> int:

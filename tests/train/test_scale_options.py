@@ -23,7 +23,7 @@ def test_cli_flags_reach_the_config():
     assert parse("--sync-bn").sync_bn is True and parse().sync_bn is None
     cfg = parse("--prefetch", "0", "--loader-threads", "1", "--gpu-cache-gb", "12.5")
     assert (cfg.prefetch, cfg.loader_threads, cfg.gpu_cache_gb) == (0, 1, 12.5)
-    assert (parse().prefetch, parse().loader_threads, parse().gpu_cache_gb, parse().log_every) == (2, None, None, None)
+    assert (parse().prefetch, parse().loader_threads, parse().gpu_cache_gb, parse().log_every) == (None,) * 4
     with pytest.raises(ValueError, match="gpu_cache_gb"):
         parse("--gpu-cache-gb", "-1").validate()
 
