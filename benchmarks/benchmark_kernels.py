@@ -212,7 +212,8 @@ def train_step_rows(args, device: torch.device, timer=time_call) -> list[dict]:
 
     from pcrlv2_fast.losses import PCRLv2Loss
     from pcrlv2_fast.models import NonSkipUNet3D
-    from pcrlv2_fast.train.loop import StepEngine, pretrain_step
+    from pcrlv2_fast.train import PretrainConfig
+    from pcrlv2_fast.train.loop import StepEngine, build_optimizer, pretrain_step
 
     gen = torch.Generator().manual_seed(0)
     x1, x2, gt, local_views = make_views(args.batch_size, device, gen)
@@ -228,7 +229,8 @@ def train_step_rows(args, device: torch.device, timer=time_call) -> list[dict]:
         model = model.to(memory_format=fmt)
         forward = torch.compile(model) if compiled else model
         loss_fn = PCRLv2Loss(total_epochs=240, kernels=kernels)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        # The trainer's optimizer (SGD 1e-3, momentum 0.9, weight decay 1e-4; fused on CUDA, primed momentum).
+        opt = build_optimizer(PretrainConfig(lr=1e-3), model)
         scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == "fp16")
         engine = StepEngine.build(model, loss_fn, opt, scaler, amp, forward)
         return lambda: pretrain_step(engine, [(x1, x2, gt, loc)], 0, random.Random(0))

@@ -33,7 +33,8 @@ from utils import environment, median, time_call, write_rows  # noqa: E402
 from pcrlv2_fast.losses import PCRLv2Loss  # noqa: E402
 from pcrlv2_fast.models import NonSkipUNet3D  # noqa: E402
 from pcrlv2_fast.reference import ReferencePCRLv23d, reference_step_loss  # noqa: E402
-from pcrlv2_fast.train.loop import StepEngine, pretrain_step  # noqa: E402
+from pcrlv2_fast.train import PretrainConfig  # noqa: E402
+from pcrlv2_fast.train.loop import StepEngine, build_optimizer, pretrain_step  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -111,7 +112,8 @@ def main() -> None:
         model.load_state_dict(ref.state_dict())
         model = model.to(memory_format=fmt)
         forward = torch.compile(model) if compile_model else model
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+        # The trainer's optimizer (SGD 1e-3, momentum 0.9, weight decay 1e-4; fused on CUDA, primed momentum).
+        opt = build_optimizer(PretrainConfig(lr=1e-3), model)
         scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         objective = loss_fn if kernels == "torch" else PCRLv2Loss(total_epochs=240, kernels=kernels)
         engine = StepEngine.build(model, objective, opt, scaler, amp, forward)

@@ -223,17 +223,15 @@ def collect(dtypes=tuple(DTYPES), arch: str = "sm_90", width: int = 32, batch: i
     """Every distinct kernel launch of the engine's launchers for the official model, on ``arch``."""
     layers = official_conv_layers(width, batch)
     unique: dict[str, Launch] = {}
+    from .selftest import tf32_policy
+
     with recording(ARCHS[arch]["sms"]) as (launches, op):
         for dtype_name in dtypes:
-            saved = torch.backends.cudnn.allow_tf32
-            torch.backends.cudnn.allow_tf32 = dtype_name == "tf32"  # the conv kernels follow cuDNN's TF32 rule
-            try:
+            with tf32_policy(dtype_name == "tf32"):  # the conv kernels follow cuDNN's TF32 rule
                 for label, fn in (*_conv_launches(dtype_name, layers), *_norm_launches(dtype_name, layers),
                                   *_loss_launches(dtype_name, batch, 6, width)):
                     op["name"] = f"{label} ({dtype_name})"
                     fn()
-            finally:
-                torch.backends.cudnn.allow_tf32 = saved
     for launch in launches:
         unique.setdefault(launch.key(), launch)
     return list(unique.values())

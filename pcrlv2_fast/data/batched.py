@@ -90,6 +90,13 @@ class VolumeBank:
     scales to [0, 1] at extraction time (so int16 HU volumes need no float32 copy on the device).
     """
 
+    @staticmethod
+    def storage_dtype(arrays: Sequence) -> torch.dtype:
+        """The dtype the bank stores ``arrays`` in: their common dtype, float32 when they differ."""
+        dtypes = {a.dtype if isinstance(a, torch.Tensor) else torch.from_numpy(np.empty(0, a.dtype)).dtype
+                  for a in arrays}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
     def __init__(self, arrays: Sequence, windows=None, device: str | torch.device = "cpu"):
         if len(arrays) == 0:
             raise ValueError("VolumeBank needs at least one volume")
@@ -97,9 +104,7 @@ class VolumeBank:
         for i, shape in enumerate(shapes):
             if len(shape) != 3 or min(shape) < 1:
                 raise ValueError(f"volume {i}: expected a non-empty 3D array, got shape {shape}")
-        dtypes = {a.dtype if isinstance(a, torch.Tensor) else torch.from_numpy(np.empty(0, a.dtype)).dtype
-                  for a in arrays}
-        self.dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        self.dtype = self.storage_dtype(arrays)
         if windows is None and not self.dtype.is_floating_point:
             raise ValueError(f"volumes of dtype {self.dtype} need an intensity window to map them to [0, 1]")
         self.device = torch.device(device)

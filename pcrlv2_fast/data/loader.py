@@ -69,8 +69,7 @@ def resolve_loader(name: str) -> str:
 def bank_bytes(volumes: Sequence) -> int:
     """Bytes a :class:`VolumeBank` of ``volumes`` holds on its device: every voxel in their common dtype (float32
     when the dtypes differ), as the torch loader stores them."""
-    dtypes = {np.asarray(v.array).dtype for v in volumes}
-    itemsize = dtypes.pop().itemsize if len(dtypes) == 1 else 4
+    itemsize = VolumeBank.storage_dtype([v.array for v in volumes]).itemsize
     return sum(int(np.prod(np.shape(v.array))) for v in volumes) * itemsize
 
 

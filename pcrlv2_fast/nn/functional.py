@@ -118,6 +118,12 @@ def conv_bn_stats_fn():
     return _conv_bn_stats
 
 
+def conv_gives_stats(conv: nn.Module, norm: nn.Module) -> bool:
+    """Whether the conv computes the BatchNorm's batch statistics in its epilogue (conv3d_bn_stats installed, a
+    3x3x3 conv, a batch norm); with batch statistics the norm then skips its own statistics pass."""
+    return conv_bn_stats_fn() is not None and norm_kind(norm) == "bn" and is_conv3x3(conv)
+
+
 # ------------------------------------------------------------------------------------------------- kernels
 def _norm_act_kernels():
     from ..kernels import norm_act
@@ -293,10 +299,8 @@ def conv_norm_act(x: Tensor, conv: nn.Module, norm: nn.Module, act: nn.Module | 
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
     if kernels != "triton" or not _fusable(x, norm, act) or not triton_usable(x, "fused conv block"):
         return _torch_norm_act(conv(x), norm, act)
-    stats_fn = conv_bn_stats_fn()
-    if (stats_fn is not None and norm_kind(norm) == "bn" and is_conv3x3(conv)
-            and (norm.training or norm.running_mean is None)):
-        return _conv_bn_from_stats(x, conv, norm, act, conv_impl, stats_fn)
+    if conv_gives_stats(conv, norm) and (norm.training or norm.running_mean is None):
+        return _conv_bn_from_stats(x, conv, norm, act, conv_impl, conv_bn_stats_fn())
     if _local_stats_only(norm):
         return _torch_norm_act(conv(x), norm, act)
     return _fused_norm_act(conv(x), norm, act)

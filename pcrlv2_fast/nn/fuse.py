@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..models.unet3d import LUConv
 from .dispatch import check_kernels, kernels_run_on
-from .functional import act_kind, conv_bn_stats_fn, is_conv3x3, norm_kind, unsupported_reason
+from .functional import act_kind, conv_gives_stats, norm_kind, unsupported_reason
 from .modules import FusedConvBlock3d, FusedSequential, _check_conv_impl
 
 # Norms of 3-D networks (GroupNorm is dimension-agnostic: a fused run falls back to torch on non-5-D inputs).
@@ -151,5 +151,5 @@ def fused_block_counts(model: nn.Module, device: torch.device) -> dict[str, str]
         if not runs_kernels or getattr(m, "kernels", "torch") != "triton" or unsupported_reason(m.bn1, m.activation):
             continue
         norm_act += 1
-        conv += conv_bn_stats_fn() is not None and norm_kind(m.bn1) == "bn" and is_conv3x3(m.conv1)
+        conv += conv_gives_stats(m.conv1, m.bn1)
     return {"conv": f"{conv}/{total}", "norm_act": f"{norm_act}/{total}"}

@@ -391,10 +391,11 @@ class SkipCounters:
     def __init__(self, device: torch.device):
         self.counts = torch.zeros(len(SKIP_REASONS), dtype=torch.long, device=device)
         self.streak = torch.zeros((), dtype=torch.long, device=device)
+        self._one = torch.ones(1, dtype=torch.long, device=device)
 
     def add(self, code: torch.Tensor) -> None:
         code = code.to(self.counts.device)
-        self.counts.index_add_(0, code.view(1), torch.ones(1, dtype=torch.long, device=code.device))
+        self.counts.index_add_(0, code.view(1), self._one)
         nonfinite = (code == 1) | (code == 3)
         # A non-finite step extends the run, a step that trained ends it, other skips leave it as it is.
         self.streak = torch.where(nonfinite, self.streak + 1, torch.where(code == 0, 0, self.streak))
@@ -495,7 +496,6 @@ class Pretrainer:
         self.optimizer = build_optimizer(cfg, self.model)
         self.optim_impl = optimizer_impl(cfg.optim_impl, self.device)
         self.amp_dtype = AMP_DTYPES.get(cfg.precision)
-        self._scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.loss_fn = PCRLv2Loss(total_epochs=self.total_epochs, n_local=self.dataset.crop.n_local,
                                   all_scales=cfg.all_scales, kernels=cfg.kernels)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
@@ -505,15 +505,13 @@ class Pretrainer:
             # all_scales every parameter is used. Synchronised batch norm keeps the buffers equal on all ranks.
             self.ddp = D.wrap_ddp(self.step_module, self.device, find_unused_parameters=not cfg.all_scales,
                                   sync_buffers=not self.sync_bn)
-        self.engine = StepEngine(self.ddp or self.step_module, self.optimizer, self._scaler,
+        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.engine = StepEngine(self.ddp or self.step_module, self.optimizer, scaler,
                                  list(self.model.parameters()), list(self.model.buffers()), self.amp_dtype,
                                  cfg.skip_loss_above, self.dist)
         self.step = 0
         self._epoch = 0
         self.counters = SkipCounters(self.device)
-        self.skipped = 0
-        self.skip_counts: dict[str, int] = {}
-        self.nonfinite_streak = 0
         self.stop_signal: str | None = None
         self.resumed_from: Path | None = None
         self.skipped_checkpoints: list[Path] = []
@@ -560,14 +558,12 @@ class Pretrainer:
 
     @property
     def scaler(self) -> torch.amp.GradScaler:
-        """The gradient scaler the step uses (disabled unless --precision fp16)."""
-        return self.engine.scaler if self.engine is not None else self._scaler
+        """The gradient scaler the step uses (disabled unless --precision fp16); the engine owns it."""
+        return self.engine.scaler
 
     @scaler.setter
     def scaler(self, scaler: torch.amp.GradScaler) -> None:
-        self._scaler = scaler
-        if self.engine is not None:
-            self.engine.scaler = scaler
+        self.engine.scaler = scaler
 
     # ----------------------------------------------------------------------------------------- state
     def resolved(self) -> dict:
@@ -581,11 +577,11 @@ class Pretrainer:
         }
 
     def state(self) -> dict:
-        self._read_counters()
+        skipped, counts, streak = self.counters.read()
         return {
-            "skipped": self.skipped,
-            "skip_counts": dict(self.skip_counts),
-            "nonfinite_streak": self.nonfinite_streak,
+            "skipped": skipped,
+            "skip_counts": counts,
+            "nonfinite_streak": streak,
             "scaler": self.scaler.state_dict(),
             "config": self.cfg.to_dict(),
             "resolved": self.resolved(),
@@ -616,10 +612,7 @@ class Pretrainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
-        self.skipped = int(ckpt.get("skipped", 0))
-        self.skip_counts = dict(ckpt.get("skip_counts", {}))
-        self.nonfinite_streak = int(ckpt.get("nonfinite_streak", 0))
-        self.counters.load(self.skip_counts, self.nonfinite_streak)
+        self.counters.load(dict(ckpt.get("skip_counts", {})), int(ckpt.get("nonfinite_streak", 0)))
         self._saved_step = self.step
         # Settings that change the samples, the schedule or the objective make the continuation another run.
         saved = {**(ckpt.get("config") or {}), **(ckpt.get("resolved") or {})}
@@ -831,7 +824,7 @@ class Pretrainer:
             return not self.dist.enabled and self.stop_signal is not None
         values = torch.cat([last.stats.float(), last.norm.view(1).float(), last.code.view(1).float()]).tolist()
         terms, norm, code = dict(zip(TERMS, values[:len(TERMS)], strict=True)), values[-2], int(values[-1])
-        self._read_counters()
+        skipped, _, streak = self.counters.read()
         stop, wait = self._agree(window.wait)
         elapsed = time.perf_counter() - window.start
         rate = cfg.batch_size * window.steps / elapsed
@@ -839,7 +832,7 @@ class Pretrainer:
         row = {"step": self.step, "epoch": self._epoch, **terms, "lr": self.optimizer.param_groups[0]["lr"],
                "grad_norm": norm, "samples_per_s": rate, "data_wait_s": wait / window.steps,
                "step_s": elapsed / window.steps, "data_wait": min(1.0, wait / elapsed), "skipped": code != 0,
-               "skip_reason": SKIP_REASONS[code], "skipped_total": self.skipped, "window_steps": window.steps}
+               "skip_reason": SKIP_REASONS[code], "skipped_total": skipped, "window_steps": window.steps}
         if self.scaler.is_enabled():
             row["loss_scale"] = self.scaler.get_scale()
         if self.device.type == "cuda":
@@ -848,7 +841,7 @@ class Pretrainer:
         bar.set_postfix(loss=f"{row['loss']:.3f}", glob=f"{row['loss_global']:.3f}",
                         loc=f"{row['loss_local']:.3f}", rest=f"{row['loss_restore']:.4f}", sps=f"{rate:.2f}")
         window.reset()
-        self._check_nonfinite_streak()
+        self._check_nonfinite_streak(streak)
         return stop
 
     @property
@@ -866,15 +859,25 @@ class Pretrainer:
             return self.cfg.log_every
         return 10 if self.device.type == "cuda" else 1
 
-    def _read_counters(self) -> None:
-        self.skipped, self.skip_counts, self.nonfinite_streak = self.counters.read()
+    # Skip statistics, read from the device counters (each read waits for the device).
+    @property
+    def skipped(self) -> int:
+        return self.counters.read()[0]
 
-    def _check_nonfinite_streak(self) -> None:
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        return self.counters.read()[1]
+
+    @property
+    def nonfinite_streak(self) -> int:
+        return self.counters.read()[2]
+
+    def _check_nonfinite_streak(self, streak: int) -> None:
         cfg = self.cfg
-        if cfg.max_nonfinite and self.nonfinite_streak >= cfg.max_nonfinite:
+        if cfg.max_nonfinite and streak >= cfg.max_nonfinite:
             path = self.save()
             raise NonFiniteLossError(
-                f"{self.nonfinite_streak} steps in a row (steps {self.step - self.nonfinite_streak + 1}-"
+                f"{streak} steps in a row (steps {self.step - streak + 1}-"
                 f"{self.step}) had a non-finite loss or gradient, so the run stopped (--max-nonfinite "
                 f"{cfg.max_nonfinite}); step {self.step} is saved in {path}. Lower --lr, use --precision bf16 "
                 "instead of fp16, or check the scans; --resume auto continues after these steps")
@@ -945,14 +948,14 @@ class Pretrainer:
         return {"restoration": str(self.out / "restoration.png"), "loss_curve": str(self.out / "loss_curve.png")}
 
     def finish(self, rates: list[float], last: StepOutput | None) -> dict:
-        self._read_counters()
+        skipped, counts, _ = self.counters.read()
         # Throughput excludes the first steps (allocator and compile warm-up) when there are enough of them.
         steady = rates[min(3, len(rates) // 2):] if rates else []
         files = {"checkpoint": str(self.out / LATEST), "metrics": str(self.out / "metrics.jsonl")}
         summary = {
             "steps": self.step,
-            "skipped_steps": self.skipped,
-            "skip_counts": dict(self.skip_counts),
+            "skipped_steps": skipped,
+            "skip_counts": counts,
             "samples_per_s": float(np.median(steady)) if steady else None,
             "device": str(self.device),
             "world_size": self.dist.world_size,
