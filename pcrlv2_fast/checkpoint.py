@@ -3,6 +3,14 @@
 ``load_pretrained`` reads official PCRLv2 3D checkpoints (saved from ``model.module`` or, with a
 ``module.`` prefix, from the DataParallel wrapper) and ours, with strict key and shape checking.
 
+Loading never runs code from the file (:func:`read_checkpoint`): PyTorch files are unpickled with
+``weights_only=True``, which builds tensors, containers and numbers only, plus an allow-list of the types that
+real PCRLv2 checkpoints hold (the official scripts' ``argparse.Namespace`` under ``opt``; numpy scalars, arrays
+and dtypes). A file that names any other global is refused with :class:`UntrustedCheckpointError`, naming the
+file and the global, before anything in it runs; ``trusted=True`` (CLI: ``--trust-checkpoint``) unpickles it
+fully after a warning. ``.safetensors`` files load wherever a checkpoint is accepted. This project's own
+checkpoints hold tensors, dicts, lists, strings and numbers only, so they need nothing beyond ``weights_only``.
+
 A training run keeps its last checkpoints as ``checkpoint-<step>.pt`` next to ``checkpoint.pt`` (the newest,
 a hard link to the newest numbered file): :func:`save_rotating_checkpoint` writes them and
 :func:`find_latest_checkpoint` picks the newest readable one when a run resumes.
@@ -10,17 +18,23 @@ a hard link to the newest numbered file): :func:`save_rotating_checkpoint` write
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
+import pickle
 import re
 import secrets
 import shutil
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .models import NonSkipUNet3D
 from .utils.io import _fsync_dir, atomic_torch_save, atomic_write
+from .utils.safetensors import SafetensorsError, is_safetensors, read_safetensors
 
 STATE_KEYS = ("state_dict", "model", "model_state_dict")
 LATEST = "checkpoint.pt"
@@ -34,20 +48,109 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file and the fix."""
 
 
-def read_checkpoint(path: str | Path, map_location="cpu") -> dict:
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint whose pickle names a type outside the allow-list; loading it could run code."""
+
+
+class UntrustedCheckpointWarning(UserWarning):
+    """A checkpoint is being loaded with full unpickling because the caller trusts it."""
+
+
+def _allowed_globals() -> list:
+    """The non-tensor types a checkpoint may hold: those the official training scripts put there (``opt`` is an
+    ``argparse.Namespace``; numpy scalars and arrays in logged values), under numpy 1's and numpy 2's names."""
+    core = getattr(np, "_core", None) or np.core
+    allowed: list = [argparse.Namespace, np.ndarray, np.dtype, core.multiarray.scalar, core.multiarray._reconstruct]
+    # A file written under numpy 1 names numpy.core.multiarray.*; numpy 2 calls the module numpy._core.
+    for name in ("scalar", "_reconstruct"):
+        allowed.append((getattr(core.multiarray, name), f"numpy.core.multiarray.{name}"))
+    # Unpickling a dtype restores its state on its class (numpy.dtypes.Float64DType, ...): the numeric ones.
+    allowed += list({type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"} - {np.dtype})
+    return allowed
+
+
+def _global_name(g) -> str:
+    return g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__name__}"
+
+
+def _unsafe_globals(path: Path, error: Exception) -> list[str]:
+    """The refused globals a file names, read from its pickle without running it (else from torch's message)."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    found: list[str] = []
+    if finder is not None:
+        with contextlib.suppress(Exception):  # legacy (non-zip) files are not supported by the finder
+            found = list(finder(path))
+    found = found or re.findall(r"GLOBAL ([\w.]+)", str(error))
+    found += re.findall(r"got <class '([\w.]+)'>", str(error))
+    allowed = {_global_name(g) for g in _allowed_globals()}
+    return sorted(set(found) - allowed)
+
+
+def _refusal(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
+    """Refuse a file that names a type outside the allow-list; a damaged one (e.g. a truncated legacy file, whose
+    cut-off global names a torch function that does not exist) is reported as unreadable."""
+    names = _unsafe_globals(path, error)
+    if not names or all(n.startswith("torch.") for n in names):
+        return _unreadable(path, error)
+    return UntrustedCheckpointError(
+        f"{path}: refused: unpickling it would call {', '.join(names[:8])}, which is not among the types a weights "
+        "checkpoint needs and could run any code; nothing from the file was run. If you trust its source, load it "
+        "with --trust-checkpoint (Python: trusted=True); better, ask for the weights as .safetensors"
+    )
+
+
+def _weights_only_load(path: Path, map_location) -> object:
+    allowed = _allowed_globals()
+    scoped = getattr(torch.serialization, "safe_globals", None)
+    if scoped is None:  # torch 2.4: only the process-wide registry, and only plain callables
+        torch.serialization.add_safe_globals([g for g in allowed if not isinstance(g, tuple)])
+        return torch.load(path, map_location=map_location, weights_only=True)
+    with scoped(allowed), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle; refused below
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def read_checkpoint(path: str | Path, map_location="cpu", trusted: bool = False) -> dict:
+    """The dict stored in a checkpoint file, read without running code from it.
+
+    PyTorch files load with ``weights_only=True`` and only the allow-listed types above; a file that needs any
+    other global raises :class:`UntrustedCheckpointError` naming it, before anything in it runs. ``trusted=True``
+    (the CLI's ``--trust-checkpoint``) loads such a file with full unpickling, after a warning. ``.safetensors``
+    files (recognised by content) load as ``{"state_dict": tensors, "metadata": {...}}``.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if is_safetensors(path):
+        try:
+            tensors, metadata = read_safetensors(path)
+        except SafetensorsError as error:
+            raise CheckpointError(f"{error}; re-download or re-export it") from error
+        return {"state_dict": tensors, "metadata": metadata}
+    if trusted:
+        warnings.warn(f"{path}: loading with full unpickling (trusted): code in this file runs with your rights",
+                      UntrustedCheckpointWarning, stacklevel=2)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); "
-            "the file may be truncated or from another program — re-download or re-save it"
-        ) from exc
+        if trusted:
+            obj = torch.load(path, map_location=map_location, weights_only=False)
+        else:
+            obj = _weights_only_load(path, map_location)
+    except pickle.UnpicklingError as error:
+        raise _refusal(path, error) from None
+    except Exception as error:  # torch raises many types for truncated or foreign files
+        raise _unreadable(path, error) from error
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     return dict(obj)
+
+
+def _unreadable(path: Path, error: Exception) -> CheckpointError:
+    text = str(error)
+    if "WeightsUnpickler error:" in text:  # keep torch's reason, not its advice to turn off weights_only
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    text = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", text).split())[:300]
+    return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {text}); the file "
+                           "may be truncated or from another program: re-download or re-save it")
 
 
 def extract_state_dict(ckpt: Mapping, path: str | Path = "<checkpoint>") -> dict[str, torch.Tensor]:
@@ -59,6 +162,10 @@ def extract_state_dict(ckpt: Mapping, path: str | Path = "<checkpoint>") -> dict
         else:
             raise CheckpointError(f"{path}: no model weights found (looked for keys {STATE_KEYS} or a bare state_dict)")
     state = dict(state)
+    odd = [f"{k!r} ({type(v).__name__})" for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if odd:
+        raise CheckpointError(f"{path}: the model weights hold entries that are not named tensors: {', '.join(odd[:5])}"
+                              f"{' ...' if len(odd) > 5 else ''}; the file is damaged or not a model checkpoint")
     for prefix in PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -103,6 +210,9 @@ def infer_model_kwargs(state: Mapping[str, torch.Tensor], path: str | Path) -> d
             f"{path}: not a PCRLv2 3D checkpoint (no {exc.args[0]!r}); "
             f"first keys are {list(state)[:5]}"
         ) from None
+    if first.dim() != 5 or final.dim() != 5 or min(first.shape[:2]) < 1 or final.shape[0] < 1:
+        raise CheckpointError(f"{path}: first/last convolution weights of shapes {tuple(first.shape)} and "
+                              f"{tuple(final.shape)} are not 3D convolution kernels; the file is damaged")
     kwargs = {"width": int(first.shape[0]), "in_channels": int(first.shape[1]), "n_class": int(final.shape[0])}
     if "down_tr64.ops.0.activation.weight" in state:
         kwargs["act"] = "prelu"
@@ -111,14 +221,16 @@ def infer_model_kwargs(state: Mapping[str, torch.Tensor], path: str | Path) -> d
     return kwargs
 
 
-def load_pretrained(path: str | Path, model: NonSkipUNet3D | None = None, map_location="cpu", **model_kwargs):
+def load_pretrained(path: str | Path, model: NonSkipUNet3D | None = None, map_location="cpu", trusted: bool = False,
+                    **model_kwargs):
     """Load a PCRLv2 3D checkpoint strictly into ``model`` (or a new ``NonSkipUNet3D`` built to fit it).
 
     Accepts official checkpoints (``{'state_dict': ...}``, with or without the ``module.`` prefix of
     DataParallel), ours, and bare state_dicts. Shape or key mismatches raise ``CheckpointError`` listing them.
-    ``model_kwargs`` (e.g. ``act="elu"``, ``norm="in"``) override what is inferred from the weights.
+    ``model_kwargs`` (e.g. ``act="elu"``, ``norm="in"``) override what is inferred from the weights. The file is
+    read as :func:`read_checkpoint` reads it (``trusted`` lets it unpickle types outside the allow-list).
     """
-    ckpt = read_checkpoint(path, map_location=map_location)
+    ckpt = read_checkpoint(path, map_location=map_location, trusted=trusted)
     state = extract_state_dict(ckpt, path)
     if model is None:
         kwargs = {**infer_model_kwargs(state, path), **model_kwargs}
@@ -126,6 +238,25 @@ def load_pretrained(path: str | Path, model: NonSkipUNet3D | None = None, map_lo
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def plain(value):
+    """``value`` with only the types ``torch.load(weights_only=True)`` builds without an allow-list: subclasses of
+    str/int/float (torch's TorchVersion, numpy scalars) become the base type, paths become strings."""
+    if isinstance(value, Mapping):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value) if type(value) in (list, tuple) else [plain(v) for v in value]
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    for base in (str, int, float):
+        if isinstance(value, base) and type(value) is not base:
+            return base(value)
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, epoch: int = 0, **extra) -> Path:
@@ -136,7 +267,7 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, optimizer=None, ep
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "epoch": epoch,
-        **extra,
+        **{k: plain(v) for k, v in extra.items()},
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,10 +321,10 @@ def save_rotating_checkpoint(folder: str | Path, step: int, model: torch.nn.Modu
     return latest
 
 
-def read_training_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def read_training_checkpoint(path: str | Path, map_location="cpu", trusted: bool = False) -> dict:
     """A checkpoint that a training run can continue from; CheckpointError when it is unreadable or lacks
     the training state."""
-    ckpt = read_checkpoint(path, map_location=map_location)
+    ckpt = read_checkpoint(path, map_location=map_location, trusted=trusted)
     for key in TRAINING_KEYS:
         if key not in ckpt:
             raise CheckpointError(f"{path}: has no {key!r}; only pcrlv2_fast training checkpoints can be resumed "
@@ -202,7 +333,8 @@ def read_training_checkpoint(path: str | Path, map_location="cpu") -> dict:
 
 
 def find_latest_checkpoint(folder: str | Path, map_location="cpu",
-                           on_skip: Callable[[Path, CheckpointError], None] | None = None) -> tuple[Path, dict] | None:
+                           on_skip: Callable[[Path, CheckpointError], None] | None = None, trusted: bool = False
+                           ) -> tuple[Path, dict] | None:
     """The newest readable training checkpoint in ``folder`` as ``(path, checkpoint)``, or None when there is none.
 
     ``checkpoint.pt`` is read first; numbered checkpoints of later steps (a save that stopped before it moved
@@ -214,7 +346,7 @@ def find_latest_checkpoint(folder: str | Path, map_location="cpu",
     latest = folder / LATEST
     if latest.exists():
         try:
-            ckpt = read_training_checkpoint(latest, map_location)
+            ckpt = read_training_checkpoint(latest, map_location, trusted)
             best = (int(ckpt["step"]), latest, ckpt)
         except CheckpointError as error:
             if on_skip is not None:
@@ -223,7 +355,7 @@ def find_latest_checkpoint(folder: str | Path, map_location="cpu",
         if best is not None and step <= best[0]:
             break
         try:
-            ckpt = read_training_checkpoint(path, map_location)
+            ckpt = read_training_checkpoint(path, map_location, trusted)
         except CheckpointError as error:
             if on_skip is not None:
                 on_skip(path, error)

@@ -38,6 +38,9 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", help="checkpoint to continue from, or 'auto' for the newest readable checkpoint in OUT "
                    "(unreadable ones are skipped with a warning; none: a fresh start)")
     p.add_argument("--overwrite", action="store_const", const=True, help="start afresh in a folder holding a run")
+    p.add_argument("--trust-checkpoint", action="store_const", const=True,
+                   help="let --resume load a checkpoint that needs types outside the allow-list (full unpickling: "
+                        "code in the file runs); only for files from a source you trust")
     p.add_argument("--width", type=int, help="base channel count (32 = official)")
     p.add_argument("--norm", choices=["bn", "gn", "in"])
     p.add_argument("--act", choices=["relu", "prelu", "elu"])
@@ -186,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .data import ScanError
     from .samples import SampleDownloadError, SampleIntegrityError
+    from .utils.io import WriteError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ScanError, CheckpointError, SampleDownloadError, SampleIntegrityError, ValueError) as exc:
+    except (ScanError, CheckpointError, SampleDownloadError, SampleIntegrityError, WriteError, ValueError) as exc:
         if os.environ.get("PCRLV2_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .checkpoint import CheckpointError, check_state_dict, extract_state_dict, read_checkpoint
 from .models.unet3d import NORMS, DownTransition, double_conv
 from .utils.io import atomic_torch_save
+from .utils.safetensors import write_safetensors
 
 __all__ = [
     "ENCODER_STAGES",
@@ -38,7 +39,6 @@ __all__ = [
     "Classifier3D",
     "LinearProbeSeg3D",
     "adapt_first_conv",
-    "checkpoint_width",
     "count_parameters",
     "encoder_arch",
     "encoder_state_dict",
@@ -75,20 +75,25 @@ def _find_encoder_prefix(state: Mapping[str, torch.Tensor]) -> str | None:
     return candidates[0] if candidates else None
 
 
-def encoder_state_dict(path: str | Path, map_location="cpu") -> dict[str, torch.Tensor]:
+def encoder_state_dict(path: str | Path, map_location="cpu", trusted: bool = False) -> dict[str, torch.Tensor]:
     """The encoder weights of any PCRLv2 3D checkpoint, keyed by the official names (``down_tr64.ops...``).
 
     Reads official checkpoints (``{'state_dict': ...}``, with or without ``module.``), ours, fine-tuning
-    checkpoints (``encoder.down_tr64...``) and bare state_dicts. Raises CheckpointError when the file has no
-    encoder.
+    checkpoints (``encoder.down_tr64...``), exported encoders (.pt or .safetensors) and bare state_dicts, without
+    running code from the file unless ``trusted`` (see :func:`~pcrlv2_fast.checkpoint.read_checkpoint`). Raises
+    CheckpointError when the file has no encoder.
     """
-    state = extract_state_dict(read_checkpoint(path, map_location=map_location), path)
+    state = extract_state_dict(read_checkpoint(path, map_location=map_location, trusted=trusted), path)
     prefix = _find_encoder_prefix(state)
     if prefix is None:
         raise CheckpointError(
             f"{path}: no PCRLv2 encoder in this checkpoint (no key {FIRST_CONV!r} or '*.{FIRST_CONV}'; "
             f"first keys: {list(state)[:4]}); pass a PCRLv2 3D pretraining or fine-tuning checkpoint"
         )
+    first = state[prefix + FIRST_CONV]
+    if first.dim() != 5 or min(first.shape[:2]) < 1:
+        raise CheckpointError(f"{path}: {prefix + FIRST_CONV} has shape {tuple(first.shape)}, not a 3D convolution "
+                              "kernel (out, in, k, k, k); the file is damaged")
     wanted = tuple(prefix + stage + "." for stage in ENCODER_STAGES)
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(wanted)}
 
@@ -174,9 +179,11 @@ class PCRLv2Encoder3D(nn.Module):
             stage.eval()  # frozen BatchNorm keeps its (pretrained) running statistics
         return self
 
-    def load_encoder(self, path: str | Path, map_location="cpu") -> PCRLv2Encoder3D:
+    def load_encoder(self, path: str | Path, map_location="cpu", trusted: bool = False) -> PCRLv2Encoder3D:
         """Load the encoder weights of any PCRLv2 3D checkpoint strictly (input channels and norm adapted)."""
-        state = encoder_state_dict(path, map_location=map_location)
+        return self._load_state(encoder_state_dict(path, map_location=map_location, trusted=trusted), path)
+
+    def _load_state(self, state: dict[str, torch.Tensor], path: str | Path) -> PCRLv2Encoder3D:
         state = _convert_state(state, self, self.in_channels)
         check_state_dict(self, state, path)
         self.load_state_dict(state, strict=True)
@@ -190,38 +197,55 @@ class PCRLv2Encoder3D(nn.Module):
         norm: str | None = None,
         act: str | None = None,
         map_location="cpu",
+        trusted: bool = False,
     ) -> PCRLv2Encoder3D:
         """An encoder shaped like the checkpoint's (width; input channels, norm, act unless given) with its weights.
 
         The checkpoint's norm is read as "bn" when it has BatchNorm statistics and "gn" otherwise (gn and in
         checkpoints hold the same keys); ``act`` must be given for elu checkpoints (elu has no parameters).
         """
-        arch = encoder_arch(encoder_state_dict(path, map_location=map_location))
+        state = encoder_state_dict(path, map_location=map_location, trusted=trusted)
+        arch = encoder_arch(state)
         encoder = cls(
             in_channels=in_channels or arch["in_channels"],
             width=arch["width"],
             norm=norm or arch["norm"],
             act=act or arch["act"],
         )
-        return encoder.load_encoder(path, map_location=map_location)
+        return encoder._load_state(state, path)
 
 
-def checkpoint_width(path: str | Path) -> int:
-    """The base width of the encoder in a PCRLv2 checkpoint (32 for the official network)."""
-    return encoder_arch(encoder_state_dict(path))["width"]
+EXPORT_FORMATS = ("pt", "safetensors")
 
 
-def export_encoder(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write the encoder of ``checkpoint`` as a plain state_dict (official key names, tensors only), atomically.
+def export_format(out: str | Path, format: str | None = None) -> str:
+    """The export format: ``format`` when given, else from ``out``'s suffix (``.safetensors``, otherwise pt)."""
+    if format is None:
+        return "safetensors" if str(out).lower().endswith(".safetensors") else "pt"
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format must be one of {EXPORT_FORMATS}, got {format!r}")
+    return format
 
-    The file loads with ``torch.load(out, weights_only=True)`` into ``PCRLv2Encoder3D(width=...)``, into
-    ``NonSkipUNet3D`` with ``strict=False``, or into any network that reuses the official block names.
+
+def export_encoder(checkpoint: str | Path, out: str | Path, format: str | None = None, trusted: bool = False) -> Path:
+    """Write the encoder of ``checkpoint`` (official key names, tensors only) atomically, as a PyTorch state_dict
+    (``format="pt"``) or a safetensors file (``"safetensors"``, which cannot carry code: the format for sharing;
+    its metadata records the encoder's width, input channels, norm and activation). Default: from ``out``'s suffix.
+
+    Either file loads wherever a checkpoint is accepted; the .pt with ``torch.load(out, weights_only=True)``, the
+    .safetensors with ``safetensors.torch.load_file``, into ``PCRLv2Encoder3D(width=...)``, into ``NonSkipUNet3D``
+    with ``strict=False``, or into any network that reuses the official block names.
     """
-    state = {k: v.detach().clone().contiguous() for k, v in encoder_state_dict(checkpoint).items()}
+    fmt = export_format(out, format)
+    state = {k: v.detach().clone().contiguous() for k, v in encoder_state_dict(checkpoint, trusted=trusted).items()}
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise ValueError(f"{out}: the export would overwrite its own source checkpoint; choose another --out")
-    atomic_torch_save(state, out)
+    if fmt == "safetensors":
+        arch = {k: str(v) for k, v in encoder_arch(state).items()}
+        write_safetensors(out, state, {"format": "pcrlv2_fast-encoder", "source": Path(checkpoint).name, **arch})
+    else:
+        atomic_torch_save(state, out)
     return out
 
 

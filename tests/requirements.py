@@ -27,6 +27,8 @@ REQUIREMENTS = {
     "dali": "NVIDIA DALI installed (pip install nvidia-dali-cuda120)",
     "torchio": "torchio installed (the dev requirements)",
     "tensorboard": "tensorboard installed (the dev requirements)",
+    "hypothesis": "hypothesis installed (the dev requirements): the fuzz tests",
+    "safetensors": "the safetensors package installed (the dev requirements): interop of our reader and writer",
 }
 _TAG = re.compile(r"\[needs ([a-z-]+)\]")
 _TRUE = ("1", "true", "yes")

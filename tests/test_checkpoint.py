@@ -1,5 +1,7 @@
+import argparse
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,7 +16,10 @@ def official_checkpoint(tmp_path, prefix="", width=32, name="official.pt"):
     opt = torch.optim.SGD(ref.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     state = OrderedDict((prefix + k, v) for k, v in ref.state_dict().items())
     path = tmp_path / name
-    torch.save({"opt": {"lr": 1e-3}, "state_dict": state, "optimizer": opt.state_dict(), "epoch": 240}, path)
+    # The official train_3d stores its argparse options under 'opt'; logged values are often numpy scalars.
+    args = argparse.Namespace(lr=1e-3, b=16, epochs=240, gpus="0,1", ratio=np.float64(1.0))
+    torch.save({"opt": args, "state_dict": state, "optimizer": opt.state_dict(), "epoch": 240,
+                "loss": np.float32(0.25)}, path)
     return path, ref
 
 
@@ -80,7 +85,7 @@ def test_saved_checkpoint_has_official_layout_and_round_trips(tmp_path):
     model = NonSkipUNet3D(width=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     path = save_checkpoint(tmp_path / "run" / "checkpoint.pt", model, opt, epoch=3, step=12)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert {"state_dict", "optimizer", "epoch"} <= set(ckpt) and ckpt["epoch"] == 3 and ckpt["step"] == 12
     assert len(ckpt["state_dict"]) == 169
     ReferencePCRLv23d(base=2).load_state_dict(ckpt["state_dict"], strict=True)

@@ -23,13 +23,12 @@ behind; the others go on. One process at a time may write a cache (an advisory l
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +36,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..utils.io import atomic_write, sha256_file
+from ..utils.io import atomic_npy_save, atomic_write, sha256_file
+from ..utils.lock import folder_lock
 from .io import MODALITIES, ScanError, Volume, detached_data_file, find_scans, mr_window, read_resampled, scan_name
 
 __all__ = ["PreprocessReport", "ScanResult", "preprocess", "open_cache", "is_cache", "cached_volumes"]
@@ -48,6 +48,8 @@ FORMAT = "pcrlv2_fast-cache"
 FORMAT_VERSION = 1
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _ENTRY_KEYS = ("name", "file", "source", "spacing", "shape", "dtype", "modality", "window")
+# What the cache stores: int16 HU (CT), float16 z-scores (MR).
+_DTYPES = ("int16", "float16")
 
 
 # --------------------------------------------------------------------------------------------- reports
@@ -202,8 +204,7 @@ def _encode(array: np.ndarray, modality: str, hu_window: list[float]) -> tuple[n
 
 def _write_volume(path: Path, array: np.ndarray) -> None:
     # Temporary file + fsync + rename: an interrupted write never leaves a partial .npy under the final name.
-    with atomic_write(path, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+    atomic_npy_save(array, path)
 
 
 def _run(task: _Task) -> tuple[ScanResult, dict | None]:
@@ -297,7 +298,40 @@ def _read_index(root: Path) -> list[dict]:
         missing = [k for k in _ENTRY_KEYS if not isinstance(entry, dict) or k not in entry]
         if missing:
             raise _damaged(root, f"entry {i} lacks {', '.join(missing)}")
+        problem = _entry_problem(entry)
+        if problem:
+            raise _damaged(root, f"entry {i} ({str(entry['name'])[:80]!r}) {problem}")
     return index["scans"]
+
+
+def _numbers(value, n: int) -> bool:
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v) for v in value))
+
+
+def _entry_problem(entry: dict) -> str | None:
+    """What is wrong with an index entry's fields (types, ranges, a file outside the cache), or None."""
+    file = entry["file"]
+    if not isinstance(entry["name"], str) or not entry["name"] or not isinstance(entry["source"], str):
+        return "has a name or source that is not a non-empty string"
+    if not isinstance(file, str) or Path(file).is_absolute() or Path(file).parts[:1] != (VOLUMES,) \
+            or ".." in Path(file).parts or not file.endswith(".npy"):
+        return f"names the file {str(file)[:200]!r}, which is not a volumes/*.npy file inside the cache"
+    shape = entry["shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+        return f"has the shape {str(shape)[:80]}, not three positive integers"
+    if entry["dtype"] not in _DTYPES:
+        return f"has the dtype {str(entry['dtype'])[:40]!r}, not one of {_DTYPES}"
+    if entry["modality"] not in ("ct", "mr"):
+        return f"has the modality {str(entry['modality'])[:40]!r}, not ct or mr"
+    if not _numbers(entry["spacing"], 3) or min(entry["spacing"]) <= 0:
+        return f"has the spacing {str(entry['spacing'])[:80]}, not three positive numbers"
+    if not _numbers(entry["window"], 2) or not entry["window"][0] < entry["window"][1]:
+        return f"has the window {str(entry['window'])[:80]}, not two numbers low < high"
+    for key, n in (("origin", 3), ("direction", 9)):
+        if entry.get(key) is not None and not _numbers(entry[key], n):
+            return f"has the {key} {str(entry[key])[:80]}, not {n} finite numbers"
+    return None
 
 
 def _write_index(root: Path, entries: dict[str, dict]) -> None:
@@ -306,25 +340,6 @@ def _write_index(root: Path, entries: dict[str, dict]) -> None:
     head = json.dumps({"format": FORMAT, "version": FORMAT_VERSION})[:-1]
     with atomic_write(root / INDEX, "w") as fh:
         fh.write(f'{head}, "scans": [\n{scans}\n]}}\n' if scans else f'{head}, "scans": []}}\n')
-
-
-@contextlib.contextmanager
-def _exclusive(root: Path) -> Iterator[None]:
-    """Hold an advisory lock on ``root/.lock`` (released by the OS if the process dies)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, one writer per cache is then up to the user
-        yield
-        return
-    with open(root / ".lock", "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"{root}: another preprocess run is writing to this cache; wait for it to end") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _remove_stale_temporaries(root: Path) -> None:
@@ -397,7 +412,7 @@ def preprocess(
         "hu_window": [float(v) for v in hu_window],
     }
     (root / VOLUMES).mkdir(parents=True, exist_ok=True)
-    with _exclusive(root):
+    with folder_lock(root, "preprocess", hint="wait for it to end, then run preprocess again"):
         _remove_stale_temporaries(root)
         entries = {e["source"]: e for e in _existing_entries(root)}
         taken = {e["name"] for e in entries.values()}

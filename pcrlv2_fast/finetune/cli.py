@@ -43,7 +43,11 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="a folder (imagesTr/ + labelsTr/, <case>_image/<case>_label files, or class folders for cls) "
                         "or a .csv/.json list of image/label pairs (NIfTI, NRRD, MetaImage)")
     p.add_argument("--init", required=True, metavar="CKPT|random",
-                   help="PCRLv2 checkpoint (ours, official, fine-tuned or exported encoder) or 'random'")
+                   help="PCRLv2 checkpoint (ours, official, fine-tuned or exported encoder; .pt or .safetensors) "
+                        "or 'random'")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="let --init load a checkpoint that needs types outside the allow-list (full unpickling: code "
+                        "in the file runs); only for files from a source you trust")
     p.add_argument("--out", required=True, help="run folder: best.pt, metrics.jsonl, split.json, test metrics")
     p.add_argument("--label-fraction", type=_fraction, help="share of the training patients with labels: 0.05 or "
                    "5%% (paper: 5%%, 10%%, 20%%, 100%%; at least one patient; default 1)")
@@ -132,7 +136,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split, device=args.device,
-                                 hd95=args.hd95, progress=not args.no_progress)
+                                 hd95=args.hd95, progress=not args.no_progress, trusted=args.trust_checkpoint)
     shown = {k: v for k, v in result.items() if k in ("mean_dice", "mean_hd95", "auc", "accuracy", "n_cases")}
     print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in shown.items()}))
     for name, path in result["files"].items():
@@ -141,15 +145,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_encoder(args: argparse.Namespace) -> int:
-    from ..checkpoint import read_checkpoint
-    from ..encoders import encoder_arch, export_encoder
+    from ..encoders import encoder_arch, encoder_state_dict, export_encoder, export_format
 
-    path = export_encoder(args.checkpoint, args.out)
-    state = read_checkpoint(path)
+    path = export_encoder(args.checkpoint, args.out, format=args.format, trusted=args.trust_checkpoint)
+    state = encoder_state_dict(path)
     arch = encoder_arch(state)
+    how = ("safetensors.torch.load_file(path)" if export_format(path, args.format) == "safetensors"
+           else "torch.load(path, weights_only=True)")
     print(f"wrote {path}: {len(state)} tensors, encoder width {arch['width']}, {arch['in_channels']} input "
-          f"channel(s), norm {arch['norm']}; load with PCRLv2Encoder3D(width={arch['width']}).load_state_dict("
-          f"torch.load(path, weights_only=True))")
+          f"channel(s), norm {arch['norm']}; load with PCRLv2Encoder3D.from_checkpoint(path) or "
+          f"PCRLv2Encoder3D(width={arch['width']}).load_state_dict({how})")
     return 0
 
 
@@ -170,9 +175,19 @@ def add_finetune_parsers(subparsers) -> None:
                    help="report HD95 (default: as in the finetune run)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs types outside the allow-list (full unpickling: code in the "
+                        "file runs); only for files from a source you trust")
     p.set_defaults(func=cmd_evaluate)
 
-    p = subparsers.add_parser("export-encoder", help="write a checkpoint's encoder as a plain state_dict")
+    p = subparsers.add_parser("export-encoder", help="write a checkpoint's encoder as a plain state_dict or a "
+                              "safetensors file")
     p.add_argument("checkpoint", metavar="CKPT", help="PCRLv2 checkpoint: pretraining (ours or official) or finetune")
-    p.add_argument("--out", required=True, help="output file (.pt), written atomically")
+    p.add_argument("--out", required=True, help="output file (.pt or .safetensors), written atomically")
+    p.add_argument("--format", metavar="pt|safetensors",
+                   help="pt (a PyTorch state_dict) or safetensors (cannot carry code: the format for sharing); "
+                        "default: from the --out suffix")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load a checkpoint that needs types outside the allow-list (full unpickling: code in the "
+                        "file runs); only for files from a source you trust")
     p.set_defaults(func=cmd_export_encoder)

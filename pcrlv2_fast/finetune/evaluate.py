@@ -213,9 +213,10 @@ def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
-def load_finetuned(path: str | os.PathLike, map_location="cpu") -> tuple[torch.nn.Module, dict]:
+def load_finetuned(path: str | os.PathLike, map_location="cpu", trusted: bool = False
+                   ) -> tuple[torch.nn.Module, dict]:
     """The network of a fine-tuning checkpoint (weights loaded strictly) and its ``finetune`` record."""
-    ckpt = read_checkpoint(path, map_location=map_location)
+    ckpt = read_checkpoint(path, map_location=map_location, trusted=trusted)
     meta = ckpt.get("finetune")
     if not isinstance(meta, dict) or "arch" not in meta:
         raise CheckpointError(f"{path}: not a fine-tuning checkpoint (no 'finetune' record); pass the best.pt "
@@ -235,6 +236,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     hd95: bool | None = None,
     progress: bool = True,
+    trusted: bool = False,
 ) -> dict:
     """Evaluate a fine-tuning checkpoint on ``data``: the ``split`` recorded in the checkpoint (test, val, train)
     or every case (all). Writes ``<split>_metrics.json`` and ``<split>_overlays.png`` into ``out``; returns the
@@ -242,7 +244,7 @@ def evaluate_checkpoint(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     dev = resolve_device(device)
-    model, meta = load_finetuned(checkpoint)
+    model, meta = load_finetuned(checkpoint, trusted=trusted)
     model.to(dev)
     task, arch = meta["task"], meta["arch"]
     cases, _ = find_cases(data, task)

@@ -35,11 +35,13 @@ def build_model(
     freeze_stages: int = 0,
     pool: str = "avg",
     dropout: float = 0.0,
+    trusted: bool = False,
 ) -> tuple[nn.Module, dict]:
     """The network and its architecture record (what :func:`model_from_arch` needs to rebuild it).
 
     ``init`` is "random" or a PCRLv2 checkpoint whose encoder is loaded (width from the checkpoint; a different
-    ``width`` is an error). ``norm``/``act`` default to the checkpoint's (bn/relu for random init).
+    ``width`` is an error). ``norm``/``act`` default to the checkpoint's (bn/relu for random init). ``trusted``:
+    see :func:`~pcrlv2_fast.checkpoint.read_checkpoint`.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -48,7 +50,7 @@ def build_model(
     else:
         if not Path(init).is_file():
             raise CheckpointError(f"{init}: no such checkpoint file (pass a PCRLv2 checkpoint or 'random')")
-        encoder = PCRLv2Encoder3D.from_checkpoint(init, in_channels=in_channels, norm=norm, act=act)
+        encoder = PCRLv2Encoder3D.from_checkpoint(init, in_channels=in_channels, norm=norm, act=act, trusted=trusted)
         if width is not None and width != encoder.width:
             raise CheckpointError(f"{init}: encoder width {encoder.width} differs from the requested width {width}; "
                                   "leave the width out to use the checkpoint's")

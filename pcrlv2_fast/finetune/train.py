@@ -32,6 +32,7 @@ from .. import __version__
 from ..checkpoint import save_checkpoint
 from ..encoders import count_parameters, encoder_state_dict, layerwise_param_groups
 from ..utils.io import atomic_write
+from ..utils.lock import folder_lock
 from .data import TASKS, PatchSampler, Preprocessing, finalize_labels, find_cases, load_cases, resize_volume
 from .evaluate import evaluate_loaded, load_finetuned, resolve_device, write_results
 from .metrics import nan_to_none
@@ -52,6 +53,7 @@ class FinetuneConfig:
     data: str = ""
     out: str = ""
     init: str = "random"  # a PCRLv2 checkpoint (ours, official, exported encoder) or "random"
+    trust_checkpoint: bool = False  # let --init unpickle types outside the allow-list (runs code from the file)
     mode: str = "full"  # full | frozen | linear
     label_fraction: float = 1.0
     seed: int = 0
@@ -190,8 +192,14 @@ def _cls_batch(inputs: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
-    """Run one fine-tuning experiment (see the module docstring); returns the summary."""
+    """Run one fine-tuning experiment (see the module docstring); returns the summary. One process at a time may
+    use a run folder: a second one pointed at it is refused (FolderBusyError) while the first runs."""
     cfg.validate()
+    with folder_lock(cfg.out, "finetune", hint="wait for it to end, or choose another --out"):
+        return _finetune(cfg)
+
+
+def _finetune(cfg: FinetuneConfig) -> dict:
     started = time.perf_counter()
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
@@ -200,7 +208,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                        test_fraction=cfg.test_fraction, label_fraction=cfg.label_fraction)
     existing = _earlier_run(out, cfg.overwrite)
     if cfg.init != "random":
-        encoder_state_dict(cfg.init)  # a bad checkpoint fails now, not after loading the data
+        encoder_state_dict(cfg.init, trusted=cfg.trust_checkpoint)  # a bad checkpoint fails now, not after the data
 
     prep = cfg.preprocessing()
     by_id = {c.case_id: c for c in cases}
@@ -217,7 +225,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     rng = np.random.default_rng(cfg.seed)
     model, arch = build_model(cfg.task, cfg.mode, num_classes, in_channels, init=cfg.init, width=cfg.width,
                               norm=cfg.norm, act=cfg.act, freeze_stages=cfg.freeze_stages, pool=cfg.pool,
-                              dropout=cfg.dropout)
+                              dropout=cfg.dropout, trusted=cfg.trust_checkpoint)
     model.to(device)
     # Everything is checked: only now does the run folder change.
     _claim_out(out, existing)

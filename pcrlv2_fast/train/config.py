@@ -49,6 +49,7 @@ class PretrainConfig:
     seed: int = 0
     resume: str | None = None  # a checkpoint path, or "auto" for the newest readable checkpoint in `out`, if any
     overwrite: bool = False  # start afresh in a run folder that holds an earlier run
+    trust_checkpoint: bool = False  # let --resume unpickle types outside the allow-list (runs code from the file)
     width: int = 32
     norm: str = "bn"
     act: str = "relu"

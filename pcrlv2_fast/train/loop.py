@@ -85,7 +85,8 @@ from ..losses import PCRLv2Loss
 from ..losses.pcrlv2 import full_size
 from ..models import NonSkipUNet3D
 from ..nn import fused_block_counts
-from ..utils.io import atomic_write
+from ..utils.io import WriteError, atomic_write
+from ..utils.lock import folder_lock
 from . import distributed as D
 from .config import PretrainConfig
 from .prefetch import Prefetcher
@@ -594,14 +595,18 @@ class Pretrainer:
         latest = self.out / LATEST
         if not self.dist.is_main or self._saved_step == self.step:
             return latest
-        save_rotating_checkpoint(self.out, self.step, self.model, self.optimizer,
-                                 epoch=self.step // self.steps_per_epoch, keep=self.cfg.keep_checkpoints,
-                                 **self.state())
+        try:
+            save_rotating_checkpoint(self.out, self.step, self.model, self.optimizer,
+                                     epoch=self.step // self.steps_per_epoch, keep=self.cfg.keep_checkpoints,
+                                     **self.state())
+        except WriteError as error:
+            kept = f"; the checkpoints saved before ({latest}, numbered files) are intact" if latest.exists() else ""
+            raise WriteError(error.errno, f"{error}{kept}; continue with --resume auto") from error
         self._saved_step = self.step
         return latest
 
     def resume(self, path: str | Path) -> None:
-        self._load(read_training_checkpoint(path), path)
+        self._load(read_training_checkpoint(path, trusted=self.cfg.trust_checkpoint), path)
 
     def _load(self, ckpt: dict, path: str | Path) -> None:
         check_state_dict(self.model, ckpt["state_dict"], path)
@@ -631,7 +636,7 @@ class Pretrainer:
         if not cfg.resume:
             return None
         if cfg.resume == "auto":
-            found = find_latest_checkpoint(self.out, on_skip=self._skip_checkpoint)
+            found = find_latest_checkpoint(self.out, on_skip=self._skip_checkpoint, trusted=cfg.trust_checkpoint)
             if found is None:
                 if self.skipped_checkpoints:
                     raise CheckpointError(f"{self.out}: no checkpoint there is readable "
@@ -641,7 +646,7 @@ class Pretrainer:
             path, ckpt = found
         else:
             path = Path(cfg.resume)
-            ckpt = read_training_checkpoint(path)
+            ckpt = read_training_checkpoint(path, trusted=cfg.trust_checkpoint)
         self._load(ckpt, path)
         steps = D.gather_objects(self.step, self.dist)
         if len(set(steps)) > 1:
@@ -721,6 +726,14 @@ class Pretrainer:
                                            pin_memory=self.device.type == "cuda")
 
     def run(self) -> dict:
+        """Train to the end (or a stop signal) and return the summary. The main process holds the run folder's lock
+        throughout: a second run pointed at the same --out is refused while this one runs."""
+        if not self.dist.is_main:
+            return self._run()
+        with folder_lock(self.out, "pretrain", hint="wait for it to end, or choose another --out"):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg, main = self.cfg, self.dist.is_main
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -891,8 +904,13 @@ class Pretrainer:
 
     def _log(self, row: dict, metrics, writer) -> None:
         if metrics is not None:
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+            try:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+            except OSError as error:
+                raise WriteError(error.errno, f"{metrics.name}: could not be written ({error.strerror}); the rows of "
+                                 "earlier steps are intact (a row cut short is dropped on resuming). Free space and "
+                                 "continue with --resume auto") from error
         if writer is not None:
             for key, value in row.items():
                 if key in ("step", "epoch", "skipped") or not isinstance(value, int | float):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -372,3 +374,71 @@ def test_cli_preprocess_summary_and_exit_codes(phantom_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "empty" / "index.json").read_text())["scans"] == []
     assert cli_main(["preprocess", str(bad), "--out", str(cache), "--hu-window", "5", "1"]) == 2
     assert "hu_window" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ hostile index, full disk, locks
+@pytest.mark.parametrize("field, value, match", [
+    ("file", "../../etc/passwd.npy", "not a volumes/\\*.npy file inside the cache"),
+    ("file", "/tmp/elsewhere.npy", "not a volumes/\\*.npy file inside the cache"),
+    ("file", "volumes/../../x.npy", "inside the cache"),
+    ("shape", [10, -1, 3], "not three positive integers"),
+    ("shape", "big", "not three positive integers"),
+    ("dtype", "object", "not one of"),
+    ("dtype", [1], "not one of"),
+    ("spacing", [1.0, 0.0, 1.0], "not three positive numbers"),
+    ("window", [1.0, 1.0], "low < high"),
+    ("origin", [1.0, "x", 2.0], "not 3 finite numbers"),
+    ("modality", "pet", "not ct or mr"),
+    ("name", 7, "not a non-empty string"),
+])
+def test_hostile_index_entries_are_refused_before_any_file_is_opened(tmp_path, field, value, match):
+    cache = tmp_path / "cache"
+    preprocess(small_ct(tmp_path / "a.nii.gz"), cache, progress=False)
+    index = json.loads((cache / "index.json").read_text())
+    index["scans"][0][field] = value
+    (cache / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ScanError, match=f"index.json: entry 0 .*{match}"):
+        open_cache(cache)
+
+
+def _limit_file_size(limit):
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead of killing the child
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_during_a_cache_write_keeps_the_previous_entry(tmp_path):
+    src, cache = small_ct(tmp_path / "a.nii.gz"), tmp_path / "cache"
+    preprocess(src, cache, progress=False)
+    before = np.array(open_cache(cache)[0].array)
+    index = (cache / "index.json").read_bytes()
+    # At 0.9 mm the volume (80 x 80 x 40 int16, 512 kB) exceeds the limit: its write fails as on a full disk.
+    result = subprocess.run([sys.executable, "-m", "pcrlv2_fast", "preprocess", str(src), "--out", str(cache),
+                             "--spacing", "0.9"], capture_output=True, text=True, timeout=300,
+                            preexec_fn=_limit_file_size(200_000))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "a.npy: could not be written" in result.stderr and "previous version is intact" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (cache / "index.json").read_bytes() == index and no_temporaries(cache)
+    assert np.array_equal(open_cache(cache)[0].array, before)
+
+
+def test_a_second_preprocess_of_one_cache_is_refused(tmp_path):
+    src, cache = small_ct(tmp_path / "a.nii.gz"), tmp_path / "cache"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pcrlv2_fast.utils.lock import folder_lock\n"
+        f"with folder_lock({str(cache)!r}, 'preprocess'):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"in use by preprocess \\(pid {holder.pid}\\).*wait for it to end"):
+            preprocess(src, cache, progress=False)
+        assert not (cache / "index.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert preprocess(src, cache, progress=False).names == ["a"]  # a dead holder leaves no stale lock

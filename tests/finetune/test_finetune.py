@@ -101,8 +101,8 @@ def test_pretrained_init_and_modes(spheres, pretrained, tmp_path, mode):
     summary = finetune(cfg)
     assert summary["cases"]["train"] == 1 and summary["cases"]["unlabelled"] == 3
     assert summary["arch"]["model"] == ("linear_seg" if mode == "linear" else "unet")
-    tuned = torch.load(tmp_path / "best.pt", weights_only=False)["state_dict"]
-    source = torch.load(pretrained, weights_only=False)["state_dict"]
+    tuned = torch.load(tmp_path / "best.pt", weights_only=True)["state_dict"]
+    source = torch.load(pretrained, weights_only=True)["state_dict"]
     same = [torch.equal(tuned["encoder." + k], v) for k, v in source.items() if k.startswith("down_tr")]
     # Frozen and linear modes leave every encoder tensor (BatchNorm statistics included) as pretrained.
     assert all(same) if mode != "full" else not all(same)

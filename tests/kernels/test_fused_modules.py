@@ -287,7 +287,7 @@ def test_official_checkpoint_round_trip_through_a_fused_model(tmp_path):
 
     back = save_checkpoint(tmp_path / "fused.pt", fused.cpu())
     again = ReferencePCRLv23d(base=2)
-    again.load_state_dict(torch.load(back, weights_only=False)["state_dict"], strict=True)
+    again.load_state_dict(torch.load(back, weights_only=True)["state_dict"], strict=True)
     assert all(torch.equal(again.state_dict()[k], v) for k, v in official.state_dict().items())
 
 

@@ -56,7 +56,7 @@ def _worker(rank: int, init_file: str, out: str) -> None:
 
 def test_fused_sync_batch_norm_matches_torch_sync_batch_norm(tmp_path):
     mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for rank, result in enumerate(ranks):
         assert result["counts"] == {"conv": "3/3", "norm_act": "3/3"}
         torch_side, fused = result["torch"], result["triton"]

@@ -100,7 +100,7 @@ def test_two_gloo_processes_match_one_process(tmp_path, phantom_cache, cache_vol
         assert sorted(p.name for p in out.glob("written-by-rank*")) == ["written-by-rank0"]
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2] and not any(r["skipped"] for r in rows)
-        ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
         assert ckpt["step"] == 2 and ckpt["resolved"]["world_size"] == 2 and ckpt["resolved"]["micro_batch"] == 2
         assert ckpt["resolved"]["sync_bn"] == (name == "sync")
 
@@ -136,6 +136,6 @@ def test_torchrun_cli_two_processes(tmp_path, phantom_cache):
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["resolved"]["world_size"] == 2 and ckpt["resolved"]["sync_bn"] and ckpt["config"]["batch_size"] == 4
     assert json.loads((out / "config.json").read_text())["resolved"]["world_size"] == 2

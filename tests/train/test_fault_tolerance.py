@@ -83,7 +83,7 @@ def wait_for_steps(proc, out, n, timeout=180.0):
 
 def test_uninterrupted_run_logs_tensorboard_and_resolved_config(reference):
     out, _ = reference
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == N and ckpt["config"]["batch_size"] == 2 and ckpt["config"]["steps"] == N
     assert ckpt["resolved"]["world_size"] == 1 and ckpt["resolved"]["optim_impl"] == "foreach"
     assert [s for s, _ in numbered_checkpoints(out)] == [4, 6]  # epoch end and run end, the last 2 kept
@@ -106,7 +106,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes_exactly(tmp_path, phantom_
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
     assert "stopped by SIGTERM" in log.read_text()
-    stopped = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    stopped = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert 1 <= stopped < N
     assert json.loads((out / "summary.json").read_text())["stopped_by"] == "SIGTERM"
 
@@ -211,7 +211,7 @@ def test_nonfinite_streak_stops_the_run(tmp_path, cache_volumes, one_thread):
     with pytest.raises(NonFiniteLossError, match=r"2 steps in a row \(steps 3-4\)"):
         trainer.run()
     assert trainer.skip_counts == {"nonfinite_loss": 2, "nonfinite_grad": 1}
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["nonfinite_streak"] == 2 and ckpt["skipped"] == 3
     changed = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(snapshots, snapshots[1:])]
     assert changed == [False, True, False, False]
@@ -249,3 +249,53 @@ def test_fused_optimizer_skips_on_the_device(tmp_path, cache_volumes, one_thread
     assert changed == [False, True, False, True]
     assert all(torch.equal(a, b) for a, b in zip(momenta[1], momenta[2]))  # the skipped step kept the momentum
     assert trainer.skip_counts == {"nonfinite_loss": 2}
+
+
+# ------------------------------------------------------------------------------- full disks, concurrent runs
+def file_size_limit(limit: int):
+    """preexec_fn for a child whose files may not grow past ``limit`` bytes (ulimit -f): writes then fail with
+    EFBIG, as on a full disk (SIGXFSZ, which would kill the child instead, is ignored)."""
+    def apply():
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, phantom_cache, cache_volumes,
+                                                                    one_thread):
+    out = tmp_path / "run"
+    Pretrainer(config(out, steps=2, tensorboard=False, pictures=False), cache_volumes).run()
+    before = (out / "checkpoint.pt").read_bytes()
+    # A tiny model's checkpoint (~330 kB) exceeds the limit; metrics rows and config.json do not.
+    args = [sys.executable, "-m", "pcrlv2_fast", "pretrain", "--data", str(phantom_cache), "--out", str(out),
+            "--preset", "tiny", "--no-pictures", "--no-tensorboard", "--resume", "auto", "--save-every", "1"]
+    for key, value in {**SETTINGS, "steps": 4}.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, preexec_fn=file_size_limit(100_000),
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "checkpoint-3.pt: could not be written" in result.stderr and "checkpoints saved before" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (out / "checkpoint.pt").read_bytes() == before
+    path, ckpt = find_latest_checkpoint(out)
+    assert ckpt["step"] == 2 and not list(out.glob(".*.tmp"))
+
+
+def test_a_second_run_at_the_same_out_is_refused(tmp_path, phantom_cache):
+    out = tmp_path / "run"
+    first, log = start_cli(out, phantom_cache, "--no-tensorboard", "--steps", "1000")
+    wait_for_steps(first, out, 1)
+    second = subprocess.run([sys.executable, "-m", "pcrlv2_fast", "pretrain", "--data", str(phantom_cache), "--out",
+                             str(out), "--preset", "tiny", "--steps", "2", "--overwrite"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert first.poll() is None, "the first run ended before the second one started"
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=120) == 0, log.read_text()[-2000:]
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"{out}: in use by pretrain (pid {first.pid})" in second.stderr
+    # The first run is untouched by the second (which would have cleared the folder): every step logged once, in
+    # order, and its checkpoint is its last step's.
+    stopped = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
+    assert steps_logged(out) == list(range(1, stopped + 1))

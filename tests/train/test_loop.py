@@ -34,7 +34,7 @@ def test_tiny_run_writes_official_checkpoint_and_metrics(tmp_path, phantom_volum
     cfg = tiny(tmp_path, steps=3, pictures=True)
     summary = pretrain(cfg, phantom_volumes)
     out = tmp_path / "run"
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert {"state_dict", "optimizer", "epoch"} <= set(ckpt) and ckpt["step"] == 3
     assert len(ckpt["state_dict"]) == 169
     ReferencePCRLv23d(base=2).load_state_dict(ckpt["state_dict"], strict=True)
@@ -94,7 +94,7 @@ def test_resume_continues_exactly(tmp_path, phantom_volumes, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         Pretrainer(cfg, phantom_volumes).run()
     monkeypatch.setattr(Pretrainer, "train_step", original)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["step"] == 2
 
     cfg.resume = "auto"
     resumed = Pretrainer(cfg, phantom_volumes)
