@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-cpu bench-data bench-micro bench-gpu bench-compile check-triton36 gpu-bundle gpu-check clean
+.PHONY: install demo test fuzz lint bench bench-cpu bench-data bench-micro bench-gpu bench-compile check-triton36 gpu-bundle gpu-check clean
 
 # torch goes in first and the package builds without isolation: setup.py compiles the C++ extension
 # pcrlv2_fast._C (csrc/) against the installed torch.
@@ -24,6 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+# The fuzz tests at length (2000 examples per target instead of make test's 40): scan headers, cache indexes,
+# checkpoints. Outcome counts per target: pytest's --hypothesis-show-statistics.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q tests/fuzz --hypothesis-show-statistics
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -234,6 +234,8 @@ def load_pretrained(path: str | Path, model: NonSkipUNet3D | None = None, map_lo
     state = extract_state_dict(ckpt, path)
     if model is None:
         kwargs = {**infer_model_kwargs(state, path), **model_kwargs}
+        with torch.device("meta"):  # shapes checked before any memory is taken: a file may claim any width
+            check_state_dict(NonSkipUNet3D(**kwargs), state, path)
         model = NonSkipUNet3D(**kwargs)
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True)

@@ -206,13 +206,12 @@ class PCRLv2Encoder3D(nn.Module):
         """
         state = encoder_state_dict(path, map_location=map_location, trusted=trusted)
         arch = encoder_arch(state)
-        encoder = cls(
-            in_channels=in_channels or arch["in_channels"],
-            width=arch["width"],
-            norm=norm or arch["norm"],
-            act=act or arch["act"],
-        )
-        return encoder._load_state(state, path)
+        kwargs = dict(in_channels=in_channels or arch["in_channels"], width=arch["width"], norm=norm or arch["norm"],
+                      act=act or arch["act"])
+        with torch.device("meta"):  # shapes checked before any memory is taken: a file may claim any width
+            probe = cls(**kwargs)
+        check_state_dict(probe, _convert_state(state, probe, kwargs["in_channels"]), path)
+        return cls(**kwargs)._load_state(state, path)
 
 
 EXPORT_FORMATS = ("pt", "safetensors")

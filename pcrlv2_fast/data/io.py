@@ -33,10 +33,12 @@ scan is left out (``preprocess`` reports it and goes on with the others) until t
 from __future__ import annotations
 
 import gzip
+import math
 import mmap
 import os
 import re
 import struct
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,28 +222,53 @@ def _reason(error: Exception) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
 
 
-def _nifti_expected_bytes(header: bytes) -> tuple[int, int]:
-    """(vox_offset, voxel data bytes) from a NIfTI-1 or NIfTI-2 header."""
+# NIfTI-1 (348-byte) and NIfTI-2 (540-byte) header fields: (struct format, offset) per field.
+_NIFTI_LAYOUTS = {
+    348: {"dim": ("8h", 40), "bitpix": ("h", 72), "pixdim": ("8f", 76), "vox_offset": ("f", 108),
+          "qform_code": ("h", 252), "sform_code": ("h", 254), "quatern": ("6f", 256), "srow": ("12f", 280)},
+    540: {"dim": ("8q", 16), "bitpix": ("h", 14), "pixdim": ("8d", 104), "vox_offset": ("q", 168),
+          "qform_code": ("i", 344), "sform_code": ("i", 348), "quatern": ("6d", 352), "srow": ("12d", 400)},
+}
+
+
+def _nifti_header(header: bytes) -> dict:
+    """The geometry fields of a NIfTI-1 or NIfTI-2 header (either byte order); ValueError for anything else."""
     for order in "<>":
-        sizeof_hdr = struct.unpack(order + "i", header[:4])[0]
-        if sizeof_hdr == 348:
-            dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            vox_offset = int(struct.unpack(order + "f", header[108:112])[0])
-            break
-        if sizeof_hdr == 540:
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
-            dims = struct.unpack(order + "8q", header[16:80])
-            vox_offset = struct.unpack(order + "q", header[168:176])[0]
-            break
-    else:
-        raise ValueError("not a NIfTI-1/2 header")
-    n_voxels = int(np.prod([max(d, 1) for d in dims[1 : dims[0] + 1]], dtype=np.int64))
-    return vox_offset, n_voxels * bitpix // 8
+        layout = _NIFTI_LAYOUTS.get(struct.unpack(order + "i", header[:4])[0])
+        if layout is not None and len(header) >= max(348, struct.unpack(order + "i", header[:4])[0]):
+            return {key: struct.unpack_from(order + fmt, header, offset) for key, (fmt, offset) in layout.items()}
+    raise ValueError("not a NIfTI-1/2 header")
+
+
+def _nifti_problem(h: dict) -> str | None:
+    """Why ITK must not be handed this header (it loops forever on some non-finite affines), or None."""
+    ndim, dims = h["dim"][0], h["dim"][1:]
+    if not 1 <= ndim <= 7 or min(dims[:ndim]) < 1:
+        return f"dimensions {h['dim'][:max(1, min(ndim, 7)) + 1]} (dim[0] must be 1..7 and each size >= 1)"
+    if h["bitpix"][0] <= 0 or not np.isfinite(h["vox_offset"][0]) or h["vox_offset"][0] < 0:
+        return f"bitpix {h['bitpix'][0]} / vox_offset {h['vox_offset'][0]} (must be positive / finite, >= 0)"
+    pixdim = h["pixdim"][1:min(ndim, 3) + 1]
+    if not all(np.isfinite(v) and v != 0 for v in pixdim):
+        return f"voxel sizes (pixdim) {pixdim} (must be finite and non-zero)"
+    for code, values in (("qform_code", "quatern"), ("sform_code", "srow")):
+        if not 0 <= h[code][0] <= 4:
+            return f"{code} {h[code][0]} (must be 0..4)"
+        if h[code][0] > 0 and not all(np.isfinite(v) for v in h[values]):
+            what = "quaternion/offset" if values == "quatern" else "affine (srow)"
+            return f"{what} {h[values]} (must be finite when {code} > 0)"
+    return None
+
+
+def _nifti_expected_bytes(h: dict) -> tuple[int, int]:
+    """(vox_offset, voxel data bytes) of a checked NIfTI header."""
+    ndim = h["dim"][0]
+    n_voxels = math.prod(h["dim"][1:ndim + 1])
+    return int(h["vox_offset"][0]), n_voxels * h["bitpix"][0] // 8
 
 
 def _check_nifti_complete(path: Path) -> None:
-    """Raise ScanError when a NIfTI file holds less voxel data than its header promises.
+    """Raise ScanError when a NIfTI header is inconsistent (see :func:`_nifti_problem`) or the file holds less voxel
+    data than the header promises.
 
     SimpleITK fills the missing part of a truncated NIfTI file with zeros without any error, so the length
     is checked here (for .nii.gz by decompressing the stream, which also verifies the gzip checksum).
@@ -258,11 +285,15 @@ def _check_nifti_complete(path: Path) -> None:
             with open(path, "rb") as stream:
                 header = stream.read(540)
             length = path.stat().st_size
-        vox_offset, data_bytes = _nifti_expected_bytes(header)
-    except (OSError, EOFError, ValueError, struct.error) as error:
+        fields = _nifti_header(header)
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as error:
         raise ScanError(
             f"{path}: corrupt or truncated NIfTI file ({_reason(error)}). Re-export or re-download it."
         ) from error
+    problem = _nifti_problem(fields)
+    if problem:
+        raise ScanError(f"{path}: invalid NIfTI header: {problem}; the header is damaged. Re-export the scan.")
+    vox_offset, data_bytes = _nifti_expected_bytes(fields)
     if length < vox_offset + data_bytes:
         raise ScanError(
             f"{path}: truncated NIfTI file: the header promises {data_bytes} bytes of voxel data after offset "
@@ -289,6 +320,50 @@ def detached_data_file(path: Path) -> Path | None:
     if name.upper() == "LOCAL" or name.upper().startswith("LIST") or "%" in name:
         return None
     return path.parent / name
+
+
+# MetaImage header fields of NDims numbers (NDims squared for the matrices); ITK's parser is not trusted with them.
+_META_VECTORS = ("DimSize", "ElementSpacing", "ElementSize", "Offset", "Position", "Origin", "CenterOfRotation")
+_META_MATRICES = ("TransformMatrix", "Rotation", "Orientation")
+
+
+def _metaimage_fields(path: Path) -> dict[str, str]:
+    """The ``key = value`` lines of a MetaImage header, up to ElementDataFile (binary data may follow it)."""
+    with open(path, "rb") as fh:
+        text = fh.read(1 << 16).decode("latin-1")
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    return fields
+
+
+def _check_metaimage_header(path: Path) -> None:
+    """Refuse MetaImage headers ITK mishandles: a non-positive NDims makes its parser loop forever, and sizes or
+    vectors of the wrong length are read past their end."""
+    fields = _metaimage_fields(path)
+    try:
+        ndims = int(fields.get("NDims", ""))
+    except ValueError:
+        ndims = 0
+    if not 1 <= ndims <= 16:
+        raise ScanError(f"{path}: MetaImage header with NDims = {fields.get('NDims', '(missing)')!r}, not a positive "
+                        "number of dimensions; the header is damaged. Re-export the scan.")
+    for key in _META_VECTORS + _META_MATRICES:
+        if key not in fields:
+            continue
+        want = ndims * ndims if key in _META_MATRICES else ndims
+        try:
+            values = [float(v) for v in fields[key].split()]
+        except ValueError:
+            values = []
+        if len(values) != want or (key == "DimSize" and not all(v >= 1 and v == int(v) for v in values)):
+            raise ScanError(f"{path}: MetaImage header field {key} = {fields[key][:80]!r}: expected {want} "
+                            f"{'positive integers' if key == 'DimSize' else 'numbers'} for NDims = {ndims}; the "
+                            "header is damaged. Re-export the scan.")
 
 
 def _check_metaimage_data_file(path: Path) -> None:
@@ -454,25 +529,102 @@ def _read_dicom_series(folder: Path) -> sitk.ImageSeriesReader:
     return reader
 
 
-def read_image(path: Path) -> sitk.Image:
-    """The SimpleITK image of a scan file or DICOM series folder; every failure is a ScanError naming the file."""
+def read_image(path: Path, spacing: tuple[float, float, float] | None = None) -> sitk.Image:
+    """The SimpleITK image of a scan file or DICOM series folder; every failure is a ScanError naming the file.
+
+    The header is read first: a scan whose voxels (and, given the target ``spacing``, its resampled copy) would
+    not fit in the memory available is refused before its pixels are read (:func:`_check_memory`).
+    """
     sitk = _simpleitk()
     if path.is_dir():
         reader = _read_dicom_series(path)
+        header, n_files = _dicom_header(Path(reader.GetFileNames()[0])), len(reader.GetFileNames())
     else:
         if path.name.lower().endswith((".nii", ".nii.gz")):
             _check_nifti_complete(path)
-        elif path.name.lower().endswith(".mhd"):
+        elif path.name.lower().endswith((".mhd", ".mha")):
+            _check_metaimage_header(path)
             _check_metaimage_data_file(path)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
+        header, n_files = reader, 1
     try:
+        if header is reader:
+            reader.ReadImageInformation()
+        _check_memory(path, header, n_files, spacing)
         return reader.Execute()
     except RuntimeError as error:
         raise ScanError(
             f"{path}: SimpleITK cannot read it ({_reason(error)}). The file may be truncated or corrupt, "
             "or for .mhd/.nhdr the data file it names may be missing or of the wrong size; re-export the scan."
         ) from error
+
+
+def memory_available() -> int | None:
+    """Bytes of memory a new allocation can get without swapping (Linux MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _bytes_per_voxel(header: sitk.ImageFileReader) -> int:
+    sitk = _simpleitk()
+    component = sitk.Image([1] * header.GetDimension(), header.GetPixelID()).GetSizeOfPixelComponent()
+    return component * max(1, header.GetNumberOfComponents())
+
+
+# Deflate (gzip/zlib, the compression of NRRD, MetaImage and NIfTI) shrinks data at most ~1032 times.
+_MAX_COMPRESSION = 1100
+
+
+def _check_claim(path: Path, claimed: int, size: list[int]) -> None:
+    """Refuse a file whose header claims more voxel bytes than its data could hold even at deflate's largest
+    compression ratio: SimpleITK would allocate the claim before finding the data short."""
+    if path.is_dir():
+        return  # DICOM: GDCM reads slice by slice, each checked when the series was sorted
+    data = detached_data_file(path) or path
+    if not data.is_file():
+        return  # a list or pattern of data files: ITK reports what is missing
+    on_disk = data.stat().st_size
+    if claimed > _MAX_COMPRESSION * max(on_disk, 1):
+        raise ScanError(
+            f"{path}: the header claims {' x '.join(map(str, size))} voxels ({claimed} bytes), more than "
+            f"{data.name} ({on_disk} bytes) can hold even compressed; the file is truncated or its header is wrong. "
+            "Re-export the scan."
+        )
+
+
+def _check_memory(path: Path, header: sitk.ImageFileReader, n_files: int,
+                  spacing: tuple[float, float, float] | None) -> None:
+    """Refuse a scan whose reading and resampling would need more memory than is available (a header claiming
+    absurd dimensions, or a real scan too large for this machine): the file's voxels, their float32 copy, and the
+    resampled float32 volume twice (SimpleITK's and the transposed array)."""
+    size, in_spacing = [int(n) for n in header.GetSize()], tuple(header.GetSpacing())
+    if n_files > 1:  # a series of single slices: one slice's header, the slices stacked (their step ~ its spacing)
+        size, in_spacing = size[:2] + [n_files], in_spacing[:2] + (in_spacing[2:3] or (1.0,))
+    n_voxels = math.prod(max(n, 1) for n in size)
+    needed = n_voxels * (_bytes_per_voxel(header) + 4)
+    if spacing is not None and len(size) == 3:
+        if all(np.isfinite(s) and s > 0 for s in in_spacing):
+            out = math.prod(max(1, int(n * s / o + 0.5)) for n, s, o in zip(size, in_spacing, spacing, strict=True))
+            needed += out * 8
+    _check_claim(path, n_voxels * _bytes_per_voxel(header), size)
+    available = memory_available()
+    if available is not None and needed > available:
+        gib = 2**30
+        raise ScanError(
+            f"{path}: {' x '.join(map(str, size))} voxels need about {needed / gib:.1f} GiB to read and resample, more "
+            f"than the {available / gib:.1f} GiB of memory available; nothing was read. Check the header's dimensions, "
+            "or crop or downsample the scan first (or run where more memory is free)."
+        )
 
 
 def _check_geometry(path: Path, image: sitk.Image) -> None:
@@ -536,7 +688,7 @@ def read_resampled(
     _check_arguments(spacing, modality)
     if not path.exists():
         raise ScanError(f"{path}: no such file or folder.")
-    image = read_image(path)
+    image = read_image(path, tuple(float(v) for v in spacing))
     _check_geometry(path, image)
     image = sitk.Cast(image, sitk.sitkFloat32)
     original = sitk.GetArrayViewFromImage(image)

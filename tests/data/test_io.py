@@ -278,3 +278,51 @@ def test_bad_input_raises_scan_error(tmp_path, make):
 def test_missing_file(tmp_path):
     with pytest.raises(ScanError, match="no such file"):
         load_scan(tmp_path / "nope.nii.gz")
+
+
+def test_a_scan_too_large_for_memory_is_refused_from_its_header(phantom_dir, monkeypatch):
+    """The header says how much memory reading and resampling need; above what is available nothing is read."""
+    from pcrlv2_fast.data import io
+
+    scan = phantom_dir / PHANTOMS[0][0]
+    read = []
+    monkeypatch.setattr(io, "memory_available", lambda: 50 << 20)  # 50 MiB free
+    monkeypatch.setattr(sitk.ImageFileReader, "Execute", lambda self: read.append(1))
+    with pytest.raises(ScanError, match=r"90 x 80 x 52 voxels need about 0\.\d GiB .* more than the 0\.0 GiB") as err:
+        load_scan(scan, spacing=(0.5, 0.5, 0.5))  # 0.5 mm: 8x the voxels of 1 mm, ~ 0.1 GiB resampled
+    assert str(scan) in str(err.value) and "nothing was read" in str(err.value) and not read
+    monkeypatch.undo()
+    assert load_scan(scan).array.shape == (135, 120, 104)  # with the memory there, the same scan reads
+
+
+def test_a_header_claiming_more_data_than_the_file_holds_is_refused(tmp_path):
+    (tmp_path / "big.raw").write_bytes(bytes(1000))
+    header = tmp_path / "big.nhdr"
+    header.write_text("NRRD0004\ntype: short\ndimension: 3\nsizes: 4000 4000 4000\nspacings: 1 1 1\n"
+                      "encoding: raw\nendian: little\ndata file: big.raw\n")
+    with pytest.raises(ScanError, match=r"claims 4000 x 4000 x 4000 voxels .* more than big\.raw \(1000 bytes\)"):
+        load_scan(header)
+    meta = tmp_path / "neg.mha"
+    meta.write_bytes(b"ObjectType = Image\nNDims = -1\nDimSize = \nElementType = MET_UCHAR\n"
+                     b"ElementDataFile = LOCAL\n" + bytes(64))
+    with pytest.raises(ScanError, match="NDims = '-1', not a positive number of dimensions"):
+        load_scan(meta)  # ITK's own parser loops forever on this header
+
+
+def test_nifti_header_with_a_non_finite_affine_is_refused(tmp_path):
+    """A header ITK would loop on forever (found by tests/fuzz): refused from our own reading of it."""
+    import struct
+
+    header = bytearray(352)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, 3, 4, 4, 4, 1, 1, 1, 1)
+    struct.pack_into("<hh", header, 70, 4, 16)
+    struct.pack_into("<8f", header, 76, 1, 1, 1, 1, 1, 1, 1, 1)
+    struct.pack_into("<f", header, 108, 352.0)
+    struct.pack_into("<hh", header, 252, 0, 1)  # sform_code 1: the srow affine is used ...
+    struct.pack_into("<12f", header, 280, 1, 0, 0, 0, 0, float("inf"), 0, 0, 0, 0, 1, 0)  # ... and is not finite
+    header[344:348] = b"n+1\0"
+    path = tmp_path / "inf.nii"
+    path.write_bytes(bytes(header) + bytes(4 * 4 * 4 * 2))
+    with pytest.raises(ScanError, match=r"inf\.nii: invalid NIfTI header: affine \(srow\) .* \(must be finite when"):
+        load_scan(path)

@@ -1,0 +1,161 @@
+"""Scan readers under hostile headers: NIfTI, NRRD and MetaImage files with absurd or negative dimensions, zero,
+negative, NaN or infinite spacings and affines, 1D/2D/4D images, odd pixel types and truncated payloads."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
+
+from pcrlv2_fast.data.io import ScanError, read_resampled
+
+from .isolated import run_isolated
+
+# Payloads are written in full only up to this size; larger claims get a short (truncated) payload.
+FULL_PAYLOAD = 300_000
+
+dims = st.one_of(st.integers(1, 40), st.integers(-3, 0), st.integers(41, 32767))
+floats = st.one_of(st.floats(0.1, 5.0), st.sampled_from([0.0, -1.0, 1e-30, 1e30, float("nan"), float("inf")]),
+                   st.floats(allow_nan=True, allow_infinity=True, width=32))
+NIFTI_TYPES = {2: 8, 4: 16, 8: 32, 16: 32, 64: 64, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64, 128: 24,
+               32: 64, 2304: 32}
+
+
+def payload(rng: np.random.Generator, claimed: int, kind: str) -> bytes:
+    """Voxel bytes: the claimed amount (random bytes, or small smooth values that decode as plausible voxels) when
+    it is small enough, else a short piece."""
+    if claimed > FULL_PAYLOAD or kind == "short":
+        return rng.integers(0, 256, int(rng.integers(0, 2000)), dtype=np.uint8).tobytes()
+    if kind == "random":
+        return rng.integers(0, 256, claimed, dtype=np.uint8).tobytes()
+    return rng.integers(0, 2, claimed, dtype=np.uint8).tobytes()  # 0/1 bytes: small integers, tiny finite floats
+
+
+def _read(path: Path) -> tuple[int, ...]:
+    scan = read_resampled(path, min_shape=(1, 1, 1))
+    assert scan.array.ndim == 3 and np.isfinite(scan.array).all()
+    return scan.array.shape
+
+
+def check_read(path: Path) -> None:
+    """The one allowed outcome besides a clean read: a ScanError naming the file; never another exception, a
+    crash, a hang or an allocation past the bound (each only ends the forked child)."""
+    outcome = run_isolated(lambda: _read(path))
+    if outcome.raised(ScanError):
+        assert str(path) in outcome.message, outcome.message
+        event(" ".join(outcome.message.split(str(path), 1)[1].split()[:4]))  # see --hypothesis-show-statistics
+    elif outcome.kind == "ok":
+        event("read")
+    else:
+        pytest.fail(f"{path.name}: {outcome.describe()}")
+
+
+@given(ndim=st.integers(-1, 8), sizes=st.lists(dims, min_size=7, max_size=7),
+       datatype=st.sampled_from(sorted(NIFTI_TYPES) + [0, 3, 99]), pixdim=st.lists(floats, min_size=8, max_size=8),
+       srow=st.lists(floats, min_size=12, max_size=12), codes=st.tuples(st.integers(-1, 5), st.integers(-1, 5)),
+       vox_offset=st.sampled_from([352.0, 0.0, 348.0, 1e9, float("nan"), 400.0]),
+       kind=st.sampled_from(["random", "smooth", "short"]), compressed=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_nifti_headers(ndim, sizes, datatype, pixdim, srow, codes, vox_offset, kind, compressed, seed):
+    rng = np.random.default_rng(seed)
+    bitpix = NIFTI_TYPES.get(datatype, 8)
+    header = bytearray(352)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, ndim, *[max(-32768, min(32767, s)) for s in sizes])
+    struct.pack_into("<hh", header, 70, datatype, bitpix)
+    struct.pack_into("<8f", header, 76, *pixdim)
+    struct.pack_into("<f", header, 108, vox_offset)
+    struct.pack_into("<f", header, 112, 1.0)
+    struct.pack_into("<hh", header, 252, *codes)
+    struct.pack_into("<12f", header, 280, *srow)
+    header[344:348] = b"n+1\0"
+    used = sizes[:max(0, min(ndim, 7))]
+    claimed = int(np.prod([max(s, 1) for s in used], dtype=np.float64) * bitpix // 8) if used else 0
+    data = bytes(header) + payload(rng, claimed, kind)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / ("scan.nii.gz" if compressed else "scan.nii")
+        path.write_bytes(gzip.compress(data, compresslevel=1) if compressed else data)
+        check_read(path)
+
+
+NRRD_TYPES = ["uchar", "short", "ushort", "int", "float", "double", "int64", "block", "signed char"]
+
+
+@given(dimension=st.integers(-1, 6), sizes=st.lists(dims, min_size=6, max_size=6), type_=st.sampled_from(NRRD_TYPES),
+       spacings=st.lists(floats, min_size=6, max_size=6), directions=st.booleans(),
+       encoding=st.sampled_from(["raw", "gzip", "ascii", "bzip2"]), kind=st.sampled_from(["random", "smooth", "short"]),
+       detached=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_nrrd_headers(dimension, sizes, type_, spacings, directions, encoding, kind, detached, seed):
+    rng = np.random.default_rng(seed)
+    n = max(dimension, 0)
+    lines = ["NRRD0004", f"type: {type_}", f"dimension: {dimension}", "sizes: " + " ".join(map(str, sizes[:n])),
+             f"encoding: {encoding}", "endian: little"]
+    if directions:
+        vectors = " ".join("(" + ",".join(str(spacings[(i + j) % 6]) for j in range(n)) + ")" for i in range(n))
+        space = "space: left-posterior-superior" if n == 3 else f"space dimension: {n}"
+        lines += [space, f"space directions: {vectors}"]
+    else:
+        lines.append("spacings: " + " ".join(map(str, spacings[:n])))
+    itemsize = {"uchar": 1, "signed char": 1, "short": 2, "ushort": 2, "int": 4, "float": 4}.get(type_, 8)
+    claimed = int(np.prod([max(s, 1) for s in sizes[:n]], dtype=np.float64) * itemsize) if n else 0
+    body = payload(rng, claimed, kind)
+    if encoding == "gzip":
+        body = gzip.compress(body, compresslevel=1)
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        if detached:
+            (folder / "scan.raw").write_bytes(body)
+            path = folder / "scan.nhdr"
+            path.write_text("\n".join(lines + ["data file: scan.raw"]) + "\n")
+        else:
+            path = folder / "scan.nrrd"
+            path.write_bytes(("\n".join(lines) + "\n\n").encode() + body)
+        check_read(path)
+
+
+META_TYPES = ["MET_UCHAR", "MET_SHORT", "MET_FLOAT", "MET_DOUBLE", "MET_LONG_LONG", "MET_UCHAR_ARRAY", "MET_OTHER"]
+
+
+@given(ndims=st.integers(-1, 6), sizes=st.lists(dims, min_size=6, max_size=6), type_=st.sampled_from(META_TYPES),
+       spacings=st.lists(floats, min_size=6, max_size=6), matrix=st.lists(floats, min_size=9, max_size=9),
+       compressed=st.booleans(), kind=st.sampled_from(["random", "smooth", "short"]), detached=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_metaimage_headers(ndims, sizes, type_, spacings, matrix, compressed, kind, detached, seed):
+    rng = np.random.default_rng(seed)
+    n = max(ndims, 0)
+    itemsize = {"MET_UCHAR": 1, "MET_SHORT": 2, "MET_FLOAT": 4}.get(type_, 8)
+    claimed = int(np.prod([max(s, 1) for s in sizes[:n]], dtype=np.float64) * itemsize) if n else 0
+    body = payload(rng, claimed, kind)
+    if compressed:
+        body = gzip.compress(body, compresslevel=1)[10:-8]  # MetaImage stores a bare zlib/deflate stream
+    lines = ["ObjectType = Image", f"NDims = {ndims}", "DimSize = " + " ".join(map(str, sizes[:n])),
+             f"ElementType = {type_}", "ElementSpacing = " + " ".join(map(str, spacings[:n])),
+             "TransformMatrix = " + " ".join(map(str, matrix[:n * n])), f"CompressedData = {compressed}"]
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        if detached:
+            (folder / "scan.raw").write_bytes(body)
+            path = folder / "scan.mhd"
+            path.write_text("\n".join(lines + ["ElementDataFile = scan.raw"]) + "\n")
+        else:
+            path = folder / "scan.mha"
+            path.write_bytes(("\n".join(lines + ["ElementDataFile = LOCAL"]) + "\n").encode() + body)
+        check_read(path)
+
+
+def test_the_isolation_reports_hangs_crashes_and_large_allocations():
+    """What the fuzz tests rely on: each failure mode of a reader ends the child and is named."""
+    import os
+    import signal
+    import time
+
+    assert run_isolated(lambda: time.sleep(30), timeout=1).kind == "hang"
+    assert run_isolated(lambda: os.kill(os.getpid(), signal.SIGSEGV)).kind == "crash"
+    assert run_isolated(lambda: np.ones(4 << 30, dtype=np.uint8).sum()).kind == "MemoryError"
+    assert run_isolated(lambda: read_resampled("/nonexistent.nii")).raised(ScanError)
+    assert run_isolated(lambda: 7).value == 7
