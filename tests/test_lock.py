@@ -63,3 +63,16 @@ def test_threads_of_one_process_are_excluded_too(tmp_path):
         thread.start()
         thread.join()
     assert len(errors) == 1
+
+
+def test_finetune_refuses_a_run_folder_in_use(tmp_path):
+    from pcrlv2_fast.finetune.train import FinetuneConfig, finetune
+
+    child = hold_in_child(tmp_path / "ft", what="finetune")
+    try:
+        cfg = FinetuneConfig(task="seg", data=str(tmp_path / "data"), out=str(tmp_path / "ft"), init="random")
+        with pytest.raises(FolderBusyError, match=f"in use by finetune \\(pid {child.pid}\\)"):
+            finetune(cfg)
+    finally:
+        child.kill()
+        child.wait()

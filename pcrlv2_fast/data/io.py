@@ -366,6 +366,32 @@ def _check_metaimage_header(path: Path) -> None:
                             "header is damaged. Re-export the scan.")
 
 
+# NRRD encodings whose data ITK parses as text; binary bytes there crash it (a segmentation fault in teem).
+_NRRD_TEXT = ("ascii", "text", "txt")
+_NRRD_TEXT_CHARS = re.compile(rb"[^0-9eEinfINFaA.+\-,\s]")
+
+
+def _check_nrrd_text_data(path: Path) -> None:
+    """Refuse a text-encoded NRRD whose data is not text numbers, before ITK reads it."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    end = head.find(b"\n\n")
+    header = (head if end < 0 else head[:end]).decode("latin-1")
+    lines = (line.partition(":") for line in header.splitlines())
+    fields = {key.strip().lower(): value.strip() for key, sep, value in lines if sep}
+    if fields.get("encoding", "").lower() not in _NRRD_TEXT:
+        return
+    data_file = detached_data_file(path)
+    if data_file is not None:
+        data = data_file.read_bytes() if data_file.is_file() else b""
+    else:
+        data = path.read_bytes()[end + 2:] if end >= 0 else b""
+    bad = _NRRD_TEXT_CHARS.search(data)
+    if bad is not None:
+        raise ScanError(f"{path}: NRRD with encoding {fields['encoding']!r} but its data holds a non-text byte "
+                        f"{bad.group()!r} at offset {bad.start()}; the file is damaged. Re-export the scan.")
+
+
 def _check_metaimage_data_file(path: Path) -> None:
     """Name the missing data file of a .mhd header (ITK only reports "No such file or directory")."""
     data_file = detached_data_file(path)
@@ -545,6 +571,8 @@ def read_image(path: Path, spacing: tuple[float, float, float] | None = None) ->
         elif path.name.lower().endswith((".mhd", ".mha")):
             _check_metaimage_header(path)
             _check_metaimage_data_file(path)
+        elif path.name.lower().endswith((".nrrd", ".nhdr")):
+            _check_nrrd_text_data(path)
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
         header, n_files = reader, 1
@@ -607,7 +635,8 @@ def _check_memory(path: Path, header: sitk.ImageFileReader, n_files: int,
     """Refuse a scan whose reading and resampling would need more memory than is available (a header claiming
     absurd dimensions, or a real scan too large for this machine): the file's voxels, their float32 copy, and the
     resampled float32 volume twice (SimpleITK's and the transposed array)."""
-    size, in_spacing = [int(n) for n in header.GetSize()], tuple(header.GetSpacing())
+    # ITK reads some negative spacings (e.g. NIfTI pixdim) as their absolute value when it reads the pixels.
+    size, in_spacing = [int(n) for n in header.GetSize()], tuple(abs(s) for s in header.GetSpacing())
     if n_files > 1:  # a series of single slices: one slice's header, the slices stacked (their step ~ its spacing)
         size, in_spacing = size[:2] + [n_files], in_spacing[:2] + (in_spacing[2:3] or (1.0,))
     n_voxels = math.prod(max(n, 1) for n in size)

@@ -326,3 +326,18 @@ def test_nifti_header_with_a_non_finite_affine_is_refused(tmp_path):
     path.write_bytes(bytes(header) + bytes(4 * 4 * 4 * 2))
     with pytest.raises(ScanError, match=r"inf\.nii: invalid NIfTI header: affine \(srow\) .* \(must be finite when"):
         load_scan(path)
+
+
+def test_text_encoded_nrrd_with_binary_data_is_refused_not_a_crash(tmp_path):
+    """Binary bytes in an ASCII-encoded NRRD crash ITK's reader with a segmentation fault (found by tests/fuzz);
+    the file is refused before ITK sees it. Run in a forked child so that a regression fails this test only."""
+    from tests.fuzz.isolated import run_isolated
+
+    header = b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 7 12 13\nspacings: 1 1 1\nencoding: ascii\n\n"
+    path = tmp_path / "binary.nrrd"
+    path.write_bytes(header + bytes(range(2)) * (7 * 12 * 13 // 2))
+    outcome = run_isolated(lambda: load_scan(path, min_shape=(1, 1, 1)))
+    assert outcome.raised(ScanError) and "non-text byte" in outcome.message, outcome.describe()
+    text = tmp_path / "text.nrrd"
+    text.write_bytes(header + " ".join(str(i % 7 * 40) for i in range(7 * 12 * 13)).encode())
+    assert load_scan(text, min_shape=(1, 1, 1)).array.shape == (7, 12, 13)  # real text data still reads

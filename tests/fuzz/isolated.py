@@ -38,12 +38,14 @@ def _vm_size() -> int:
 
 
 def _child(fn: Callable[[], object], margin: int, write_fd: int) -> None:
+    import faulthandler
     import resource
 
     import SimpleITK as sitk
 
     # Threads do not survive fork: ITK runs in the calling thread only.
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    faulthandler.disable()  # a crash is the parent's to report, without pytest's traceback dump
     limit = _vm_size() + margin
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     try:

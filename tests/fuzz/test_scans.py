@@ -13,16 +13,27 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from pcrlv2_fast.data import io
 from pcrlv2_fast.data.io import ScanError, read_resampled
 
-from .isolated import run_isolated
+from .isolated import MARGIN, run_isolated
 
 # Payloads are written in full only up to this size; larger claims get a short (truncated) payload.
 FULL_PAYLOAD = 300_000
 
-dims = st.one_of(st.integers(1, 40), st.integers(-3, 0), st.integers(41, 32767))
-floats = st.one_of(st.floats(0.1, 5.0), st.sampled_from([0.0, -1.0, 1e-30, 1e30, float("nan"), float("inf")]),
-                   st.floats(allow_nan=True, allow_infinity=True, width=32))
+
+
+def mostly(valid, hostile):
+    """Three draws in four from ``valid``: most examples get past the first check, so the deeper paths (the memory
+    guard, resampling, the NaN and size checks) are reached as well as the header checks."""
+    return st.one_of(valid, valid, valid, hostile)
+
+
+dims = mostly(st.integers(2, 40), st.one_of(st.integers(-3, 1), st.integers(41, 32767)))
+floats = mostly(st.floats(0.5, 3.0), st.one_of(
+    st.sampled_from([0.0, -1.0, 1e-30, 1e30, float("nan"), float("inf")]),
+    st.floats(allow_nan=True, allow_infinity=True, width=32)))
+kinds = mostly(st.sampled_from(["smooth", "random"]), st.just("short"))
 NIFTI_TYPES = {2: 8, 4: 16, 8: 32, 16: 32, 64: 64, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64, 128: 24,
                32: 64, 2304: 32}
 
@@ -38,6 +49,9 @@ def payload(rng: np.random.Generator, claimed: int, kind: str) -> bytes:
 
 
 def _read(path: Path) -> tuple[int, ...]:
+    # The reader refuses a scan whose reading and resampling would need more than the memory available; with
+    # "available" set to half the child's address-space margin, an estimate that undercounts ends in MemoryError.
+    io.memory_available = lambda: MARGIN // 2
     scan = read_resampled(path, min_shape=(1, 1, 1))
     assert scan.array.ndim == 3 and np.isfinite(scan.array).all()
     return scan.array.shape
@@ -56,11 +70,12 @@ def check_read(path: Path) -> None:
         pytest.fail(f"{path.name}: {outcome.describe()}")
 
 
-@given(ndim=st.integers(-1, 8), sizes=st.lists(dims, min_size=7, max_size=7),
-       datatype=st.sampled_from(sorted(NIFTI_TYPES) + [0, 3, 99]), pixdim=st.lists(floats, min_size=8, max_size=8),
-       srow=st.lists(floats, min_size=12, max_size=12), codes=st.tuples(st.integers(-1, 5), st.integers(-1, 5)),
-       vox_offset=st.sampled_from([352.0, 0.0, 348.0, 1e9, float("nan"), 400.0]),
-       kind=st.sampled_from(["random", "smooth", "short"]), compressed=st.booleans(), seed=st.integers(0, 2**32 - 1))
+@given(ndim=mostly(st.just(3), st.integers(-1, 8)), sizes=st.lists(dims, min_size=7, max_size=7),
+       datatype=mostly(st.sampled_from([2, 4, 16, 512]), st.sampled_from(sorted(NIFTI_TYPES) + [0, 3, 99])),
+       pixdim=st.lists(floats, min_size=8, max_size=8), srow=st.lists(floats, min_size=12, max_size=12),
+       codes=mostly(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.tuples(st.integers(-1, 5), st.integers(-1, 5))),
+       vox_offset=mostly(st.just(352.0), st.sampled_from([0.0, 348.0, 1e9, float("nan"), 400.0])),
+       kind=kinds, compressed=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_nifti_headers(ndim, sizes, datatype, pixdim, srow, codes, vox_offset, kind, compressed, seed):
     rng = np.random.default_rng(seed)
     bitpix = NIFTI_TYPES.get(datatype, 8)
@@ -86,9 +101,10 @@ def test_nifti_headers(ndim, sizes, datatype, pixdim, srow, codes, vox_offset, k
 NRRD_TYPES = ["uchar", "short", "ushort", "int", "float", "double", "int64", "block", "signed char"]
 
 
-@given(dimension=st.integers(-1, 6), sizes=st.lists(dims, min_size=6, max_size=6), type_=st.sampled_from(NRRD_TYPES),
+@given(dimension=mostly(st.just(3), st.integers(-1, 6)), sizes=st.lists(dims, min_size=6, max_size=6),
+       type_=mostly(st.sampled_from(NRRD_TYPES[:5]), st.sampled_from(NRRD_TYPES)),
        spacings=st.lists(floats, min_size=6, max_size=6), directions=st.booleans(),
-       encoding=st.sampled_from(["raw", "gzip", "ascii", "bzip2"]), kind=st.sampled_from(["random", "smooth", "short"]),
+       encoding=mostly(st.sampled_from(["raw", "gzip"]), st.sampled_from(["ascii", "bzip2", "hex"])), kind=kinds,
        detached=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_nrrd_headers(dimension, sizes, type_, spacings, directions, encoding, kind, detached, seed):
     rng = np.random.default_rng(seed)
@@ -121,9 +137,10 @@ def test_nrrd_headers(dimension, sizes, type_, spacings, directions, encoding, k
 META_TYPES = ["MET_UCHAR", "MET_SHORT", "MET_FLOAT", "MET_DOUBLE", "MET_LONG_LONG", "MET_UCHAR_ARRAY", "MET_OTHER"]
 
 
-@given(ndims=st.integers(-1, 6), sizes=st.lists(dims, min_size=6, max_size=6), type_=st.sampled_from(META_TYPES),
+@given(ndims=mostly(st.just(3), st.integers(-1, 6)), sizes=st.lists(dims, min_size=6, max_size=6),
+       type_=mostly(st.sampled_from(META_TYPES[:3]), st.sampled_from(META_TYPES)),
        spacings=st.lists(floats, min_size=6, max_size=6), matrix=st.lists(floats, min_size=9, max_size=9),
-       compressed=st.booleans(), kind=st.sampled_from(["random", "smooth", "short"]), detached=st.booleans(),
+       compressed=st.booleans(), kind=kinds, detached=st.booleans(),
        seed=st.integers(0, 2**32 - 1))
 def test_metaimage_headers(ndims, sizes, type_, spacings, matrix, compressed, kind, detached, seed):
     rng = np.random.default_rng(seed)
