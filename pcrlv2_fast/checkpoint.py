@@ -86,11 +86,17 @@ def _unsafe_globals(path: Path, error: Exception) -> list[str]:
     return sorted(set(found) - allowed)
 
 
+def _importable_name(name: str) -> bool:
+    """Whether a global looks like ``module.attribute`` at all (a bit flip in a pickle makes names like 'tor|')."""
+    parts = name.split(".")
+    return len(parts) >= 2 and all(part.isidentifier() for part in parts)
+
+
 def _refusal(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
-    """Refuse a file that names a type outside the allow-list; a damaged one (e.g. a truncated legacy file, whose
-    cut-off global names a torch function that does not exist) is reported as unreadable."""
+    """Refuse a file that names a type outside the allow-list; a damaged one (a truncated legacy file, whose cut-off
+    global names a torch function that does not exist, or flipped bytes in a name) is reported as unreadable."""
     names = _unsafe_globals(path, error)
-    if not names or all(n.startswith("torch.") for n in names):
+    if not names or all(n.startswith("torch.") or not _importable_name(n) for n in names):
         return _unreadable(path, error)
     return UntrustedCheckpointError(
         f"{path}: refused: unpickling it would call {', '.join(names[:8])}, which is not among the types a weights "

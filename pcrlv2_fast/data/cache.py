@@ -166,7 +166,7 @@ class _Task:
 def _volume_file_ok(root: Path, entry: dict) -> bool:
     try:
         array = np.load(root / entry["file"], mmap_mode="r")  # reads the header only
-    except (OSError, ValueError, EOFError):
+    except Exception:  # a damaged .npy header can raise almost anything (see open_cache)
         return False
     return array.shape == tuple(entry["shape"]) and array.dtype == np.dtype(entry["dtype"])
 
@@ -492,7 +492,9 @@ def open_cache(path: str | os.PathLike, names: Iterable[str] | None = None) -> l
             array = np.load(file, mmap_mode="r")
         except FileNotFoundError:
             raise ScanError(f"{file}: the volume of scan {entry['name']!r} is missing from the cache; {redo}") from None
-        except (OSError, ValueError, EOFError) as error:
+        except Exception as error:
+            # numpy parses the .npy header with Python's tokenizer and ast.literal_eval: a damaged header raises
+            # EOFError, ValueError, SyntaxError, tokenize.TokenError, ... (found by tests/fuzz).
             raise ScanError(f"{file}: unreadable or truncated volume file ({error}); {redo}.") from error
         expected = (tuple(entry["shape"]), np.dtype(entry["dtype"]))
         if (array.shape, array.dtype) != expected or not array.flags.c_contiguous:

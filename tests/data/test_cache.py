@@ -442,3 +442,17 @@ def test_a_second_preprocess_of_one_cache_is_refused(tmp_path):
         holder.kill()
         holder.wait()
     assert preprocess(src, cache, progress=False).names == ["a"]  # a dead holder leaves no stale lock
+
+
+def test_a_volume_with_a_damaged_npy_header_is_a_clear_error(tmp_path):
+    """numpy raises tokenize.TokenError for this header (found by tests/fuzz): still one ScanError."""
+    cache = tmp_path / "cache"
+    preprocess(small_ct(tmp_path / "a.nii.gz"), cache, progress=False)
+    volume = cache / "volumes" / "a.npy"
+    data = bytearray(volume.read_bytes())
+    data[9] ^= 2  # the header length field
+    volume.write_bytes(bytes(data))
+    with pytest.raises(ScanError, match=r"a\.npy: unreadable or truncated volume file"):
+        open_cache(cache)
+    redone = preprocess(tmp_path / "a.nii.gz", cache, progress=False)
+    assert redone.results[0].reason == "volume file missing or damaged"

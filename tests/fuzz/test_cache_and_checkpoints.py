@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -65,7 +66,8 @@ def check(fn, path: Path, expected: type[Exception], label: str) -> None:
     outcome = run_isolated(fn)
     if outcome.raised(expected):
         assert str(path) in outcome.message, outcome.message
-        event(f"{label}: " + outcome.message.split(str(path), 1)[1][:40])
+        reason = re.sub(r"\(.*?\)|'.*?'|\".*?\"", "", outcome.message.split(str(path), 1)[1])  # drop quoted values
+        event(f"{label}: " + " ".join(reason.split()[:8]))
     elif outcome.kind == "ok":
         event(f"{label}: ok")
     else:

@@ -29,10 +29,23 @@ def mostly(valid, hostile):
     return st.one_of(valid, valid, valid, hostile)
 
 
-dims = mostly(st.integers(2, 40), st.one_of(st.integers(-3, 1), st.integers(41, 32767)))
-floats = mostly(st.floats(0.5, 3.0), st.one_of(
+dim = mostly(st.integers(2, 40), st.one_of(st.integers(-3, 1), st.integers(41, 32767)))
+value = mostly(st.floats(0.5, 3.0), st.one_of(
     st.sampled_from([0.0, -1.0, 1e-30, 1e30, float("nan"), float("inf")]),
     st.floats(allow_nan=True, allow_infinity=True, width=32)))
+
+
+def vectors(element, valid_element, n: int):
+    """``n`` values: all plausible three times in four, else each drawn from ``element`` (hostile at times)."""
+    return mostly(st.lists(valid_element, min_size=n, max_size=n), st.lists(element, min_size=n, max_size=n))
+
+
+def dims(n):
+    return vectors(dim, st.integers(2, 40), n)
+
+
+def floats(n):
+    return vectors(value, st.floats(0.5, 3.0), n)
 kinds = mostly(st.sampled_from(["smooth", "random"]), st.just("short"))
 NIFTI_TYPES = {2: 8, 4: 16, 8: 32, 16: 32, 64: 64, 256: 8, 512: 16, 768: 32, 1024: 64, 1280: 64, 128: 24,
                32: 64, 2304: 32}
@@ -70,9 +83,9 @@ def check_read(path: Path) -> None:
         pytest.fail(f"{path.name}: {outcome.describe()}")
 
 
-@given(ndim=mostly(st.just(3), st.integers(-1, 8)), sizes=st.lists(dims, min_size=7, max_size=7),
+@given(ndim=mostly(st.just(3), st.integers(-1, 8)), sizes=dims(7),
        datatype=mostly(st.sampled_from([2, 4, 16, 512]), st.sampled_from(sorted(NIFTI_TYPES) + [0, 3, 99])),
-       pixdim=st.lists(floats, min_size=8, max_size=8), srow=st.lists(floats, min_size=12, max_size=12),
+       pixdim=floats(8), srow=floats(12),
        codes=mostly(st.tuples(st.integers(0, 2), st.integers(0, 2)), st.tuples(st.integers(-1, 5), st.integers(-1, 5))),
        vox_offset=mostly(st.just(352.0), st.sampled_from([0.0, 348.0, 1e9, float("nan"), 400.0])),
        kind=kinds, compressed=st.booleans(), seed=st.integers(0, 2**32 - 1))
@@ -101,9 +114,9 @@ def test_nifti_headers(ndim, sizes, datatype, pixdim, srow, codes, vox_offset, k
 NRRD_TYPES = ["uchar", "short", "ushort", "int", "float", "double", "int64", "block", "signed char"]
 
 
-@given(dimension=mostly(st.just(3), st.integers(-1, 6)), sizes=st.lists(dims, min_size=6, max_size=6),
+@given(dimension=mostly(st.just(3), st.integers(-1, 6)), sizes=dims(6),
        type_=mostly(st.sampled_from(NRRD_TYPES[:5]), st.sampled_from(NRRD_TYPES)),
-       spacings=st.lists(floats, min_size=6, max_size=6), directions=st.booleans(),
+       spacings=floats(6), directions=st.booleans(),
        encoding=mostly(st.sampled_from(["raw", "gzip"]), st.sampled_from(["ascii", "bzip2", "hex"])), kind=kinds,
        detached=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_nrrd_headers(dimension, sizes, type_, spacings, directions, encoding, kind, detached, seed):
@@ -137,9 +150,9 @@ def test_nrrd_headers(dimension, sizes, type_, spacings, directions, encoding, k
 META_TYPES = ["MET_UCHAR", "MET_SHORT", "MET_FLOAT", "MET_DOUBLE", "MET_LONG_LONG", "MET_UCHAR_ARRAY", "MET_OTHER"]
 
 
-@given(ndims=mostly(st.just(3), st.integers(-1, 6)), sizes=st.lists(dims, min_size=6, max_size=6),
+@given(ndims=mostly(st.just(3), st.integers(-1, 6)), sizes=dims(6),
        type_=mostly(st.sampled_from(META_TYPES[:3]), st.sampled_from(META_TYPES)),
-       spacings=st.lists(floats, min_size=6, max_size=6), matrix=st.lists(floats, min_size=9, max_size=9),
+       spacings=floats(6), matrix=floats(9),
        compressed=st.booleans(), kind=kinds, detached=st.booleans(),
        seed=st.integers(0, 2**32 - 1))
 def test_metaimage_headers(ndims, sizes, type_, spacings, matrix, compressed, kind, detached, seed):
