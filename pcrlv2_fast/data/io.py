@@ -656,12 +656,21 @@ def _check_memory(path: Path, header: sitk.ImageFileReader, n_files: int,
         )
 
 
+# Voxel types a scan may have: real scalars (complex, vector and label-map images are refused).
+_SCALAR_TYPES = ("sitkUInt8", "sitkInt8", "sitkUInt16", "sitkInt16", "sitkUInt32", "sitkInt32", "sitkUInt64",
+                 "sitkInt64", "sitkFloat32", "sitkFloat64")
+
+
 def _check_geometry(path: Path, image: sitk.Image) -> None:
+    sitk = _simpleitk()
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ScanError(
             f"{path}: {image.GetNumberOfComponentsPerPixel()} components per voxel (a vector/RGB image); "
             "pass a single-channel scalar scan."
         )
+    if image.GetPixelID() not in {getattr(sitk, name) for name in _SCALAR_TYPES}:
+        raise ScanError(f"{path}: voxels of type {image.GetPixelIDTypeAsString()}, not real scalars (integers or "
+                        "floats); pass a single-channel scalar scan.")
     size = image.GetSize()
     if image.GetDimension() != 3 or min(size) < 2:
         raise ScanError(f"{path}: image of size {size} is not a 3D volume; pass 3D scans only.")

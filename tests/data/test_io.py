@@ -311,19 +311,8 @@ def test_a_header_claiming_more_data_than_the_file_holds_is_refused(tmp_path):
 
 def test_nifti_header_with_a_non_finite_affine_is_refused(tmp_path):
     """A header ITK would loop on forever (found by tests/fuzz): refused from our own reading of it."""
-    import struct
-
-    header = bytearray(352)
-    struct.pack_into("<i", header, 0, 348)
-    struct.pack_into("<8h", header, 40, 3, 4, 4, 4, 1, 1, 1, 1)
-    struct.pack_into("<hh", header, 70, 4, 16)
-    struct.pack_into("<8f", header, 76, 1, 1, 1, 1, 1, 1, 1, 1)
-    struct.pack_into("<f", header, 108, 352.0)
-    struct.pack_into("<hh", header, 252, 0, 1)  # sform_code 1: the srow affine is used ...
-    struct.pack_into("<12f", header, 280, 1, 0, 0, 0, 0, float("inf"), 0, 0, 0, 0, 1, 0)  # ... and is not finite
-    header[344:348] = b"n+1\0"
-    path = tmp_path / "inf.nii"
-    path.write_bytes(bytes(header) + bytes(4 * 4 * 4 * 2))
+    srow = (1, 0, 0, 0, 0, float("inf"), 0, 0, 0, 0, 1, 0)  # sform_code 1: the srow affine is used, and not finite
+    path = _nifti(tmp_path / "inf.nii", datatype=4, bitpix=16, sform=(1, srow))
     with pytest.raises(ScanError, match=r"inf\.nii: invalid NIfTI header: affine \(srow\) .* \(must be finite when"):
         load_scan(path)
 
@@ -341,3 +330,33 @@ def test_text_encoded_nrrd_with_binary_data_is_refused_not_a_crash(tmp_path):
     text = tmp_path / "text.nrrd"
     text.write_bytes(header + " ".join(str(i % 7 * 40) for i in range(7 * 12 * 13)).encode())
     assert load_scan(text, min_shape=(1, 1, 1)).array.shape == (7, 12, 13)  # real text data still reads
+
+
+def _nifti(path, datatype: int, bitpix: int, shape=(4, 4, 4), sform=(0, None)):
+    """A minimal NIfTI-1 file written byte by byte (headers SimpleITK's writer would not produce)."""
+    import struct
+
+    header = bytearray(352)
+    struct.pack_into("<i", header, 0, 348)
+    struct.pack_into("<8h", header, 40, len(shape), *shape, *([1] * (7 - len(shape))))
+    struct.pack_into("<hh", header, 70, datatype, bitpix)
+    struct.pack_into("<8f", header, 76, *([1.0] * 8))
+    struct.pack_into("<f", header, 108, 352.0)
+    struct.pack_into("<hh", header, 252, 0, sform[0])
+    if sform[1] is not None:
+        struct.pack_into("<12f", header, 280, *sform[1])
+    header[344:348] = b"n+1\0"
+    path.write_bytes(bytes(header) + bytes(int(np.prod(shape)) * bitpix // 8))
+    return path
+
+
+def test_complex_and_one_component_vector_images_are_refused(tmp_path):
+    """Both have one component per voxel but cannot be cast to float (found by tests/fuzz)."""
+    complex_nii = _nifti(tmp_path / "complex.nii", datatype=32, bitpix=64)
+    with pytest.raises(ScanError, match=r"complex\.nii: voxels of type .*complex.*, not real scalars"):
+        load_scan(complex_nii, min_shape=(1, 1, 1))
+    vector_mha = tmp_path / "vector.mha"
+    vector_mha.write_bytes(b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR_ARRAY\n"
+                           b"ElementDataFile = LOCAL\n" + bytes(range(8)))
+    with pytest.raises(ScanError, match=r"vector\.mha: voxels of type .*vector.*, not real scalars"):
+        load_scan(vector_mha, min_shape=(1, 1, 1))
