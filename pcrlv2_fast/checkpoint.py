@@ -253,8 +253,8 @@ def plain(value):
     str/int/float (torch's TorchVersion, numpy scalars) become the base type, paths become strings."""
     if isinstance(value, Mapping):
         return {plain(k): plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(plain(v) for v in value) if type(value) in (list, tuple) else [plain(v) for v in value]
+    if isinstance(value, list | tuple):  # a namedtuple becomes a plain tuple
+        return [plain(v) for v in value] if isinstance(value, list) else tuple(plain(v) for v in value)
     if isinstance(value, bool | np.bool_):
         return bool(value)
     for base in (str, int, float):

@@ -1,25 +1,15 @@
 """One writer per folder (pcrlv2_fast.utils.lock)."""
 
-import subprocess
-import sys
 import threading
 
 import pytest
 
 from pcrlv2_fast.utils.lock import FolderBusyError, folder_lock
-
-
-def hold_in_child(folder, what="pretrain", seconds=60):
-    child = subprocess.Popen([sys.executable, "-c", (
-        "import time; from pcrlv2_fast.utils.lock import folder_lock\n"
-        f"with folder_lock({str(folder)!r}, {what!r}):\n    print('held', flush=True); time.sleep({seconds})")],
-        stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "held"
-    return child
+from tests.helpers import hold_folder_lock
 
 
 def test_a_held_folder_is_refused_naming_the_holder_then_free_when_it_dies(tmp_path):
-    child = hold_in_child(tmp_path / "run")
+    child = hold_folder_lock(tmp_path / "run")
     try:
         with pytest.raises(FolderBusyError, match=f"run: in use by pretrain \\(pid {child.pid}\\).*choose another"):
             with folder_lock(tmp_path / "run", "finetune"):
@@ -32,7 +22,7 @@ def test_a_held_folder_is_refused_naming_the_holder_then_free_when_it_dies(tmp_p
 
 
 def test_wait_takes_the_lock_once_the_holder_ends(tmp_path):
-    child = hold_in_child(tmp_path, seconds=1)
+    child = hold_folder_lock(tmp_path, seconds=1)
     with folder_lock(tmp_path, "preprocess", wait=60):
         assert child.wait(timeout=60) == 0
 
@@ -68,7 +58,7 @@ def test_threads_of_one_process_are_excluded_too(tmp_path):
 def test_finetune_refuses_a_run_folder_in_use(tmp_path):
     from pcrlv2_fast.finetune.train import FinetuneConfig, finetune
 
-    child = hold_in_child(tmp_path / "ft", what="finetune")
+    child = hold_folder_lock(tmp_path / "ft", what="finetune")
     try:
         cfg = FinetuneConfig(task="seg", data=str(tmp_path / "data"), out=str(tmp_path / "ft"), init="random")
         with pytest.raises(FolderBusyError, match=f"in use by finetune \\(pid {child.pid}\\)"):

@@ -31,6 +31,7 @@ from pcrlv2_fast.data import cache as cache_module
 from pcrlv2_fast.data.io import read_resampled
 
 from ..conftest import ct_phantom
+from ..helpers import file_size_limit, hold_folder_lock
 from .test_io import write, write_dicom_series
 
 # int16 rounding of the resampled HU moves a [0, 1] value by at most 0.5 / 2000; trilinear resizing is a convex
@@ -401,16 +402,6 @@ def test_hostile_index_entries_are_refused_before_any_file_is_opened(tmp_path, f
         open_cache(cache)
 
 
-def _limit_file_size(limit):
-    def apply():
-        import resource
-        import signal
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes fail with EFBIG instead of killing the child
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
 def test_full_disk_during_a_cache_write_keeps_the_previous_entry(tmp_path):
     src, cache = small_ct(tmp_path / "a.nii.gz"), tmp_path / "cache"
     preprocess(src, cache, progress=False)
@@ -419,7 +410,7 @@ def test_full_disk_during_a_cache_write_keeps_the_previous_entry(tmp_path):
     # At 0.9 mm the volume (80 x 80 x 40 int16, 512 kB) exceeds the limit: its write fails as on a full disk.
     result = subprocess.run([sys.executable, "-m", "pcrlv2_fast", "preprocess", str(src), "--out", str(cache),
                              "--spacing", "0.9"], capture_output=True, text=True, timeout=300,
-                            preexec_fn=_limit_file_size(200_000))
+                            preexec_fn=file_size_limit(200_000))
     assert result.returncode == 2, result.stderr[-2000:]
     assert "a.npy: could not be written" in result.stderr and "previous version is intact" in result.stderr
     assert "Traceback" not in result.stderr
@@ -429,12 +420,8 @@ def test_full_disk_during_a_cache_write_keeps_the_previous_entry(tmp_path):
 
 def test_a_second_preprocess_of_one_cache_is_refused(tmp_path):
     src, cache = small_ct(tmp_path / "a.nii.gz"), tmp_path / "cache"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pcrlv2_fast.utils.lock import folder_lock\n"
-        f"with folder_lock({str(cache)!r}, 'preprocess'):\n    print('held', flush=True); time.sleep(60)")],
-        stdout=subprocess.PIPE, text=True)
+    holder = hold_folder_lock(cache, "preprocess")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ValueError, match=f"in use by preprocess \\(pid {holder.pid}\\).*wait for it to end"):
             preprocess(src, cache, progress=False)
         assert not (cache / "index.json").exists()

@@ -83,6 +83,24 @@ def check_read(path: Path) -> None:
         pytest.fail(f"{path.name}: {outcome.describe()}")
 
 
+def check_scan_file(lines: list[str], body: bytes, detached: bool, attached_form: tuple[str, str, str],
+                    detached_form: tuple[str, str]) -> None:
+    """Write a text header and its data, in one file (``(suffix, last header line, separator)``) or as a header
+    beside ``scan.raw`` (``(suffix, the line naming it)``), then read it."""
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        if detached:
+            suffix, line = detached_form
+            (folder / "scan.raw").write_bytes(body)
+            path = folder / f"scan{suffix}"
+            path.write_text("\n".join([*lines, line]) + "\n")
+        else:
+            suffix, line, separator = attached_form
+            path = folder / f"scan{suffix}"
+            path.write_bytes(("\n".join([*lines, line] if line else lines) + "\n" + separator).encode() + body)
+        check_read(path)
+
+
 @given(ndim=mostly(st.just(3), st.integers(-1, 8)), sizes=dims(7),
        datatype=mostly(st.sampled_from([2, 4, 16, 512]), st.sampled_from(sorted(NIFTI_TYPES) + [0, 3, 99])),
        pixdim=floats(8), srow=floats(12),
@@ -135,16 +153,7 @@ def test_nrrd_headers(dimension, sizes, type_, spacings, directions, encoding, k
     body = payload(rng, claimed, kind)
     if encoding == "gzip":
         body = gzip.compress(body, compresslevel=1)
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        if detached:
-            (folder / "scan.raw").write_bytes(body)
-            path = folder / "scan.nhdr"
-            path.write_text("\n".join(lines + ["data file: scan.raw"]) + "\n")
-        else:
-            path = folder / "scan.nrrd"
-            path.write_bytes(("\n".join(lines) + "\n\n").encode() + body)
-        check_read(path)
+    check_scan_file(lines, body, detached, (".nrrd", "", "\n"), (".nhdr", "data file: scan.raw"))
 
 
 META_TYPES = ["MET_UCHAR", "MET_SHORT", "MET_FLOAT", "MET_DOUBLE", "MET_LONG_LONG", "MET_UCHAR_ARRAY", "MET_OTHER"]
@@ -166,16 +175,8 @@ def test_metaimage_headers(ndims, sizes, type_, spacings, matrix, compressed, ki
     lines = ["ObjectType = Image", f"NDims = {ndims}", "DimSize = " + " ".join(map(str, sizes[:n])),
              f"ElementType = {type_}", "ElementSpacing = " + " ".join(map(str, spacings[:n])),
              "TransformMatrix = " + " ".join(map(str, matrix[:n * n])), f"CompressedData = {compressed}"]
-    with tempfile.TemporaryDirectory() as folder:
-        folder = Path(folder)
-        if detached:
-            (folder / "scan.raw").write_bytes(body)
-            path = folder / "scan.mhd"
-            path.write_text("\n".join(lines + ["ElementDataFile = scan.raw"]) + "\n")
-        else:
-            path = folder / "scan.mha"
-            path.write_bytes(("\n".join(lines + ["ElementDataFile = LOCAL"]) + "\n").encode() + body)
-        check_read(path)
+    check_scan_file(lines, body, detached, (".mha", "ElementDataFile = LOCAL", ""),
+                    (".mhd", "ElementDataFile = scan.raw"))
 
 
 def test_the_isolation_reports_hangs_crashes_and_large_allocations():

@@ -21,6 +21,7 @@ from pcrlv2_fast.checkpoint import (
 from pcrlv2_fast.train import PretrainConfig, Pretrainer
 from pcrlv2_fast.train.loop import NonFiniteLossError
 from tests import requirements
+from tests.helpers import file_size_limit
 
 N = 6  # steps: 4 per epoch (2 scans x 4 pairs, batch 2), so the runs cross an epoch and its lr change
 SETTINGS = dict(batch_size=2, pairs_per_volume=4, steps=N, lr=0.01, device="cpu")
@@ -252,17 +253,6 @@ def test_fused_optimizer_skips_on_the_device(tmp_path, cache_volumes, one_thread
 
 
 # ------------------------------------------------------------------------------- full disks, concurrent runs
-def file_size_limit(limit: int):
-    """preexec_fn for a child whose files may not grow past ``limit`` bytes (ulimit -f): writes then fail with
-    EFBIG, as on a full disk (SIGXFSZ, which would kill the child instead, is ignored)."""
-    def apply():
-        import resource
-
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
 def test_full_disk_during_a_checkpoint_save_keeps_the_previous_one(tmp_path, phantom_cache, cache_volumes,
                                                                     one_thread):
     out = tmp_path / "run"
