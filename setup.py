@@ -9,6 +9,7 @@ is printed and ``pcrlv2_fast.data.native.load_error()`` says why at run time. Wi
 """
 
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -68,10 +69,13 @@ def native_build():
 
 
 ext_modules, cmdclass = native_build()
+# The version's one home is pcrlv2_fast/_version.py (read as text: setup.py never imports the package).
+with open(os.path.join("pcrlv2_fast", "_version.py"), encoding="utf-8") as f:
+    version = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 
 setup(
     name="pcrlv2_fast",
-    version="0.1.0",
+    version=version,
     description="Fast, checkpoint-compatible PCRLv2 self-supervised pretraining for 3D CT/MR volumes",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -1,4 +1,4 @@
-"""Sub-crop extraction and augmentation: per-view ops (augment.py, dataset.py) vs the batched torch backend ops.
+"""Sub-crop extraction and augmentation: per-view ops (augment.py, dataset.py) vs the batched ops of the torch loader.
 
 A batch of B samples has 2 global views (64x64x32, with patch swap) and 6 local views (16^3) each. Stages,
 each timed for both providers on the same inputs and parameters:
@@ -7,7 +7,7 @@ each timed for both providers on the same inputs and parameters:
 - ``spatial`` (flip + affine), ``blur``, ``noise``, ``gamma``, ``swap`` (global views only), ``z_normalize``:
   one op over all views of the batch, the per-view op in a loop vs the batched op;
 - ``augment``: the whole augmentation of a batch as the dataset does it, parameter sampling included
-  (``spatial_augment`` + ``intensity_augment`` per view vs ``sample_batch_params`` + ``augment_batch``).
+  (``spatial_augment`` + ``intensity_augment`` per view vs ``stack_view_params`` + ``augment_batch``).
 
 The per-view provider always runs on the CPU (augment.py draws its noise on the CPU: it is the DataLoader
 worker path); the batched provider runs on ``--device``.
@@ -46,8 +46,6 @@ from pcrlv2_fast.data.batched import (  # noqa: E402
     blur_batch,
     gamma_batch,
     noise_batch,
-    params_to,
-    sample_batch_params,
     spatial_batch,
     stack_view_params,
     swap_batch,
@@ -89,7 +87,11 @@ def make_stages(b: int, device: torch.device, seed: int) -> dict:
     pg = stack_view_params(gen, len(xg), cfg, GLOBAL, with_swap=True)
     pl = stack_view_params(gen, len(xl), cfg, LOCAL, with_swap=False)
     dg, dl = xg.to(device), xl.to(device)
-    dpg, dpl = params_to(pg, device), params_to(pl, device)
+
+    def to_device(params: dict) -> dict:
+        return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
+
+    dpg, dpl = to_device(pg), to_device(pl)
     device_gen = torch.Generator(device=device).manual_seed(seed)
 
     def per_view(op):
@@ -110,8 +112,8 @@ def make_stages(b: int, device: torch.device, seed: int) -> dict:
                 intensity_augment(spatial_augment(v, gen, cfg), gen, cfg, with_swap=False)
 
     def augment_batched():
-        params_g = params_to(sample_batch_params(gen, len(dg), cfg, GLOBAL, with_swap=True), device)
-        params_l = params_to(sample_batch_params(gen, len(dl), cfg, LOCAL, with_swap=False), device)
+        params_g = to_device(stack_view_params(gen, len(dg), cfg, GLOBAL, with_swap=True))
+        params_l = to_device(stack_view_params(gen, len(dl), cfg, LOCAL, with_swap=False))
         return augment_batch(dg, params_g, device_gen), augment_batch(dl, params_l, device_gen)
 
     return {

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from pcrlv2_fast.kernels import interpreting
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import RESULTS, environment, write_rows  # noqa: E402
@@ -26,7 +26,7 @@ def main() -> int:
     p.add_argument("--dtypes", default="bf16,fp16,fp32,tf32")
     p.add_argument("--out", help="result JSON path (default benchmarks/results/compile-<arch>-<date>.json)")
     args = p.parse_args()
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         sys.exit("run without TRITON_INTERPRET=1: the launchers must pick their GPU configurations")
     from pcrlv2_fast import compile_report as cr
 

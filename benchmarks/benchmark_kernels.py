@@ -213,7 +213,8 @@ def train_step_rows(args, device: torch.device, timer=time_call) -> list[dict]:
     from pcrlv2_fast.losses import PCRLv2Loss
     from pcrlv2_fast.models import NonSkipUNet3D
     from pcrlv2_fast.train import PretrainConfig
-    from pcrlv2_fast.train.loop import StepEngine, build_optimizer, pretrain_step
+    from pcrlv2_fast.train.optim import build_optimizer
+    from pcrlv2_fast.train.step import StepEngine, pretrain_step
 
     gen = torch.Generator().manual_seed(0)
     x1, x2, gt, local_views = make_views(args.batch_size, device, gen)

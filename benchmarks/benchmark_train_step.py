@@ -34,7 +34,8 @@ from pcrlv2_fast.losses import PCRLv2Loss  # noqa: E402
 from pcrlv2_fast.models import NonSkipUNet3D  # noqa: E402
 from pcrlv2_fast.reference import ReferencePCRLv23d, reference_step_loss  # noqa: E402
 from pcrlv2_fast.train import PretrainConfig  # noqa: E402
-from pcrlv2_fast.train.loop import StepEngine, build_optimizer, pretrain_step  # noqa: E402
+from pcrlv2_fast.train.optim import build_optimizer  # noqa: E402
+from pcrlv2_fast.train.step import StepEngine, pretrain_step  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -14,3 +14,12 @@ The modules import Triton; nothing here is imported by ``import pcrlv2_fast``. T
 ``pcrlv2_fast.nn`` (fused blocks, ``fuse_model``), ``NonSkipUNet3D(kernels="triton")`` and
 ``PCRLv2Loss(kernels="triton")``; ``pcrlv2-fast selftest`` checks them all.
 """
+
+import os
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run on CPU tensors through the interpreter (``TRITON_INTERPRET=1``), read on each
+    call. ``triton.jit`` reads the variable when a kernel is decorated, i.e. when its module is imported, so it
+    must be set before the first kernel import (``tests/kernels/conftest.py`` and ``selftest`` do)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,5 +1,6 @@
 """Triton helpers shared by the kernels."""
 
+import functools
 from contextlib import nullcontext
 
 import torch
@@ -11,6 +12,19 @@ def device_guard(t: torch.Tensor):
     """Make ``t``'s GPU the current device for a launch: Triton launches on the current device and stream, which
     is GPU 0 unless set, so tensors on another GPU (``--device cuda:1``) need it. A no-op on the CPU."""
     return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(t: torch.Tensor, cpu: int = 4) -> int:
+    """Streaming multiprocessors of ``t``'s GPU (grids are sized to fill them); ``cpu`` for CPU tensors, where the
+    interpreter runs programs one after another."""
+    if not t.is_cuda:
+        return cpu
+    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 @triton.jit

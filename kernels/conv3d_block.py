@@ -38,7 +38,6 @@ and dy (as the fused norm_act kernels do) passes none, and the conv backward the
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import statistics
@@ -51,12 +50,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import interpreting as _interpreting
 from .common import chan_merge as _chan_merge
-from .common import device_guard
+from .common import device_guard, num_sms
 from .common import to_out as _to_out
-
-# Read once, as triton.jit does when the kernels below are decorated.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 IMPLS = ("auto", "triton", "torch")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -338,21 +335,6 @@ def _stats_combine_kernel(
 _INTERPRET_TILES = (64, 32, 32, 32)
 
 
-def _interpreting() -> bool:
-    return _INTERPRET
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(t: Tensor) -> int:
-    if not t.is_cuda:
-        return 4
-    return _sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
-
-
 def _np2(v: int, lo: int, hi: int) -> int:
     return max(lo, min(triton.next_power_of_2(v), hi))
 
@@ -375,7 +357,7 @@ def _gemm_config(M: int, c_red: int, c_out: int, t: Tensor) -> dict:
         bm, bn, bk, flat_bk = _INTERPRET_TILES
     else:
         bn = _np2(c_out, 16, 128)
-        bm = 128 if triton.cdiv(M, 128) * triton.cdiv(c_out, bn) >= _num_sms(t) else 64
+        bm = 128 if triton.cdiv(M, 128) * triton.cdiv(c_out, bn) >= num_sms(t) else 64
         fp32 = t.dtype == torch.float32
         bk = _np2(c_red, 16, 32 if fp32 else 64)
         flat_bk = _np2(27 * c_red, 16, 32 if fp32 else 64)
@@ -487,7 +469,7 @@ def _wgrad_config(M: int, c_in: int, c_out: int, t: Tensor) -> tuple[dict, int, 
     if _interpreting():
         nsplit = min(2, chunks)  # the tests' shapes still go through the split reduction
     else:
-        nsplit = triton.cdiv(2 * _num_sms(t), n_kt * triton.cdiv(c_out, bn))
+        nsplit = triton.cdiv(2 * num_sms(t), n_kt * triton.cdiv(c_out, bn))
         nsplit = max(1, min(nsplit, chunks // 8, (2**31 - 1) // (27 * c_in * c_out)))
     per_split = triton.cdiv(chunks, nsplit)
     nsplit = triton.cdiv(chunks, per_split)
@@ -611,7 +593,8 @@ def _reason(exc: BaseException) -> str:
 
 
 class ImplChooser:
-    """Per-shape choice between cuDNN ("cudnn", the reference) and the Triton kernels, made on first use.
+    """Per-shape choice between torch's convolution ("torch", the reference: cuDNN on a GPU) and the Triton kernels,
+    made on first use.
 
     A Triton candidate is accepted only if it runs and its first output agrees with cuDNN's on that shape
     (``compare``); then both are timed (``timer(fn) -> ms``, replaceable in tests) and the faster wins. Any
@@ -625,7 +608,7 @@ class ImplChooser:
     (timing synchronises): run an eager step first.
     """
 
-    REFERENCE = "cudnn"
+    REFERENCE = "torch"
 
     def __init__(self, cache_file: Path | None = None, timer: Callable[[Callable[[], object]], float] = cuda_timer,
                  log: Callable[[str], None] = _print_line, compare: Callable[[object, object], str | None] = None):
@@ -749,7 +732,7 @@ def _dispatch(impl: str, x: Tensor, weight: Tensor, direction: str, run_torch: C
     if not _measures(x) or not _fits_int32(x, weight):
         return run_torch()
     key, label = _shape_key(x, weight, direction)
-    if CHOOSER.choose(key, label, {"cudnn": run_torch, "triton": run_triton}) != "triton":
+    if CHOOSER.choose(key, label, {"torch": run_torch, "triton": run_triton}) != "triton":
         return run_torch()
     try:
         return run_triton()

@@ -22,16 +22,15 @@ Registered as ``torch.ops.pcrlv2.cosine_pair_loss`` with a fake and an autograd 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from pcrlv2_fast.reference.fused_losses import CosineTerm
-
+from . import interpreting as _interpreting
 from .common import device_guard
+from .cosine_terms import CosineTerm, pair_terms
 
 __all__ = ["CosineTerm", "cosine_pair_loss", "pair_terms", "pcrlv2_cosine_losses"]
 
@@ -117,13 +116,9 @@ def _cosine_bwd_kernel(
 # --------------------------------------------------------------------------------------------- launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _blocks(max_rows: int, max_cols: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C): a whole feature row per lane row; 2048 elements a GPU program (8 rows at C=256:
-    sm_90 needs 72 / 117 registers forward / backward at 4 warps, twice that at 4096), 4 rows under the
+    """(BLOCK_R, BLOCK_C): a whole feature row per lane row; 2048 elements a GPU program (twice that would double
+    the registers; the compile report, ``make bench-compile``, has them per configuration), 4 rows under the
     interpreter so that tests cross row blocks."""
     bc = triton.next_power_of_2(max(max_cols, 1))
     cap = 4 if _interpreting() else max(1, 2048 // bc)
@@ -293,13 +288,6 @@ def cosine_pair_loss(preds: Sequence[torch.Tensor], projs: Sequence[torch.Tensor
     blocks = table[: n_blocks * _BLOCK_FIELDS].view(n_blocks, _BLOCK_FIELDS)
     term_table = table[n_blocks * _BLOCK_FIELDS:].view(-1, _TERM_FIELDS)
     return torch.ops.pcrlv2.cosine_pair_loss(pred, proj, blocks, term_table, n_slots, float(eps), block_r, block_c)
-
-
-def pair_terms(pred_a: int, proj_a: int, row_a: int, pred_b: int, proj_b: int, row_b: int, rows: int,
-               weight: float, slot: int) -> list[CosineTerm]:
-    """The two directed terms of a symmetric pair: weight * -0.5 * (cos(pred_a, sg proj_b) + cos(pred_b, sg proj_a))."""
-    return [CosineTerm(pred_a, row_a, proj_b, row_b, rows, -0.5 * weight, slot),
-            CosineTerm(pred_b, row_b, proj_a, row_a, rows, -0.5 * weight, slot)]
 
 
 def pcrlv2_cosine_losses(feats1, feats2, local_feats, n_local: int, global_scale: int | None,

@@ -21,8 +21,6 @@ Passes over the big tensors (statistics and all accumulation in fp32; y and dx i
   (2) a small sum; (3) read x, dy again, write dx. z is recomputed from x rather than stored.
 """
 
-import functools
-import os
 from collections.abc import Callable
 
 import torch
@@ -30,15 +28,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import interpreting as _interpreting
 from .common import chan_merge as _chan_merge
-from .common import device_guard
+from .common import device_guard, num_sms
 from .common import to_out as _to_out
 
-# Read once, as triton.jit does when the kernels below are decorated.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-ACTS = {"none": 0, "relu": 1, "elu": 2, "prelu": 3, "sigmoid": 4}
-_PRELU = ACTS["prelu"]
+ACT_CODES = {"none": 0, "relu": 1, "elu": 2, "prelu": 3, "sigmoid": 4}
+_PRELU = ACT_CODES["prelu"]
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -318,15 +314,6 @@ def _bwd_dx_kernel(
 
 
 # ------------------------------------------------------------------------------------------- launchers
-def _interpreting() -> bool:
-    return _INTERPRET
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _tile_config(S: int, C: int, channels_last: bool) -> tuple[int, int, int]:
     """(BLOCK_S, BLOCK_C, num_warps): about 4096 elements per tile on a GPU (16 KiB of fp32 per load, enough
     to keep HBM busy), long along the unit-stride axis; 256 under the interpreter, so the tests' small
@@ -344,10 +331,7 @@ def _tile_config(S: int, C: int, channels_last: bool) -> tuple[int, int, int]:
 def _splits(x: Tensor, N: int, ncb: int, nsb: int) -> tuple[int, int]:
     """(NSPLIT, blocks per split) for the reduction kernels: enough programs to fill the GPU (about four per
     SM) while each loops over as many tiles as possible, so the partials stay tiny."""
-    if _interpreting() or not x.is_cuda:
-        target = 4
-    else:
-        target = 4 * _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    target = 4 if _interpreting() else 4 * num_sms(x, cpu=1)
     nsplit = max(1, min(nsb, triton.cdiv(target, N * ncb)))
     per_split = triton.cdiv(nsb, nsplit)
     return triton.cdiv(nsb, per_split), per_split
@@ -381,8 +365,8 @@ def _as_layout(x: Tensor) -> tuple[Tensor, bool]:
 
 
 def _check_inputs(x: Tensor, weight, bias, prelu_weight, act: str) -> None:
-    if act not in ACTS:
-        raise ValueError(f"act must be one of {tuple(ACTS)}, got {act!r}")
+    if act not in ACT_CODES:
+        raise ValueError(f"act must be one of {tuple(ACT_CODES)}, got {act!r}")
     if x.dim() < 3:
         raise ValueError(f"expected x of shape (N, C, *spatial), got {tuple(x.shape)}")
     if x.numel() == 0:
@@ -463,7 +447,7 @@ def _launch_apply(xc, cl, mean, rstd, weight, bias, prelu_weight, act, groups):
     G = groups or 1
     _apply_kernel[(N * nsb, triton.cdiv(C, block_c))](
         xc, y, mean, rstd, w, b, a, a_stride, S, C, nsb, G, C // G,
-        GROUPED=groups is not None, CHANNELS_LAST=cl, HAS_W=has_w, HAS_B=has_b, ACT=ACTS[act],
+        GROUPED=groups is not None, CHANNELS_LAST=cl, HAS_W=has_w, HAS_B=has_b, ACT=ACT_CODES[act],
         ROUND_BF16=_round_bf16(y), BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
     return y
 
@@ -482,7 +466,7 @@ def _bwd_setup(xc, cl, weight, bias, prelu_weight, act, groups):
     block_s, block_c, warps = _tile_config(S, C, cl)
     ncb, nsb = triton.cdiv(C, block_c), triton.cdiv(S, block_s)
     w, b, a, a_stride, has_w, has_b = _common_args(xc, weight, bias, prelu_weight)
-    flags = dict(GROUPED=groups is not None, CHANNELS_LAST=cl, HAS_W=has_w, HAS_B=has_b, ACT=ACTS[act],
+    flags = dict(GROUPED=groups is not None, CHANNELS_LAST=cl, HAS_W=has_w, HAS_B=has_b, ACT=ACT_CODES[act],
                  BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
     return N, C, S, ncb, nsb, (w, b, a, a_stride), groups or 1, flags
 

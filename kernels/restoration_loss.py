@@ -26,13 +26,13 @@ channels_last_3d, views); accumulation is float32. The op is registered as ``tor
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from . import interpreting as _interpreting
 from .common import device_guard
 
 __all__ = ["restoration_loss", "restoration_loss_forward", "restoration_loss_backward", "pcrlv2_restoration_losses"]
@@ -86,11 +86,12 @@ def _stencil_columns(am, a0, ap):
 
 
 @triton.jit
-def _full_res_index(pid, n_col_blocks, n_rows, C, D, H, W, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+def _full_res_index(pid, n_rows, C, D, H, W, BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
     """Tile ``pid`` of the full-resolution volume seen as rows (b, c, d, h) of W voxels: indices and lane mask.
 
     Row indices are (BLOCK_R, 1) and column indices (1, BLOCK_W), so every address is a broadcast sum.
     """
+    n_col_blocks = tl.cdiv(W, BLOCK_W)
     rb = pid // n_col_blocks
     cb = pid % n_col_blocks
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
@@ -103,20 +104,35 @@ def _full_res_index(pid, n_col_blocks, n_rows, C, D, H, W, BLOCK_R: tl.constexpr
 
 
 @triton.jit
-def _upsampled_tile(M_ptr, sb, sc, sd, sh, sw, md, mh, mw, b, c, d, h, w, valid,
-                    FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr, LOGITS: tl.constexpr):
+def _address(ptr, s, b, c, d, h, w):
+    """Address of element (b, c, d, h, w) of the tensor at ``ptr`` with strides ``s`` (a 5-tuple)."""
+    return ptr + b * s[0] + c * s[1] + d * s[2] + h * s[3] + w * s[4]
+
+
+@triton.jit
+def _load_full_res(ptr, s, b, c, d, h, w, valid, LOGITS: tl.constexpr):
+    """A full-resolution tile as float32, through the sigmoid when ``LOGITS``."""
+    v = tl.load(_address(ptr, s, b, c, d, h, w), mask=valid, other=0.0).to(tl.float32)
+    if LOGITS:
+        v = tl.sigmoid(v)
+    return v
+
+
+@triton.jit
+def _upsampled_tile(M_ptr, s, size, b, c, d, h, w, valid, F: tl.constexpr, LOGITS: tl.constexpr):
     """Mask value at full-resolution voxels (b, c, d, h, w): a load at factor 1, else trilinear from 8 samples."""
-    base = M_ptr + b * sb + c * sc
+    FD: tl.constexpr = F[0]
+    FH: tl.constexpr = F[1]
+    FW: tl.constexpr = F[2]
     if FD * FH * FW == 1:
-        v = tl.load(base + d * sd + h * sh + w * sw, mask=valid, other=0.0).to(tl.float32)
-        if LOGITS:
-            v = tl.sigmoid(v)
-        return v
+        return _load_full_res(M_ptr, s, b, c, d, h, w, valid, LOGITS)
     else:
         # Low-resolution samples are few and reused by F^3 voxels each: these gathers hit the cache.
-        d0, d1, ld = _source_index(d, md, FD)
-        h0, h1, lh = _source_index(h, mh, FH)
-        w0, w1, lw = _source_index(w, mw, FW)
+        d0, d1, ld = _source_index(d, size[0], FD)
+        h0, h1, lh = _source_index(h, size[1], FH)
+        w0, w1, lw = _source_index(w, size[2], FW)
+        sb, sc, sd, sh, sw = s
+        base = M_ptr + b * sb + c * sc
         p00 = base + d0 * sd + h0 * sh
         p01 = base + d0 * sd + h1 * sh
         p10 = base + d1 * sd + h0 * sh
@@ -136,74 +152,63 @@ def _upsampled_tile(M_ptr, sb, sc, sd, sh, sw, md, mh, mw, b, c, d, h, w, valid,
         return (1.0 - ld) * c0 + ld * c1
 
 
+# Per-mask arguments are tuples with one entry per mask slot (MAX_MASKS of them; slots N_MASKS and up are padding,
+# never read), indexed by the constant index of a tl.static_range loop: M_ptrs, m_strides, m_sizes, weights, ...
+# Per-mask constants are constexpr tuples: FACTORS (the upsampling factors (d, h, w)) and LOW_BLOCKS; an element is
+# passed on as tl.constexpr(FACTORS[k]) because Triton 3.6 hands a bare element of a constexpr tuple to a jit
+# function as a plain Python tuple, which its code generator rejects.
+
+
 @triton.jit
 def _restoration_fwd_kernel(
     X_ptr, T_ptr, P_ptr,  # restored, target: (B, C, D, H, W); P: (1 + N_MASKS, n_programs) fp32 partial sums
-    M0_ptr, M1_ptr, M2_ptr,  # masks (B, C, D/F, H/F, W/F); absent slots get X_ptr and are never read
-    xsb, xsc, xsd, xsh, xsw,  # restored strides
-    tsb, tsc, tsd, tsh, tsw,  # target strides
-    m0sb, m0sc, m0sd, m0sh, m0sw, m0d, m0h, m0w,  # mask 0 strides and sizes
-    m1sb, m1sc, m1sd, m1sh, m1sw, m1d, m1h, m1w,
-    m2sb, m2sc, m2sd, m2sh, m2sw, m2d, m2h, m2w,
-    w0, w1, w2,  # term weights of the masks, folded with 1/N into the partial sums
-    C, D, H, W, n_rows, n_col_blocks, inv_n,  # n_rows = B*C*D*H
-    N_MASKS: tl.constexpr,
-    F0D: tl.constexpr, F0H: tl.constexpr, F0W: tl.constexpr,  # upsampling factors per mask and dimension
-    F1D: tl.constexpr, F1H: tl.constexpr, F1W: tl.constexpr,
-    F2D: tl.constexpr, F2H: tl.constexpr, F2W: tl.constexpr,
+    M_ptrs,  # the masks
+    x_strides, t_strides, m_strides, m_sizes, weights,  # weights are folded with 1/N into the partial sums
+    C, D, H, W, n_rows, inv_n,  # n_rows = B*C*D*H
+    N_MASKS: tl.constexpr, FACTORS: tl.constexpr,
     LOGITS: tl.constexpr,  # apply the sigmoid to restored and full-resolution masks
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    n_prog = tl.num_programs(0)
-    b, c, d, h, w, valid = _full_res_index(pid, n_col_blocks, n_rows, C, D, H, W, BLOCK_R, BLOCK_W)
-    t = tl.load(T_ptr + b * tsb + c * tsc + d * tsd + h * tsh + w * tsw, mask=valid, other=0.0).to(tl.float32)
-    x = tl.load(X_ptr + b * xsb + c * xsc + d * xsd + h * xsh + w * xsw, mask=valid, other=0.0).to(tl.float32)
-    if LOGITS:
-        x = tl.sigmoid(x)
+    b, c, d, h, w, valid = _full_res_index(pid, n_rows, C, D, H, W, BLOCK_R, BLOCK_W)
+    t = _load_full_res(T_ptr, t_strides, b, c, d, h, w, valid, False)
+    x = _load_full_res(X_ptr, x_strides, b, c, d, h, w, valid, LOGITS)
     e = tl.where(valid, x - t, 0.0)
     tl.store(P_ptr + pid, tl.sum(e * e) * inv_n)
-    if N_MASKS > 0:
-        m = _upsampled_tile(M0_ptr, m0sb, m0sc, m0sd, m0sh, m0sw, m0d, m0h, m0w, b, c, d, h, w, valid,
-                            F0D, F0H, F0W, LOGITS)
+    for k in tl.static_range(N_MASKS):
+        m = _upsampled_tile(M_ptrs[k], m_strides[k], m_sizes[k], b, c, d, h, w, valid, tl.constexpr(FACTORS[k]),
+                            LOGITS)
         e = tl.where(valid, m - t, 0.0)
-        tl.store(P_ptr + n_prog + pid, tl.sum(e * e) * (inv_n * w0))
-    if N_MASKS > 1:
-        m = _upsampled_tile(M1_ptr, m1sb, m1sc, m1sd, m1sh, m1sw, m1d, m1h, m1w, b, c, d, h, w, valid,
-                            F1D, F1H, F1W, LOGITS)
-        e = tl.where(valid, m - t, 0.0)
-        tl.store(P_ptr + 2 * n_prog + pid, tl.sum(e * e) * (inv_n * w1))
-    if N_MASKS > 2:
-        m = _upsampled_tile(M2_ptr, m2sb, m2sc, m2sd, m2sh, m2sw, m2d, m2h, m2w, b, c, d, h, w, valid,
-                            F2D, F2H, F2W, LOGITS)
-        e = tl.where(valid, m - t, 0.0)
-        tl.store(P_ptr + 3 * n_prog + pid, tl.sum(e * e) * (inv_n * w2))
+        tl.store(P_ptr + (k + 1) * tl.num_programs(0) + pid, tl.sum(e * e) * (inv_n * weights[k]))
 
 
 @triton.jit
-def _full_res_mask_grad(M_ptr, GM_ptr, sb, sc, sd, sh, sw, gsb, gsc, gsd, gsh, gsw, b, c, d, h, w, valid, t, scale,
-                        LOGITS: tl.constexpr):
-    """Elementwise gradient of a full-resolution (x1) mask: scale * (m - t), times sigmoid' for logits."""
-    m = tl.load(M_ptr + b * sb + c * sc + d * sd + h * sh + w * sw, mask=valid, other=0.0).to(tl.float32)
+def _elementwise_grad(X_ptr, GX_ptr, s, gs, b, c, d, h, w, valid, t, scale, LOGITS: tl.constexpr):
+    """Gradient of a full-resolution tensor (restored, an x1 mask): scale * (x - t), times sigmoid' for logits."""
+    x = _load_full_res(X_ptr, s, b, c, d, h, w, valid, LOGITS)
+    g = (x - t) * scale
     if LOGITS:
-        m = tl.sigmoid(m)
-    g = (m - t) * scale
-    if LOGITS:
-        g = g * m * (1.0 - m)
-    tl.store(GM_ptr + b * gsb + c * gsc + d * gsd + h * gsh + w * gsw, g.to(GM_ptr.dtype.element_ty), mask=valid)
+        g = g * x * (1.0 - x)
+    tl.store(_address(GX_ptr, gs, b, c, d, h, w), g.to(GX_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
-def _low_res_mask_grad(lpid, n_col_blocks, n_rows, scale,
-                       M_ptr, GM_ptr, T_ptr, sb, sc, sd, sh, sw, gsb, gsc, gsd, gsh, gsw, tsb, tsc, tsd, tsh, tsw,
-                       md, mh, mw, C, D, H, W,
-                       FD: tl.constexpr, FH: tl.constexpr, FW: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+def _low_res_mask_grad(lpid, n_col_blocks, n_rows, scale, M_ptr, GM_ptr, T_ptr, s, gs, ts, size, C, D, H, W,
+                       F: tl.constexpr, BLOCK: tl.constexpr):
     """Gradient of a low-resolution mask at a tile of its voxels: scale * ((U^T U) m - U^T t).
 
-    The tile is rows (b, c, i_d, i_h) x columns i_w of the mask. Neighbour and window offsets along h and w
-    are extra tile axes, (BLOCK_R, K_h, BLOCK_W, K_w), so only the d offsets are a loop.
+    The tile is rows (b, c, i_d, i_h) x columns i_w of the mask: BLOCK = (rows, columns). Neighbour and window
+    offsets along h and w are extra tile axes, (BLOCK_R, K_h, BLOCK_W, K_w), so only the d offsets are a loop.
     """
+    FD: tl.constexpr = F[0]
+    FH: tl.constexpr = F[1]
+    FW: tl.constexpr = F[2]
+    BLOCK_R: tl.constexpr = BLOCK[0]
+    BLOCK_W: tl.constexpr = BLOCK[1]
+    sb, sc, sd, sh, sw = s
+    gsb, gsc, gsd, gsh, gsw = gs
+    tsb, tsc, tsd, tsh, tsw = ts
+    md, mh, mw = size
     rb = lpid // n_col_blocks
     cb = lpid % n_col_blocks
     r = rb * BLOCK_R + tl.arange(0, BLOCK_R)  # 1-D row and column indices
@@ -265,85 +270,45 @@ def _low_res_mask_grad(lpid, n_col_blocks, n_rows, scale,
 def _restoration_bwd_kernel(
     G_ptr,  # (1 + N_MASKS,) fp32 upstream gradients of the terms
     X_ptr, T_ptr, GX_ptr,  # restored, target, grad of restored: (B, C, D, H, W)
-    M0_ptr, M1_ptr, M2_ptr, GM0_ptr, GM1_ptr, GM2_ptr,  # masks and their gradients (same shapes)
-    xsb, xsc, xsd, xsh, xsw, tsb, tsc, tsd, tsh, tsw, gxsb, gxsc, gxsd, gxsh, gxsw,
-    m0sb, m0sc, m0sd, m0sh, m0sw, g0sb, g0sc, g0sd, g0sh, g0sw, m0d, m0h, m0w,  # mask 0: strides, grad strides, sizes
-    m1sb, m1sc, m1sd, m1sh, m1sw, g1sb, g1sc, g1sd, g1sh, g1sw, m1d, m1h, m1w,
-    m2sb, m2sc, m2sd, m2sh, m2sw, g2sb, g2sc, g2sd, g2sh, g2sw, m2d, m2h, m2w,
-    w0, w1, w2,  # term weights
-    l0_start, l0_cb, l0_rows,  # low-resolution masks: first program, column blocks, rows (B*C*d*h)
-    l1_start, l1_cb, l1_rows,
-    l2_start, l2_cb, l2_rows,
-    C, D, H, W, n_rows, n_col_blocks, n_full, inv_n,  # full-resolution tiles are programs [0, n_full)
-    N_MASKS: tl.constexpr,
-    F0D: tl.constexpr, F0H: tl.constexpr, F0W: tl.constexpr,
-    F1D: tl.constexpr, F1H: tl.constexpr, F1W: tl.constexpr,
-    F2D: tl.constexpr, F2H: tl.constexpr, F2W: tl.constexpr,
+    M_ptrs, GM_ptrs,  # the masks and their gradients (same shapes)
+    x_strides, t_strides, gx_strides, m_strides, gm_strides, m_sizes, weights,
+    low_grids,  # per mask: programs [start, end) are its tiles, column blocks and rows (B*C*d*h) of its tiling
+    C, D, H, W, n_rows, n_full, inv_n,  # full-resolution tiles are programs [0, n_full)
+    N_MASKS: tl.constexpr, FACTORS: tl.constexpr,
     LOGITS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr,  # full-resolution tile
-    L0R: tl.constexpr, L0W: tl.constexpr, L1R: tl.constexpr, L1W: tl.constexpr, L2R: tl.constexpr, L2W: tl.constexpr,
+    LOW_BLOCKS: tl.constexpr,  # per mask: its low-resolution tile (rows, columns)
 ):
     pid = tl.program_id(0)
     two_inv_n = 2.0 * inv_n
-    if pid < n_full:
-        b, c, d, h, w, valid = _full_res_index(pid, n_col_blocks, n_rows, C, D, H, W, BLOCK_R, BLOCK_W)
-        t = tl.load(T_ptr + b * tsb + c * tsc + d * tsd + h * tsh + w * tsw, mask=valid, other=0.0).to(tl.float32)
-        x = tl.load(X_ptr + b * xsb + c * xsc + d * xsd + h * xsh + w * xsw, mask=valid, other=0.0).to(tl.float32)
-        if LOGITS:
-            x = tl.sigmoid(x)
-        gx = (x - t) * (two_inv_n * tl.load(G_ptr))
-        if LOGITS:
-            gx = gx * x * (1.0 - x)
-        tl.store(GX_ptr + b * gxsb + c * gxsc + d * gxsd + h * gxsh + w * gxsw, gx.to(GX_ptr.dtype.element_ty),
-                 mask=valid)
-        if N_MASKS > 0:
-            if F0D * F0H * F0W == 1:
-                _full_res_mask_grad(M0_ptr, GM0_ptr, m0sb, m0sc, m0sd, m0sh, m0sw, g0sb, g0sc, g0sd, g0sh, g0sw,
-                                    b, c, d, h, w, valid, t, two_inv_n * w0 * tl.load(G_ptr + 1), LOGITS)
-        if N_MASKS > 1:
-            if F1D * F1H * F1W == 1:
-                _full_res_mask_grad(M1_ptr, GM1_ptr, m1sb, m1sc, m1sd, m1sh, m1sw, g1sb, g1sc, g1sd, g1sh, g1sw,
-                                    b, c, d, h, w, valid, t, two_inv_n * w1 * tl.load(G_ptr + 2), LOGITS)
-        if N_MASKS > 2:
-            if F2D * F2H * F2W == 1:
-                _full_res_mask_grad(M2_ptr, GM2_ptr, m2sb, m2sc, m2sd, m2sh, m2sw, g2sb, g2sc, g2sd, g2sh, g2sw,
-                                    b, c, d, h, w, valid, t, two_inv_n * w2 * tl.load(G_ptr + 3), LOGITS)
-    else:
-        if N_MASKS > 0:
-            if F0D * F0H * F0W > 1:
-                if (pid >= l0_start) & (pid < l1_start):
-                    _low_res_mask_grad(pid - l0_start, l0_cb, l0_rows, two_inv_n * w0 * tl.load(G_ptr + 1),
-                                       M0_ptr, GM0_ptr, T_ptr, m0sb, m0sc, m0sd, m0sh, m0sw,
-                                       g0sb, g0sc, g0sd, g0sh, g0sw, tsb, tsc, tsd, tsh, tsw,
-                                       m0d, m0h, m0w, C, D, H, W, F0D, F0H, F0W, L0R, L0W)
-        if N_MASKS > 1:
-            if F1D * F1H * F1W > 1:
-                if (pid >= l1_start) & (pid < l2_start):
-                    _low_res_mask_grad(pid - l1_start, l1_cb, l1_rows, two_inv_n * w1 * tl.load(G_ptr + 2),
-                                       M1_ptr, GM1_ptr, T_ptr, m1sb, m1sc, m1sd, m1sh, m1sw,
-                                       g1sb, g1sc, g1sd, g1sh, g1sw, tsb, tsc, tsd, tsh, tsw,
-                                       m1d, m1h, m1w, C, D, H, W, F1D, F1H, F1W, L1R, L1W)
-        if N_MASKS > 2:
-            if F2D * F2H * F2W > 1:
-                if pid >= l2_start:
-                    _low_res_mask_grad(pid - l2_start, l2_cb, l2_rows, two_inv_n * w2 * tl.load(G_ptr + 3),
-                                       M2_ptr, GM2_ptr, T_ptr, m2sb, m2sc, m2sd, m2sh, m2sw,
-                                       g2sb, g2sc, g2sd, g2sh, g2sw, tsb, tsc, tsd, tsh, tsw,
-                                       m2d, m2h, m2w, C, D, H, W, F2D, F2H, F2W, L2R, L2W)
+    if pid < n_full:  # restored and the x1 masks: elementwise
+        b, c, d, h, w, valid = _full_res_index(pid, n_rows, C, D, H, W, BLOCK_R, BLOCK_W)
+        t = _load_full_res(T_ptr, t_strides, b, c, d, h, w, valid, False)
+        _elementwise_grad(X_ptr, GX_ptr, x_strides, gx_strides, b, c, d, h, w, valid, t,
+                          two_inv_n * tl.load(G_ptr), LOGITS)
+        for k in tl.static_range(N_MASKS):
+            if FACTORS[k][0] * FACTORS[k][1] * FACTORS[k][2] == 1:
+                _elementwise_grad(M_ptrs[k], GM_ptrs[k], m_strides[k], gm_strides[k], b, c, d, h, w, valid, t,
+                                  two_inv_n * weights[k] * tl.load(G_ptr + 1 + k), LOGITS)
+    else:  # a tile of a low-resolution mask
+        for k in tl.static_range(N_MASKS):
+            if FACTORS[k][0] * FACTORS[k][1] * FACTORS[k][2] > 1:
+                start, end, n_col_blocks, rows = low_grids[k]
+                if (pid >= start) & (pid < end):
+                    _low_res_mask_grad(pid - start, n_col_blocks, rows,
+                                       two_inv_n * weights[k] * tl.load(G_ptr + 1 + k),
+                                       M_ptrs[k], GM_ptrs[k], T_ptr, m_strides[k], gm_strides[k], t_strides,
+                                       m_sizes[k], C, D, H, W, tl.constexpr(FACTORS[k]), tl.constexpr(LOW_BLOCKS[k]))
 
 
 # --------------------------------------------------------------------------------------------- launchers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _full_res_blocks(width: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_W, num_warps) for full-resolution tiles: 1024 voxels over 8 warps on a GPU (4 a thread:
-    sm_90 needs 80 registers in the forward, 59 in the backward; 8 a thread takes 185), 16-wide tiles under
-    the interpreter so that tests cross tile edges in every direction. The low-resolution tiles of the
-    backward share its num_warps."""
+    """(BLOCK_R, BLOCK_W, num_warps) for full-resolution tiles: 1024 voxels over 8 warps on a GPU (4 a thread; 8
+    a thread more than doubles the registers: ``make bench-compile`` reports them), 16-wide tiles under the
+    interpreter so that tests cross tile edges in every direction. The low-resolution tiles of the backward
+    share its num_warps."""
     if _interpreting():
         bw = min(triton.next_power_of_2(width), 16)
         return max(1, 1024 // bw), bw, 1
@@ -394,17 +359,10 @@ def _check_inputs(restored: torch.Tensor, masks: Sequence[torch.Tensor], target:
     return factors
 
 
-def _slots(masks: Sequence[torch.Tensor], factors, fallback: torch.Tensor):
-    """Pad masks to MAX_MASKS slots: (tensors, strides, sizes, constexpr factors)."""
-    tensors = list(masks) + [fallback] * (MAX_MASKS - len(masks))
-    strides = [list(m.stride()) for m in masks] + [[0] * 5] * (MAX_MASKS - len(masks))
-    sizes = [list(m.shape[2:]) for m in masks] + [[1, 1, 1]] * (MAX_MASKS - len(masks))
-    facs = list(factors) + [(1, 1, 1)] * (MAX_MASKS - len(masks))
-    return tensors, strides, sizes, facs
-
-
-def _factor_kwargs(facs) -> dict:
-    return {f"F{k}{axis}": f[j] for k, f in enumerate(facs) for j, axis in enumerate("DHW")}
+def _pad(values, filler) -> tuple:
+    """Per-mask values as a kernel tuple of MAX_MASKS slots; the slots past the masks are never read."""
+    values = tuple(values)
+    return values + (filler,) * (MAX_MASKS - len(values))
 
 
 def restoration_loss_forward(restored: torch.Tensor, masks: Sequence[torch.Tensor], target: torch.Tensor,
@@ -414,19 +372,16 @@ def restoration_loss_forward(restored: torch.Tensor, masks: Sequence[torch.Tenso
     B, C, D, H, W = target.shape
     br, bw, warps = _full_res_blocks(W)
     n_rows = B * C * D * H
-    n_cb = triton.cdiv(W, bw)
-    grid = triton.cdiv(n_rows, br) * n_cb
+    grid = triton.cdiv(n_rows, br) * triton.cdiv(W, bw)
     partial = torch.empty((1 + len(masks), grid), dtype=torch.float32, device=target.device)
-    tensors, strides, sizes, facs = _slots(masks, factors, restored)
-    wts = list(weights) + [0.0] * (MAX_MASKS - len(masks))
     with device_guard(target):
         _restoration_fwd_kernel[(grid,)](
-            restored, target, partial, *tensors,
-            *restored.stride(), *target.stride(),
-            *strides[0], *sizes[0], *strides[1], *sizes[1], *strides[2], *sizes[2],
-            *(float(w) for w in wts),
-            C, D, H, W, n_rows, n_cb, 1.0 / target.numel(),
-            N_MASKS=len(masks), **_factor_kwargs(facs), LOGITS=from_logits, BLOCK_R=br, BLOCK_W=bw, num_warps=warps,
+            restored, target, partial, _pad(masks, restored), restored.stride(), target.stride(),
+            _pad([m.stride() for m in masks], (0,) * 5), _pad([m.shape[2:] for m in masks], (1, 1, 1)),
+            _pad(map(float, weights), 0.0),
+            C, D, H, W, n_rows, 1.0 / target.numel(),
+            N_MASKS=len(masks), FACTORS=_pad(factors, (1, 1, 1)), LOGITS=from_logits, BLOCK_R=br, BLOCK_W=bw,
+            num_warps=warps,
         )
     return partial.sum(dim=1)
 
@@ -440,38 +395,28 @@ def restoration_loss_backward(grad: torch.Tensor, restored: torch.Tensor, masks:
     grad = grad.to(torch.float32).contiguous()
     br, bw, warps = _full_res_blocks(W)
     n_rows = B * C * D * H
-    n_cb = triton.cdiv(W, bw)
-    n_full = triton.cdiv(n_rows, br) * n_cb
     gx = torch.empty_like(restored)
     gms = [torch.empty_like(m) for m in masks]
-    # Programs [n_full, ...) are the low-resolution masks' tiles, one contiguous range per mask.
-    ranges, tiles, start = [], {}, n_full
-    for k, (m, f) in enumerate(zip(masks, factors)):
+    # Programs [0, n_full) are the full-resolution tiles, then one contiguous range of programs per low-resolution
+    # mask (x1 masks are done by the full-resolution tiles).
+    n_full = triton.cdiv(n_rows, br) * triton.cdiv(W, bw)
+    grids, tiles, start = [], [], n_full
+    for m, f in zip(masks, factors):
         lbr, lbw = _low_res_blocks(m.shape[4], f) if f != (1, 1, 1) else (1, 1)
-        tiles.update({f"L{k}R": lbr, f"L{k}W": lbw})
-        rows = B * C * m.shape[2] * m.shape[3]
-        cb = triton.cdiv(m.shape[4], lbw)
-        ranges.append((start, cb, rows))
-        start += 0 if f == (1, 1, 1) else triton.cdiv(rows, lbr) * cb
-    tiles.update({f"L{k}{a}": 1 for k in range(len(masks), MAX_MASKS) for a in "RW"})
-    ranges += [(start, 1, 0)] * (MAX_MASKS - len(masks))
-    tensors, strides, sizes, facs = _slots(masks, factors, restored)
-    gtensors = gms + [gx] * (MAX_MASKS - len(masks))
-    gstrides = [list(g.stride()) for g in gms] + [[0] * 5] * (MAX_MASKS - len(masks))
-    wts = list(weights) + [0.0] * (MAX_MASKS - len(masks))
-    slot_args = []
-    for k in range(MAX_MASKS):
-        slot_args += [*strides[k], *gstrides[k], *sizes[k]]
+        rows, cb = B * C * m.shape[2] * m.shape[3], triton.cdiv(m.shape[4], lbw)
+        end = start if f == (1, 1, 1) else start + triton.cdiv(rows, lbr) * cb
+        grids.append((start, end, cb, rows))
+        tiles.append((lbr, lbw))
+        start = end
     with device_guard(target):
         _restoration_bwd_kernel[(start,)](
-            grad, restored, target, gx, *tensors, *gtensors,
-            *restored.stride(), *target.stride(), *gx.stride(),
-            *slot_args,
-            *(float(w) for w in wts),
-            *ranges[0], *ranges[1], *ranges[2],
-            C, D, H, W, n_rows, n_cb, n_full, 1.0 / target.numel(),
-            N_MASKS=len(masks), **_factor_kwargs(facs), LOGITS=from_logits,
-            BLOCK_R=br, BLOCK_W=bw, **tiles, num_warps=warps,
+            grad, restored, target, gx, _pad(masks, restored), _pad(gms, gx),
+            restored.stride(), target.stride(), gx.stride(), _pad([m.stride() for m in masks], (0,) * 5),
+            _pad([g.stride() for g in gms], (0,) * 5), _pad([m.shape[2:] for m in masks], (1, 1, 1)),
+            _pad(map(float, weights), 0.0), _pad(grids, (start, start, 1, 0)),
+            C, D, H, W, n_rows, n_full, 1.0 / target.numel(),
+            N_MASKS=len(masks), FACTORS=_pad(factors, (1, 1, 1)), LOGITS=from_logits, BLOCK_R=br, BLOCK_W=bw,
+            LOW_BLOCKS=_pad(tiles, (1, 1)), num_warps=warps,
         )
     return [gx] + gms
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 
 def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    from .train.config import CHOICES
+
     # Defaults are None so that only the options given override the chosen preset.
     p.add_argument("--data", required=True, help="a preprocessing cache, or a folder of scans (NIfTI, NRRD, MetaImage, "
                    "DICOM series) or one scan, preprocessed into OUT/cache first")
@@ -19,15 +21,15 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     length.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"])
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16", "fp16"],
+    p.add_argument("--optimizer", choices=CHOICES["optimizer"])
+    p.add_argument("--precision", choices=CHOICES["precision"],
                    help="fp32 (TF32 off) | tf32 (TF32 matmuls/convolutions on CUDA) | bf16 autocast | fp16 autocast "
                         "with a gradient scaler (overflowing steps are skipped and counted)")
     p.add_argument("--accumulate", type=int, metavar="K",
                    help="gradient accumulation: each process runs its share of --batch-size as K micro-batches")
     p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="batch-norm statistics over the batch of all processes (default: on with several processes)")
-    p.add_argument("--optim-impl", choices=["auto", "fused", "foreach", "loop"],
+    p.add_argument("--optim-impl", choices=CHOICES["optim_impl"],
                    help="optimizer update kernels; auto (default): fused on CUDA, foreach on the CPU")
     p.add_argument("--channels-last", action="store_const", const=True, help="channels_last_3d memory format")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
@@ -42,12 +44,12 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="let --resume load a checkpoint that needs types outside the allow-list (full unpickling: "
                         "code in the file runs); only for files from a source you trust")
     p.add_argument("--width", type=int, help="base channel count (32 = official)")
-    p.add_argument("--norm", choices=["bn", "gn", "in"])
-    p.add_argument("--act", choices=["relu", "prelu", "elu"])
+    p.add_argument("--norm", choices=CHOICES["norm"])
+    p.add_argument("--act", choices=CHOICES["act"])
     p.add_argument("--all-scales", action="store_const", const=True, help="use all decoder scales every step")
     p.add_argument("--pairs-per-volume", type=int, help="samples per scan per epoch (official: 16)")
     p.add_argument("--workers", type=int, help="data loader worker processes")
-    p.add_argument("--loader", choices=["auto", "dataset", "torch", "native", "dali"],
+    p.add_argument("--loader", choices=CHOICES["loader"],
                    help="how batches are built (same samples): per-sample DataLoader (dataset, uses --workers) or "
                         "whole batches at once (torch: batched ops on --device; native: C++ kernels on the CPU; dali: "
                         "NVIDIA DALI pipelines, pip install nvidia-dali-cuda120); auto (default): native when built, "
@@ -61,10 +63,10 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-cache-gb", type=float, metavar="G",
                    help="GPU memory --loader torch may fill with the volumes (default: a quarter of the free memory); "
                         "above it the native loader feeds the GPU from the CPU")
-    p.add_argument("--kernels", choices=["torch", "triton"],
+    p.add_argument("--kernels", choices=CHOICES["kernels"],
                    help="plain PyTorch ops (default) or the fused Triton kernels for the conv blocks and the loss")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--modality", choices=["auto", "ct", "mr"])
+    p.add_argument("--modality", choices=CHOICES["modality"])
     p.add_argument("--spacing", type=float, help="isotropic resampling spacing in mm (official: 1)")
     p.add_argument("--save-every", type=int, help="also checkpoint every N steps")
     p.add_argument("--keep-checkpoints", type=int, metavar="K",
@@ -82,6 +84,10 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
 
 def _pretrain_config(args: argparse.Namespace):
     from .train import PretrainConfig
+    from .train.step import CUDA_GRAPHS_UNSUPPORTED
+
+    if args.cuda_graphs:
+        raise ValueError(CUDA_GRAPHS_UNSUPPORTED)
 
     fields = set(PretrainConfig.__dataclass_fields__)
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -145,7 +151,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
+    from .data.io import MODALITIES
 
     parser = argparse.ArgumentParser(prog="pcrlv2-fast", description="Fast PCRLv2 3D self-supervised pretraining")
     parser.add_argument("--version", action="version", version=f"pcrlv2_fast {__version__}")
@@ -161,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=1.0, help="isotropic resampling spacing in mm (official: 1)")
     p.add_argument("--hu-window", type=float, nargs=2, default=(-1000.0, 1000.0), metavar=("LOW", "HIGH"),
                    help="CT values mapped to 0 and 1 (official: -1000 1000)")
-    p.add_argument("--modality", choices=["auto", "ct", "mr"], default="auto")
+    p.add_argument("--modality", choices=MODALITIES, default="auto")
     p.add_argument("--workers", type=int, default=1, help="scans processed in parallel (processes)")
     p.set_defaults(func=cmd_preprocess)
 

@@ -30,6 +30,9 @@ from functools import partial
 
 import torch
 
+from .kernels import interpreting
+from .utils.tf32 import tf32_policy
+
 # Per architecture: SMs of the reference GPU, registers per SM, resident warps per SM, shared memory per block.
 ARCHS = {"sm_90": {"capability": 90, "sms": 132, "regs": 65536, "warps": 64, "blocks": 32,
                    "shared_per_block": 232448, "shared_per_sm": 233472, "gpu": "H100 SXM"}}
@@ -85,7 +88,9 @@ def _meta(shape, dtype, channels_last: bool = False) -> torch.Tensor:
     return t.as_subclass(_CudaMeta)
 
 
-def _arg_type(value) -> str:
+def _arg_type(value) -> str | tuple:
+    if isinstance(value, tuple):  # a tuple argument: a tuple of types
+        return tuple(_arg_type(v) for v in value)
     if isinstance(value, torch.Tensor):
         return _PTR[value.dtype]
     if isinstance(value, bool):
@@ -124,7 +129,7 @@ def recording(sms: int) -> Iterator[list[Launch]]:
     saved = JITFunction.run
     patches = [(m, "device_guard", lambda t: contextlib.nullcontext())
                for m in (conv3d_block, cosine_loss, norm_act, restoration_loss)]
-    patches += [(conv3d_block, "_num_sms", lambda t: sms), (norm_act, "_sm_count", lambda index: sms),
+    patches += [(conv3d_block, "num_sms", lambda t, cpu=4: sms), (norm_act, "num_sms", lambda t, cpu=1: sms),
                 (torch.cuda, "current_device", lambda: 0)]
     originals = [(m, name, getattr(m, name)) for m, name, _ in patches]
     JITFunction.run = record
@@ -223,8 +228,6 @@ def collect(dtypes=tuple(DTYPES), arch: str = "sm_90", width: int = 32, batch: i
     """Every distinct kernel launch of the engine's launchers for the official model, on ``arch``."""
     layers = official_conv_layers(width, batch)
     unique: dict[str, Launch] = {}
-    from .selftest import tf32_policy
-
     with recording(ARCHS[arch]["sms"]) as (launches, op):
         for dtype_name in dtypes:
             with tf32_policy(dtype_name == "tf32"):  # the conv kernels follow cuDNN's TF32 rule
@@ -249,7 +252,11 @@ def _cuobjdump() -> str:
 
 def _config(launch: Launch) -> str:
     consts = ",".join(f"{k}={v}" for k, v in launch.constants.items() if v is not None)
-    ptrs = ",".join(sorted({t[1:] for t in launch.signature.values() if t.startswith("*")}))
+    def flat(types):
+        for t in types:
+            yield from flat(t) if isinstance(t, tuple) else (t,)
+
+    ptrs = ",".join(sorted({t[1:] for t in flat(launch.signature.values()) if t.startswith("*")}))
     return f"{ptrs} w{launch.num_warps} s{launch.num_stages} {consts}"
 
 
@@ -351,7 +358,7 @@ def run(arch: str, dtypes=tuple(DTYPES), json_path: str | None = None, progress:
     this one imported the kernels for the interpreter (their launchers would pick the interpreter's tiles)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; known: {sorted(ARCHS)}")
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, "-m", "pcrlv2_fast.compile_report", arch, ",".join(dtypes)]
         return subprocess.run(cmd + ([json_path] if json_path else []), env=env).returncode

@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_state_dict, extract_state_dict, read_checkpoint
-from .models.unet3d import NORMS, DownTransition, double_conv
+from .models.unet3d import DownTransition
+from .nn.blocks import NORMS, double_conv
 from .utils.io import atomic_torch_save
 from .utils.safetensors import write_safetensors
 

@@ -14,13 +14,14 @@ in a fresh process when triton was already imported for the GPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
 
 import torch
+
+from .utils.tf32 import tf32_policy
 
 KERNEL_MODULES = ("pcrlv2_fast.kernels.norm_act", "pcrlv2_fast.kernels.restoration_loss",
                   "pcrlv2_fast.kernels.cosine_loss", "pcrlv2_fast.kernels.conv3d_block")
@@ -242,17 +243,6 @@ def _rows_from_subprocess(device: str, tf32: bool) -> list[dict]:
     if not lines:
         raise RuntimeError(f"selftest subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1])
-
-
-@contextlib.contextmanager
-def tf32_policy(enabled: bool):
-    """TF32 for fp32 matmuls and convolutions (CUDA) set explicitly for the checks, restored afterwards."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _apply_tf32_tolerance(rows: list[dict]) -> list[dict]:

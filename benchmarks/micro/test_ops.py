@@ -180,12 +180,6 @@ def test_z_normalize(benchmark, views, kind):
 # ------------------------------------------------------------------------------------------ batched ops
 
 
-@pytest.mark.benchmark(group="flip")
-@kinds
-def test_flip_batch(benchmark, views, params, kind):
-    run(benchmark, batched.flip_batch, views[kind], params[kind]["flip"], items=BATCH)
-
-
 @pytest.mark.benchmark(group="affine")
 @kinds
 def test_affine_batch(benchmark, views, params, kind):

@@ -1,6 +1,6 @@
 """Data path: scan loading (io), preprocessing cache, crop-box geometry, augmentations, pretraining dataset."""
 
-from .augment import AugmentConfig
+from .augment import AugmentConfig, draw_sample_params
 from .cache import PreprocessReport, cached_volumes, is_cache, open_cache, preprocess
 from .dali import DaliLoader, dali_available, dali_load_error
 from .dataset import PretrainDataset, cut_and_resize
@@ -11,7 +11,6 @@ from .loader import (
     BatchLoader,
     bank_bytes,
     default_loader,
-    draw_sample_params,
     gpu_cache_choice,
     resolve_loader,
 )

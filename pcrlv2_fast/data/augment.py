@@ -59,6 +59,7 @@ __all__ = [
     "apply_intensity",
     "spatial_augment",
     "intensity_augment",
+    "gaussian_taps",
 ]
 
 # scipy.ndimage.gaussian_filter skips axes whose sigma is at most this, and truncates kernels at 4 sigma.
@@ -138,6 +139,20 @@ def _reflect_index(n: int, radius: int) -> torch.Tensor:
     return torch.where(index < n, index, 2 * n - 1 - index)
 
 
+def gaussian_taps(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(radius, kernels)`` of ``scipy.ndimage.gaussian_filter`` for float64 ``sigmas`` of any shape: radius
+    int(4 sigma + 0.5) (0 for a skipped axis, sigma ~ 0), kernels (*sigmas.shape, 2 R + 1) normalised over taps
+    -R..R, R the largest radius, zero past each kernel's own radius. Every blur (per sample, batched, DALI)
+    takes its kernels from here."""
+    skip = sigmas <= _SIGMA_EPS
+    radius = torch.where(skip, 0, torch.floor(_TRUNCATE * sigmas + 0.5)).long()
+    r_max = int(radius.max()) if radius.numel() else 0
+    taps = torch.arange(-r_max, r_max + 1, dtype=torch.float64, device=sigmas.device)
+    safe = torch.where(skip, 1.0, sigmas)[..., None]
+    kernels = torch.exp(-0.5 * taps**2 / safe**2) * (taps.abs() <= radius[..., None])
+    return radius, kernels / kernels.sum(dim=-1, keepdim=True)
+
+
 def blur(x: torch.Tensor, sigmas) -> torch.Tensor:
     """Separable Gaussian blur with per-axis ``sigmas`` (voxels), as ``scipy.ndimage.gaussian_filter``.
 
@@ -147,10 +162,8 @@ def blur(x: torch.Tensor, sigmas) -> torch.Tensor:
     for axis, sigma in enumerate(float(s) for s in sigmas):
         if sigma <= _SIGMA_EPS:
             continue
-        radius = int(_TRUNCATE * sigma + 0.5)
-        taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
-        kernel = torch.exp(-0.5 * taps**2 / sigma**2)
-        kernel = (kernel / kernel.sum()).to(x.dtype)
+        r, kernel = gaussian_taps(torch.tensor([sigma], dtype=torch.float64))
+        radius, kernel = int(r), kernel[0].to(x.dtype)
         moved = out.movedim(axis + 1, -1)
         n = moved.shape[-1]
         padded = moved.index_select(-1, _reflect_index(n, radius)).reshape(-1, 1, n + 2 * radius)
@@ -184,20 +197,20 @@ def _unit(h: torch.Tensor) -> torch.Tensor:
     return ((h >> 9) * 2 + 1).to(torch.float32) * (2.0**-24)
 
 
-def normal_field(seeds, shape, device: str | torch.device | None = None, backend: str = "auto") -> torch.Tensor:
+def normal_field(seeds, shape, device: str | torch.device | None = None, impl: str = "auto") -> torch.Tensor:
     """Standard normal float32 fields, one per seed: shape (len(seeds), *shape), a pure function of the seeds.
 
     Paired Box-Muller over the C-order flat index: with n voxels, h = ceil(n / 2) and, for p < h,
     a = mix(p ^ k0) (seed s = k0 + 2^32 k1), ``u1 = unit(mix(a ^ k1))``, ``u2 = unit(mix(a ^ k1 ^ 0x9E3779B9))``
     and ``r = sqrt(-2 log u1)``, voxel p is ``r cos(2 pi u2)`` and voxel h + p (when < n) ``r sin(2 pi u2)``, in
-    float32: two independent standard normals per hashed pair. ``backend="torch"`` evaluates it with torch
+    float32: two independent standard normals per hashed pair. ``impl="torch"`` evaluates it with torch
     integer ops on ``device`` (the reference); ``"auto"`` uses the C++ kernel (csrc/intensity.cpp: the same
-    integers and formula, its own log/cos/sin within a few float32 ulps, ~50x faster) for CPU fields when
+    integers and formula, its own log/cos/sin within a few float32 ulps, and much faster) for CPU fields when
     the extension is built.
     """
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
-    if backend == "auto" and torch.device(device or "cpu").type == "cpu":
+    if impl not in ("auto", "torch"):
+        raise ValueError(f"impl must be 'auto' or 'torch', got {impl!r}")
+    if impl == "auto" and torch.device(device or "cpu").type == "cpu":
         from . import native
 
         if native.available():

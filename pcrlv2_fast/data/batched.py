@@ -1,10 +1,11 @@
-"""Batched sub-crop extraction and augmentation for the ``torch`` data backend (CPU and CUDA alike).
+"""Batched sub-crop extraction and augmentation for the ``torch`` loader (CPU and CUDA alike).
 
 Every op here takes a whole batch ``x`` of shape (N, C, X, Y, Z) and per-sample parameter tensors, and gives
 element-wise the result of the per-view op of :mod:`pcrlv2_fast.data.augment` with the same parameters
-(float32 rounding aside), in a fixed number of launches independent of N. Parameters are drawn in one go by
-:func:`sample_batch_params` (same distributions as augment.py's samplers, different stream), or view by view
-with augment.py's own samplers by :func:`stack_view_params` (used by the tests to compare the two).
+(float32 rounding aside), in a fixed number of launches independent of N. The loader draws the parameters per
+sample as the dataset does (``augment.draw_sample_params``); :func:`stack_view_params` stacks augment.py's
+per-view samplers into the same layout, for the tests and benchmarks that compare the batched ops with the
+per-view ones.
 
 Implementation choices, and how close each op comes to the per-view one (measured maxima in the tests):
 
@@ -15,14 +16,14 @@ Implementation choices, and how close each op comes to the per-view one (measure
 - Crops are cut as rows along z (one ``index_select`` on an overlapping-window view of the bank) and resized
   with ``F.interpolate`` (trilinear, align_corners=False) once per distinct crop size: bit-exact. The
   official geometry has four sizes per view kind, so a batch takes at most four gathers and four resizes.
-  An 8-corner gather per output voxel with per-axis weight tables, in plain torch, was measured about 15x
-  slower on CPU: its index tensors and random reads cost more than the interpolation (a fused GPU kernel
-  would not materialise them).
+  An 8-corner gather per output voxel with per-axis weight tables, in plain torch, is slower on CPU
+  (benchmarks/README.md): its index tensors and random reads cost more than the interpolation (a fused GPU
+  kernel would not materialise them).
 - ``affine_batch`` builds the sampling grid from the per-sample matrices by broadcasting (affine_grid's
-  batched matmul with K = 4 is several times slower on CPU) and folds the flip into the matrix, so flip +
+  batched matmul with K = 4 is slower on CPU) and folds the flip into the matrix, so flip +
   affine is one ``grid_sample``. Grid values differ from affine_grid's by an ulp, which the unnormalisation
   multiplies by (n - 1) / 2: up to ~5e-6 on [0, 1] views of 64 voxels. The inside test is augment.affine's
-  float rule, turned into exact thresholds on the grid (``_inside_bounds``).
+  float rule, turned into exact thresholds on the grid (``inside_bounds``).
 - ``blur_batch`` applies each axis' Gaussian as a per-sample (L, L) matrix with scipy's reflected border
   folded in (batched matmuls), so different sigmas and radii need no padding to a common kernel (~2e-7).
 - ``noise_batch`` draws one field for the batch; ``gamma_batch`` equals ``augment.gamma`` (~6e-8).
@@ -43,9 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from .augment import (
-    _SIGMA_EPS,
-    _TRUNCATE,
     AugmentConfig,
+    gaussian_taps,
     normal_field,
     sample_affine,
     sample_blur,
@@ -53,12 +53,10 @@ from .augment import (
     sample_gamma,
     sample_noise,
     sample_swap,
-    swap_limit,
 )
 
 __all__ = [
     "VolumeBank",
-    "flip_batch",
     "affine_batch",
     "blur_batch",
     "blur_dtype",
@@ -66,9 +64,7 @@ __all__ = [
     "gamma_batch",
     "swap_batch",
     "z_normalize_batch",
-    "sample_batch_params",
     "stack_view_params",
-    "params_to",
     "spatial_batch",
     "intensity_batch",
     "augment_batch",
@@ -202,16 +198,6 @@ def _per_sample(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
-def flip_batch(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Reverse sample n along spatial axis a where ``mask[n, a]`` (N, 3) bool: ``augment.flip`` per sample."""
-    mask = mask.to(x.device)
-    out = x
-    for axis, used in enumerate(mask.any(dim=0).tolist()):
-        if used:
-            out = torch.where(mask[:, axis].view(-1, 1, 1, 1, 1), out.flip(axis + 2), out)
-    return out.contiguous() if out is not x else x.clone()
-
-
 def _rotations(degrees: torch.Tensor) -> torch.Tensor:
     """(N, 3, 3) float64 ``Rz @ Rx @ Ry`` of ``augment._rotation`` for (N, 3) angles in degrees."""
     a = torch.deg2rad(degrees.double())
@@ -227,7 +213,7 @@ def _rotations(degrees: torch.Tensor) -> torch.Tensor:
     return rz @ rx @ ry
 
 
-def _affine_theta(scales: torch.Tensor, degrees: torch.Tensor, shape) -> torch.Tensor:
+def affine_theta(scales: torch.Tensor, degrees: torch.Tensor, shape) -> torch.Tensor:
     """(N, 3, 3) float64 map from output to source in grid_sample's normalised coordinates, rows and columns
     in grid order (z, y, x), as built per view by ``augment.affine``."""
     half = (torch.as_tensor(shape, dtype=torch.float64, device=scales.device) - 1) / 2
@@ -243,13 +229,13 @@ def affine_batch(x: torch.Tensor, scales: torch.Tensor, degrees: torch.Tensor, f
     grid, so flipped samples use the grid with that row of the matrix negated: one grid, one grid_sample.
     """
     n, _, *shape = x.shape
-    theta64 = _affine_theta(scales, degrees, shape)
+    theta64 = affine_theta(scales, degrees, shape)
     flipped = torch.zeros(n, 3, dtype=torch.bool) if flips is None else flips.to("cpu", torch.bool)
     flipped = flipped.flip(1)  # per grid component (z, y, x)
     sign = torch.where(flipped, -1.0, 1.0).to(theta64.device, torch.float64)
     theta = (theta64 * sign[:, :, None]).to(x.device, x.dtype)
     # The grid, component c = sum_k theta[c, k] * base_k with base (z, y, x) = linspace(-1, 1) per axis, as
-    # affine_grid with align_corners=True (whose batched matmul with K = 4 is several times slower on CPU).
+    # affine_grid with align_corners=True (whose batched matmul with K = 4 is slower on CPU).
     bases = [torch.linspace(-1, 1, s, dtype=x.dtype, device=x.device) for s in shape]  # x, y, z
     grid = torch.empty(n, *shape, 3, dtype=x.dtype, device=x.device)
     inside = None
@@ -272,9 +258,9 @@ def affine_batch(x: torch.Tensor, scales: torch.Tensor, degrees: torch.Tensor, f
 
 def _component_bounds(n: int, dtype: torch.dtype, flipped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (lower, upper) (N,) in ``dtype`` with ``lower <= v < upper`` exactly when g = +-v (minus where
-    ``flipped``) passes the inside test of :func:`_inside_bounds`: lo <= -v < hi is -hi < v <= -lo, i.e.
+    ``flipped``) passes the inside test of :func:`inside_bounds`: lo <= -v < hi is -hi < v <= -lo, i.e.
     v >= next(-hi) and v < next(-lo), next = the following representable number."""
-    lo, hi = (torch.tensor(b, dtype=dtype) for b in _inside_bounds(n, dtype))
+    lo, hi = (torch.tensor(b, dtype=dtype) for b in inside_bounds(n, dtype))
     inf = torch.tensor(math.inf, dtype=dtype)
     lower = torch.where(flipped, torch.nextafter(-hi, inf), lo)
     upper = torch.where(flipped, torch.nextafter(-lo, inf), hi)
@@ -282,7 +268,7 @@ def _component_bounds(n: int, dtype: torch.dtype, flipped: torch.Tensor) -> tupl
 
 
 @functools.cache
-def _inside_bounds(n: int, dtype: torch.dtype) -> tuple[float, float]:
+def inside_bounds(n: int, dtype: torch.dtype) -> tuple[float, float]:
     """Bounds (lo, hi) with ``lo <= g < hi`` exactly when ``augment.affine``'s inside test on a normalised grid
     coordinate g holds: ``(g + 1) * half >= -0.5`` and ``< n - 0.5`` in ``dtype`` (half = (n - 1) / 2).
 
@@ -317,14 +303,9 @@ def _reflect(index: torch.Tensor, n: int) -> torch.Tensor:
 def _blur_matrices(sigmas: torch.Tensor, n: int) -> torch.Tensor:
     """(N, n, n) float64 matrices M with ``M @ v`` = the 1D Gaussian filter of ``augment.blur`` on v (per sample
     sigma (N,)): kernel truncated at int(4 sigma + 0.5), normalised, border reflected into the matrix."""
-    sigmas = sigmas.double()
-    skip = sigmas <= _SIGMA_EPS
-    radius = torch.where(skip, 0, torch.floor(_TRUNCATE * sigmas + 0.5)).long()
-    r_max = int(radius.max())
+    _, kernel = gaussian_taps(sigmas.double())  # (N, K)
+    r_max = (kernel.shape[-1] - 1) // 2
     taps = torch.arange(-r_max, r_max + 1, dtype=torch.float64, device=sigmas.device)
-    safe = torch.where(skip, 1.0, sigmas)[:, None]
-    kernel = torch.exp(-0.5 * taps**2 / safe**2) * (taps.abs() <= radius[:, None])  # (N, K)
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
     source = _reflect(torch.arange(n, device=sigmas.device)[:, None] + taps.long(), n)  # (n, K)
     matrices = torch.zeros(len(sigmas), n, n, dtype=torch.float64, device=sigmas.device)
     return matrices.scatter_add_(2, source.expand(len(sigmas), n, -1), kernel[:, None, :].expand(-1, n, -1))
@@ -416,7 +397,7 @@ def z_normalize_batch(x: torch.Tensor) -> torch.Tensor:
     sample becomes zeros.
 
     One float64 copy normalised in place (two-pass variance via the 2-norm of the deviations; torch's per-row
-    Welford is several times slower on CPU). A float32 (or narrower) sample is constant exactly when the
+    Welford is slower on CPU). A float32 (or narrower) sample is constant exactly when the
     norm is 0: such values summed in float64 are exact when they are all equal, so the mean is then the
     value itself, and distinct values never subtract to 0. float64 samples are compared instead.
     """
@@ -433,48 +414,13 @@ def z_normalize_batch(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ parameters
 
 
-def sample_batch_params(
-    generator: torch.Generator, n: int, cfg: AugmentConfig, shape, with_swap: bool
-) -> dict[str, torch.Tensor]:
-    """Parameters of ``n`` views of spatial ``shape`` in a few draws, on the generator's device.
-
-    Same distributions as augment.py's ``sample_*`` (not the same stream). Keys: ``flip`` (n, 3) bool,
-    ``scales``, ``degrees``, ``sigmas`` (n, 3) float64, ``noise_std``, ``gamma`` (n,) float64 and, with
-    ``with_swap``, ``swap`` (n, iterations, 2, 3) int64 patch starts plus ``swap_patch`` (the patch size tuple).
-    """
-    dev = generator.device
-
-    def uniform(bounds, *size):
-        low, high = bounds
-        return low + (high - low) * torch.rand(size, generator=generator, dtype=torch.float64, device=dev)
-
-    allowed = torch.tensor([a in cfg.flip_axes for a in range(3)], device=dev)
-    params = {
-        "flip": (torch.rand(n, 3, generator=generator, device=dev) < cfg.flip_probability) & allowed,
-        "scales": uniform(cfg.scales, n, 3),
-        "degrees": uniform(cfg.degrees, n, 3),
-        "sigmas": uniform(cfg.blur_std, n, 3),
-        "noise_std": uniform(cfg.noise_std, n),
-        "gamma": torch.exp(uniform(cfg.log_gamma, n)),
-    }
-    if with_swap:
-        limit = swap_limit(shape, cfg).to(dev)
-        size = (n, cfg.swap_iterations, 2, 3)
-        starts = (torch.rand(size, generator=generator, dtype=torch.float64, device=dev) * limit).floor().long()
-        # Redraw second patches equal to their first, as sample_swap (rejection keeps the distribution).
-        while (same := (starts[:, :, 0] == starts[:, :, 1]).all(dim=-1)).any():
-            redraw = torch.rand(int(same.sum()), 3, generator=generator, dtype=torch.float64, device=dev)
-            starts[:, :, 1][same] = (redraw * limit).floor().long()
-        params["swap"] = starts
-        params["swap_patch"] = tuple(cfg.swap_patch)
-    return params
-
-
 def stack_view_params(
     generator: torch.Generator, n: int, cfg: AugmentConfig, shape, with_swap: bool
 ) -> dict[str, torch.Tensor]:
     """The parameters augment.py's per-view samplers draw for ``n`` views, view after view (flip, affine,
-    blur, noise std, gamma, swap), stacked into the layout of :func:`sample_batch_params`."""
+    blur, noise std, gamma, swap), stacked as the batched ops take them: ``flip`` (n, 3) bool, ``scales``,
+    ``degrees``, ``sigmas`` (n, 3) float64, ``noise_std``, ``gamma`` (n,) float64 and, with ``with_swap``,
+    ``swap`` (n, iterations, 2, 3) int64 patch starts plus ``swap_patch`` (the patch size tuple)."""
     views = []
     for _ in range(n):
         axes = sample_flip(generator, cfg)
@@ -494,11 +440,6 @@ def stack_view_params(
     if with_swap:
         params["swap_patch"] = tuple(cfg.swap_patch)
     return params
-
-
-def params_to(params: dict, device: str | torch.device) -> dict:
-    """``params`` with every tensor moved to ``device`` (non-blocking from pinned memory)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in params.items()}
 
 
 # ------------------------------------------------------------------------------------------- pipelines

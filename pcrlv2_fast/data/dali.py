@@ -65,10 +65,10 @@ import numpy as np
 import torch
 
 from . import native
-from .augment import _SIGMA_EPS, _TRUNCATE, normal_field
-from .batched import _affine_theta, _inside_bounds, swap_batch, z_normalize_batch
+from .augment import gaussian_taps, normal_field
+from .batch import batch_dict, cat_params, draw_batch
+from .batched import affine_theta, inside_bounds, swap_batch, z_normalize_batch
 from .dataset import PretrainDataset
-from .loader import _cat, batch_dict, draw_batch
 
 __all__ = ["DaliLoader", "dali_available", "dali_load_error", "INSTALL_HINT"]
 
@@ -118,14 +118,9 @@ def _dali():
 def _blur_kernels(sigmas: torch.Tensor) -> list[list[np.ndarray]]:
     """Per view (N) and axis (x, y, z): the float32 1D kernel of ``augment.blur`` for (N, 3) sigmas, shaped for
     the filter passes of :class:`_ViewPipeline` ((k, 1) for x, (1, k) for y and z); [[1]] for a skipped axis."""
-    sigmas = sigmas.to("cpu", torch.float64)
-    skip = sigmas <= _SIGMA_EPS
-    radius = torch.where(skip, 0, torch.floor(_TRUNCATE * sigmas + 0.5)).long()  # int(4 sigma + 0.5)
-    r_max = int(radius.max()) if radius.numel() else 0
-    taps = torch.arange(-r_max, r_max + 1, dtype=torch.float64)
-    safe = torch.where(skip, 1.0, sigmas)[..., None]
-    table = torch.exp(-0.5 * taps**2 / safe**2) * (taps.abs() <= radius[..., None])  # (N, 3, 2 R + 1)
-    table = (table / table.sum(dim=-1, keepdim=True)).float().numpy()
+    radius, table = gaussian_taps(sigmas.to("cpu", torch.float64))  # table (N, 3, 2 R + 1)
+    r_max = (table.shape[-1] - 1) // 2
+    table = table.float().numpy()
     shapes = ((-1, 1), (1, -1), (1, -1))
     return [[np.ascontiguousarray(table[n, a, r_max - r : r_max + r + 1]).reshape(shapes[a])
              for a, r in enumerate(radius[n].tolist())] for n in range(len(sigmas))]
@@ -146,9 +141,9 @@ def _warp_matrices(params: dict, shape: Sequence[int]) -> np.ndarray:
 def _inside_masks(params: dict, shape: Sequence[int], device: torch.device) -> torch.Tensor:
     """(N, *shape) bool: the voxels ``augment.affine`` interpolates (source index in [-0.5, n - 0.5) on every
     axis), decided as ``batched.affine_batch`` decides them: the same float32 grid (theta times linspace
-    bases, summed z + y + x) compared with the exact thresholds of ``batched._inside_bounds``."""
+    bases, summed z + y + x) compared with the exact thresholds of ``batched.inside_bounds``."""
     n = len(params["scales"])
-    theta = _affine_theta(params["scales"], params["degrees"], shape).to(device, torch.float32)
+    theta = affine_theta(params["scales"], params["degrees"], shape).to(device, torch.float32)
     bases = [torch.linspace(-1, 1, s, dtype=torch.float32, device=device) for s in shape]  # x, y, z
     grid = torch.empty((n, *shape), dtype=torch.float32, device=device)
     inside = torch.ones((n, *shape), dtype=torch.bool, device=device)
@@ -158,7 +153,7 @@ def _inside_masks(params: dict, shape: Sequence[int], device: torch.device) -> t
         ty = theta[:, c, 1, None] * bases[1]
         tx = theta[:, c, 2, None] * bases[0]
         torch.add(tz[:, None, None, :] + ty[:, None, :, None], tx[:, :, None, None], out=grid)
-        lo, hi = _inside_bounds(int(shape[2 - c]), torch.float32)
+        lo, hi = inside_bounds(int(shape[2 - c]), torch.float32)
         inside.logical_and_(torch.ge(grid, lo, out=ok))
         inside.logical_and_(torch.lt(grid, hi, out=ok))
     return inside
@@ -187,7 +182,6 @@ class _ViewPipeline:
         self.gpu = device_id is not None
         self.n_outputs = int(keep_spatial) + 1
         self._feed_ndarray = d["feed_ndarray"]
-        x_n, y_n, z_n = self.out_size
         device = "gpu" if self.gpu else "cpu"
         to_dev = (lambda node: node.gpu()) if self.gpu else (lambda node: node)  # noqa: E731
         raw_dtype = np.dtype(raw_dtype)
@@ -207,36 +201,40 @@ class _ViewPipeline:
                 window = to_dev(fn.external_source(name="window", dtype=types.FLOAT))
                 x = dmath.clamp((x - window[0]) / window[1], window[2], window[3])
             x = fn.resize(x, size=list(self.out_size), antialias=False, interp_type=types.INTERP_LINEAR)
-            if augment:
-                flip = fn.external_source(name="flip", dtype=types.INT32)
-                matrix = fn.external_source(name="matrix", dtype=types.FLOAT)
-                kernels = [to_dev(fn.external_source(name=k, dtype=types.FLOAT)) for k in ("kx", "ky", "kz")]
-                noise_gamma = to_dev(fn.external_source(name="noise_gamma", dtype=types.FLOAT))
-                # Computed by torch on the output device and read there (see _inside_masks).
-                inside = fn.external_source(name="inside", layout="DHWC", dtype=types.BOOL, device=device)
-                field = fn.external_source(name="field", layout="DHWC", dtype=types.FLOAT, device=device)
-                # Flip (layout D, H, W = x, y, z), then the affine resampling with edge clamping; outside the
-                # band the view's minimum (inside is 0/1: each voxel takes exactly one of the two terms).
-                x = fn.flip(x, depthwise=flip[0], vertical=flip[1], horizontal=flip[2])
-                sampled = fn.warp_affine(x, matrix=matrix, interp_type=types.INTERP_LINEAR)
-                x = sampled * inside + fn.reductions.min(x) * (1 - inside)
-                spatial = x
-                # Separable blur: each pass makes its axis an image axis (reshapes are free).
-                y = fn.reshape(x, shape=[x_n, y_n * z_n], layout="HW")
-                y = fn.filter(y, kernels[0], border="reflect_1001")
-                y = fn.reshape(y, shape=[x_n, y_n, z_n], layout="HWC")
-                y = fn.filter(y, kernels[1], border="reflect_1001")
-                y = fn.reshape(y, shape=[x_n * y_n, z_n], layout="HW")
-                y = fn.filter(y, kernels[2], border="reflect_1001")
-                y = fn.reshape(y, shape=[x_n, y_n, z_n, 1], layout="DHWC")
-                y = y + field * noise_gamma[0]
-                # sign(y) |y|^g: at y = 0 the power is 0, so the sign factor's -1 there gives -0 (equal to 0).
-                x = dmath.pow(dmath.abs(y), noise_gamma[1]) * ((y > 0) * 2.0 - 1.0)
-            else:
-                spatial = x
+            spatial, x = self._augment(x, d, to_dev, device) if augment else (x, x)
             outputs = [fn.normalize(x, ddof=1) if normalize else x]
             self.pipe.set_outputs(*([spatial] if keep_spatial else []), *outputs)
         self.pipe.build()
+
+    def _augment(self, x, d: dict, to_dev, device: str):
+        """The augmentation graph on the resized crop ``x``: (spatial view, augmented view before normalisation)."""
+        fn, dmath, types = d["fn"], d["math"], d["types"]
+        x_n, y_n, z_n = self.out_size
+        flip = fn.external_source(name="flip", dtype=types.INT32)
+        matrix = fn.external_source(name="matrix", dtype=types.FLOAT)
+        kernels = [to_dev(fn.external_source(name=k, dtype=types.FLOAT)) for k in ("kx", "ky", "kz")]
+        noise_gamma = to_dev(fn.external_source(name="noise_gamma", dtype=types.FLOAT))
+        # Computed by torch on the output device and read there (see _inside_masks).
+        inside = fn.external_source(name="inside", layout="DHWC", dtype=types.BOOL, device=device)
+        field = fn.external_source(name="field", layout="DHWC", dtype=types.FLOAT, device=device)
+        # Flip (layout D, H, W = x, y, z), then the affine resampling with edge clamping; outside the
+        # band the view's minimum (inside is 0/1: each voxel takes exactly one of the two terms).
+        x = fn.flip(x, depthwise=flip[0], vertical=flip[1], horizontal=flip[2])
+        sampled = fn.warp_affine(x, matrix=matrix, interp_type=types.INTERP_LINEAR)
+        x = sampled * inside + fn.reductions.min(x) * (1 - inside)
+        spatial = x
+        # Separable blur: each pass makes its axis an image axis (reshapes are free).
+        y = fn.reshape(x, shape=[x_n, y_n * z_n], layout="HW")
+        y = fn.filter(y, kernels[0], border="reflect_1001")
+        y = fn.reshape(y, shape=[x_n, y_n, z_n], layout="HWC")
+        y = fn.filter(y, kernels[1], border="reflect_1001")
+        y = fn.reshape(y, shape=[x_n * y_n, z_n], layout="HW")
+        y = fn.filter(y, kernels[2], border="reflect_1001")
+        y = fn.reshape(y, shape=[x_n, y_n, z_n, 1], layout="DHWC")
+        y = y + field * noise_gamma[0]
+        # sign(y) |y|^g: at y = 0 the power is 0, so the sign factor's -1 there gives -0 (equal to 0).
+        x = dmath.pow(dmath.abs(y), noise_gamma[1]) * ((y > 0) * 2.0 - 1.0)
+        return spatial, x
 
     def run(self, feeds: dict, device: torch.device) -> list[torch.Tensor]:
         """Feed one batch (every input: a list of per-view arrays or one stacked array) and return the outputs
@@ -360,14 +358,14 @@ class DaliLoader:
         ds, crop = self.dataset, self.dataset.crop
         volume_index, g_boxes, l_boxes, g_params, l_params = draw_batch(ds, indices)
         b, n_global, n_local = len(indices), g_boxes.shape[1], l_boxes.shape[1]
-        gp = _cat(g_params) if ds.augment else None
+        gp = cat_params(g_params) if ds.augment else None
         spatial, x = self._views("global", np.repeat(volume_index, n_global), g_boxes.reshape(-1, 6), gp, n_global)
         gt = spatial[0::n_global]
         if ds.augment:
             # The patch swap has no DALI op; the z-normalisation must follow it.
             x = z_normalize_batch(swap_batch(x, gp["swap"], gp["swap_patch"]))
         if n_local:
-            lp = _cat(l_params) if ds.augment else None
+            lp = cat_params(l_params) if ds.augment else None
             (loc,) = self._views("local", np.repeat(volume_index, n_local), l_boxes.reshape(-1, 6), lp, n_local)
         else:
             loc = torch.empty((0, 1, *crop.local_out), dtype=torch.float32, device=self.device)

@@ -440,6 +440,15 @@ def _dicom_vector(header: sitk.ImageFileReader, tag: str, n: int) -> np.ndarray 
 def _check_dicom_slices(folder: Path, files: list[Path]) -> None:
     """Raise ScanError unless the slices of a single-frame series share one orientation and lie on an evenly
     spaced grid along the slice normal (no missing, doubled or irregularly spaced slices)."""
+    positions, orientations = _dicom_geometry(folder, files)
+    common = _common_orientation(folder, files, orientations)
+    along = np.array(positions) @ np.cross(common[:3], common[3:])  # mm along the slice normal
+    order = np.argsort(along, kind="stable")
+    _check_slice_steps(folder, along[order], [files[i].name for i in order])
+
+
+def _dicom_geometry(folder: Path, files: list[Path]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each slice's ImagePositionPatient and ImageOrientationPatient; a ScanError names the slices lacking them."""
     positions, orientations, untagged = [], [], []
     for file in files:
         try:
@@ -459,7 +468,11 @@ def _check_dicom_slices(folder: Path, files: list[Path]) -> None:
             f"ImageOrientationPatient (0020,0037): {_listed(untagged)}. Without them the slices cannot be placed "
             "in 3D; export the series with its geometry tags, or convert it to NIfTI/NRRD with a tool you trust."
         )
-    # The orientation most slices share is the series'; the others are named.
+    return positions, orientations
+
+
+def _common_orientation(folder: Path, files: list[Path], orientations: list[np.ndarray]) -> np.ndarray:
+    """The orientation most slices share (the series'); a ScanError names the slices at others."""
     counts = Counter(tuple(np.round(o / _DICOM_ORIENTATION_TOL).astype(np.int64)) for o in orientations)
     key = counts.most_common(1)[0][0]
     common = next(o for o in orientations if tuple(np.round(o / _DICOM_ORIENTATION_TOL).astype(np.int64)) == key)
@@ -471,10 +484,12 @@ def _check_dicom_slices(folder: Path, files: list[Path]) -> None:
             f"orientations: {_listed(differing)}. The folder mixes acquisitions (e.g. localizer and axial slices) "
             "under one SeriesInstanceUID; move the slices of each orientation into their own folder."
         )
-    normal = np.cross(common[:3], common[3:])
-    along = np.array(positions) @ normal  # mm along the slice normal
-    order = np.argsort(along, kind="stable")
-    along, names = along[order], [files[i].name for i in order]
+    return common
+
+
+def _check_slice_steps(folder: Path, along: np.ndarray, names: list[str]) -> None:
+    """Sorted slice positions ``along`` the normal (mm) must be evenly spaced: no doubled position, no gap, no
+    slice off the grid. Each problem is one ScanError naming the slices."""
     steps = np.diff(along)
     # The reference step ignores doubled positions, which would otherwise drag the median to 0.
     distinct = steps[steps > 1e-6 * max(1.0, float(along[-1] - along[0]))]
@@ -694,7 +709,8 @@ def _resample(image: sitk.Image, spacing: tuple[float, float, float], fill: floa
     return resampler.Execute(image)
 
 
-def _scale(array: np.ndarray, modality: str, hu_window: tuple[float, float]) -> np.ndarray:
+def scale_to_unit(array: np.ndarray, modality: str, hu_window: tuple[float, float]) -> np.ndarray:
+    """float32 intensities mapped to [0, 1]: CT through ``hu_window``, MR through its own percentile window."""
     lo, hi = hu_window if modality == "ct" else mr_window(array)
     scaled = (np.clip(array, lo, hi) - lo) / (hi - lo)
     return scaled.astype(np.float32)
@@ -783,7 +799,7 @@ def load_scan(
     return Volume(
         name=scan_name(scan.path),
         source=scan.path,
-        array=_scale(scan.array, scan.modality, hu_window),
+        array=scale_to_unit(scan.array, scan.modality, hu_window),
         spacing=scan.spacing,
         modality=scan.modality,
         origin=scan.origin,

@@ -7,18 +7,18 @@
    dataset's own code), and ``augment.draw_sample_params`` draws the augmentation parameters from that
    generator: the very function the dataset draws with (noise seeds included), so every parameter and every
    noise value is the one the dataset uses;
-2. all global crops of the batch, then all local crops, are cut and resized in one go: backend ``torch``
-   with :class:`~pcrlv2_fast.data.batched.VolumeBank` (on any device), backend ``native`` with the C++
+2. all global crops of the batch, then all local crops, are cut and resized in one go: loader ``torch``
+   with :class:`~pcrlv2_fast.data.batched.VolumeBank` (on any device), loader ``native`` with the C++
    ``native.crop_resize`` per volume, straight from the (memory-mapped) arrays into a preallocated buffer;
 3. the batched ops of :mod:`~pcrlv2_fast.data.batched` augment the stacked global and local views. Backend
    ``native`` with augmentation instead runs the whole chain per view in C++ (``native.views``: crop +
    resize, flip + affine, blur + noise + gamma + swap + z-normalisation), so each view's intermediates stay
    in the core's cache; only the views and the targets are written to memory.
 
-The native backend writes a batch's tensors into output buffers it keeps and reuses once nothing references a
-batch any more (``BatchLoader._buffer``): multi-MB tensors allocated fresh for every batch cost a page fault per
-4 KiB (a fifth of the loader's time at batch 32). A batch the caller still holds, or any tensor or view of it,
-is never written again.
+The native loader writes a batch's tensors into output buffers leased from a :class:`BufferPool`: the caller
+returns them with ``batch.release()`` once it reads the batch no more (the trainer does after the step that used
+it), and later batches reuse them instead of page-faulting fresh multi-MB tensors in. A batch that was not
+released is never written again.
 
 The outputs equal the dataset's element-wise up to float rounding (the tests bound it by 1e-4). One
 difference: a volume whose window is (0, 1) is used as is by the dataset, while the crop kernels here clip
@@ -34,12 +34,12 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import native
-from .augment import draw_sample_params
-from .batched import VolumeBank, intensity_batch, spatial_batch, z_normalize_batch
+from . import dali, native
+from .batch import batch_dict, cat_params, draw_batch
+from .batched import VolumeBank, augment_batch, z_normalize_batch
 from .dataset import PretrainDataset
 
-__all__ = ["LOADERS", "BatchLoader", "bank_bytes", "default_loader", "draw_sample_params", "gpu_cache_choice",
+__all__ = ["LOADERS", "Batch", "BatchLoader", "BufferPool", "bank_bytes", "default_loader", "gpu_cache_choice",
            "resolve_loader"]
 
 LOADERS = ("dataset", "torch", "native", "dali")
@@ -58,11 +58,8 @@ def resolve_loader(name: str) -> str:
         raise ValueError(f"loader must be one of {LOADERS}, got {name!r}")
     if name == "native" and not native.available():
         raise ValueError(f"--loader native needs the C++ extension: {native.load_error()}")
-    if name == "dali":
-        from .dali import dali_load_error  # dali.py imports this module
-
-        if (error := dali_load_error()) is not None:
-            raise ValueError(error)
+    if name == "dali" and (error := dali.dali_load_error()) is not None:
+        raise ValueError(error)
     return name
 
 
@@ -89,64 +86,59 @@ def gpu_cache_choice(need: int, budget: float, native_ok: bool) -> tuple[str, st
                       "(--gpu-cache-gb): the native loader builds the batches on the CPU into pinned buffers instead")
 
 
-def draw_batch(dataset: PretrainDataset, indices: Sequence[int]):
-    """The draws of the items ``indices``, as the per-sample dataset makes them: ``(volume_index (B,), global
-    boxes (B, 2, 6), local boxes (B, n_local, 6), global params, local params)`` (int64 arrays; per-sample
-    ``augment.draw_sample_params`` dicts, empty lists without augmentation)."""
-    if len(indices) == 0:
-        raise ValueError("a batch needs at least one index")
-    crop = dataset.crop
-    volume_index, global_boxes, local_boxes, g_params, l_params = [], [], [], [], []
-    for index in indices:
-        v, boxes, generator = dataset.sample_geometry(int(index))
-        volume_index.append(v)
-        global_boxes.append(boxes.global_boxes.astype(np.int64))
-        local_boxes.append(boxes.local_boxes.astype(np.int64).reshape(-1, 6))
-        if dataset.augment:
-            gp, lp = draw_sample_params(generator, dataset.augment_cfg, crop.global_out, crop.local_out,
-                                        crop.n_local)
-            g_params.append(gp)
-            l_params.append(lp)
-    return (np.asarray(volume_index, dtype=np.int64), np.stack(global_boxes), np.stack(local_boxes), g_params,
-            l_params)
+class BufferPool:
+    """Output buffers of released batches, handed out again for later batches of the same shape.
+
+    Fresh multi-MB tensors are page-faulted in on every batch; reused ones are already mapped
+    (``benchmarks/results`` has the measurement). A buffer is in the pool only between its batch's
+    :meth:`Batch.release` and its next use, so a batch that was not released is never written again; one released
+    with ``after`` (a ``torch.cuda.Event``, anything with ``query()``) waits until that has completed, e.g. the
+    asynchronous host-to-device copy that reads it. At most ``size`` buffers wait; older ones are dropped.
+    """
+
+    def __init__(self, pin_memory: bool = False, size: int = 12):
+        self.pin_memory = pin_memory
+        self.size = size
+        self.reused = 0  # buffers handed out again (for tests and profiling)
+        self._free: list[tuple[torch.Tensor, object]] = []
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """A float32 CPU tensor of ``shape``: a released one whose ``after`` has completed, else a new one."""
+        with self._lock:
+            for i, (t, after) in enumerate(self._free):
+                if tuple(t.shape) == shape and (after is None or after.query()):
+                    del self._free[i]
+                    self.reused += 1
+                    return t
+        return torch.empty(shape, dtype=torch.float32, pin_memory=self.pin_memory)
+
+    def give_back(self, tensors: Sequence[torch.Tensor], after=None) -> None:
+        with self._lock:
+            self._free.extend((t, after) for t in tensors)
+            del self._free[:max(0, len(self._free) - self.size)]
 
 
-def batch_dict(x1: torch.Tensor, x2: torch.Tensor, gt: torch.Tensor, locals_: torch.Tensor, volume_index: np.ndarray,
-               global_boxes: np.ndarray, local_boxes: np.ndarray) -> dict:
-    """The batch dict every batch loader returns (see :class:`BatchLoader`); ``locals_`` (B * n_local, 1, ...)
-    sample-major."""
-    b, n_local = len(volume_index), local_boxes.shape[1]
-    return {
-        "x1": x1,
-        "x2": x2,
-        "gt": gt,
-        "locals": locals_.view(b, n_local, *locals_.shape[1:]),
-        "global_boxes": torch.from_numpy(global_boxes),
-        "local_boxes": torch.from_numpy(local_boxes),
-        "volume_index": torch.from_numpy(volume_index),
-    }
+class Batch(dict):
+    """A batch dict (see :class:`BatchLoader`) that may hold leased output buffers: :meth:`release` returns them
+    to the loader's pool once the caller reads none of the batch's tensors any more (no tensor or view of it is
+    used afterwards). Not releasing a batch is always safe: its buffers are then simply not reused."""
 
+    def __init__(self, data: dict, pool: BufferPool | None = None, buffers: Sequence[torch.Tensor] = ()):
+        super().__init__(data)
+        self._pool, self._buffers = pool, list(buffers)
 
-def _unreferenced(t: torch.Tensor) -> bool:
-    """True when ``t``'s storage is referenced by ``t`` alone (and is not in shared memory): its memory may be
-    written again. False when that cannot be read (torch without the storage use count)."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    if use_count is None or t.is_shared():
-        return False
-    # Two references: t itself and the temporary storage object made to ask.
-    return use_count(t.untyped_storage()._cdata) == 2
-
-
-def _cat(params: list[dict]) -> dict:
-    """Per-sample parameter dicts concatenated along the view axis (sample-major)."""
-    return {k: (torch.cat([p[k] for p in params]) if isinstance(params[0][k], torch.Tensor) else params[0][k])
-            for k in params[0]}
+    def release(self, after=None) -> None:
+        """Return the buffers (once; later calls do nothing), reusable when ``after`` (if given) has completed."""
+        if self._pool is not None and self._buffers:
+            self._pool.give_back(self._buffers, after)
+        self._buffers = []
 
 
 class BatchLoader:
     """Batches of ``dataset``'s items (same seed, epoch, crops and augmentations), built a batch at a time.
 
-    ``backend``: ``"torch"`` (a :class:`VolumeBank` on ``device``; the volumes are copied into it once) or
+    ``loader``: ``"torch"`` (a :class:`VolumeBank` on ``device``; the volumes are copied into it once) or
     ``"native"`` (CPU, the C++ extension reading the arrays in place; ``num_threads`` OpenMP threads, default
     torch's; ``pin_memory`` puts its output buffers in page-locked memory). ``loader.batches(batch_indices)``
     yields, for each list of item indices, the dict a
@@ -155,18 +147,19 @@ class BatchLoader:
     (B, n_local, 6) and ``volume_index`` (B,). Call ``dataset.set_epoch`` first, as for the DataLoader.
     """
 
-    def __init__(self, dataset: PretrainDataset, backend: str = "torch", device: str | torch.device = "cpu",
+    def __init__(self, dataset: PretrainDataset, loader: str = "torch", device: str | torch.device = "cpu",
                  num_threads: int | None = None, pin_memory: bool = False):
-        if backend not in ("torch", "native"):
-            raise ValueError(f"BatchLoader backend must be 'torch' or 'native', got {backend!r}")
-        resolve_loader(backend)
+        if loader not in ("torch", "native"):
+            raise ValueError(f"BatchLoader's loader must be 'torch' or 'native', got {loader!r}")
+        resolve_loader(loader)
         self.dataset = dataset
-        self.backend = backend
+        self.loader_name = loader
         self.device = torch.device(device)
         self.num_threads = num_threads
         # Native output buffers in page-locked memory: their host-to-device copies can run asynchronously.
         self.pin_memory = pin_memory
-        if backend == "native":
+        self.pool = BufferPool(pin_memory)  # the native loader's output buffers
+        if loader == "native":
             if self.device.type != "cpu":
                 raise ValueError(f"the native loader runs on the CPU, got device {self.device}")
             for v in dataset.volumes:
@@ -175,10 +168,7 @@ class BatchLoader:
                                      f"got {v.array.dtype}; use --loader torch")
             self.bank = None
             # Torch views of the (memory-mapped) arrays, made once: no copies, the pages stay the maps'.
-            self._tensors = [native._volume_tensor(v.array) for v in dataset.volumes]
-            # Output buffers handed out before, reused once nothing references them any more (see _buffer).
-            self._pool: list[torch.Tensor] = []
-            self._pool_lock = threading.Lock()
+            self._tensors = [native.volume_tensor(v.array) for v in dataset.volumes]
         else:
             windows = [tuple(float(w) for w in v.window) for v in dataset.volumes]
             plain = all(w == (0.0, 1.0) for w in windows)
@@ -199,42 +189,28 @@ class BatchLoader:
                                num_threads=self.num_threads)
         return buffer
 
-    _POOL_SIZE = 12
+    def _lease(self, leased: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        """An output buffer from the pool, noted in ``leased`` (the batch's buffers, returned when it is released)."""
+        leased.append(self.pool.take(shape))
+        return leased[-1]
 
-    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """A float32 CPU tensor of ``shape`` for a batch's output: one returned earlier whose storage nothing
-        references any more (no tensor, view or numpy array of the caller's; never one moved to shared memory,
-        as DataLoader workers do), else a new one. Fresh multi-MB tensors are page-faulted in on every batch
-        (at batch 32 that was a fifth of the native loader's time); reused ones are already mapped."""
-        # The caller gets an alias (its own tensor object on the same storage), so the storage's use count sees
-        # every reference the caller keeps; the pool's tensor alone is never handed out. Check and claim happen
-        # under a lock, so two threads never get the same buffer.
-        with self._pool_lock:
-            for t in self._pool:
-                if tuple(t.shape) == shape and _unreferenced(t):
-                    return t.view(shape)
-            t = torch.empty(shape, dtype=torch.float32, pin_memory=self.pin_memory)
-            if _unreferenced(t):  # the storage use count is readable: keep it for later batches
-                self._pool.append(t)
-                if len(self._pool) > self._POOL_SIZE:
-                    self._pool.pop(0)
-            return t.view(shape)
-
-    def _views(self, volume_index: np.ndarray, boxes: np.ndarray, out_size, params: dict, keep: int = 0,
-               order=None):
+    def _views(self, volume_index: np.ndarray, boxes: np.ndarray, out_size, params: dict, leased: list,
+               keep: int = 0, order=None):
         """``native.views`` of the batch's views (only the volumes they use are passed): (views, the spatial
         result of the first ``keep`` views or None)."""
         used, local = np.unique(volume_index, return_inverse=True)
         used = used.tolist()
-        spatial = self._buffer((keep, 1, *out_size)) if keep else None
+        spatial = self._lease(leased, (keep, 1, *out_size)) if keep else None
         out = native.views([self._tensors[k] for k in used], [self.dataset.volumes[k].window for k in used], local,
-                           boxes, out_size, params, spatial_out=spatial, out=self._buffer((len(boxes), 1, *out_size)),
+                           boxes, out_size, params, spatial_out=spatial,
+                           out=self._lease(leased, (len(boxes), 1, *out_size)),
                            order=order, num_threads=self.num_threads)
         return out, spatial
 
     # ------------------------------------------------------------------------------------- batches
-    def batch(self, indices: Sequence[int]) -> dict:
-        """The batch of items ``indices`` (the dataset's current epoch)."""
+    def batch(self, indices: Sequence[int]) -> Batch:
+        """The batch of items ``indices`` (the dataset's current epoch); release it (:meth:`Batch.release`) when
+        done with it so that the native loader can reuse its buffers."""
         ds, crop = self.dataset, self.dataset.crop
         volume_index, g_boxes, l_boxes, g_params, l_params = draw_batch(ds, indices)
         b, n_global, n_local = len(indices), g_boxes.shape[1], l_boxes.shape[1]
@@ -244,31 +220,31 @@ class BatchLoader:
         l_volumes, l_flat = np.repeat(volume_index, n_local), l_boxes.reshape(-1, 6)
         if ds.augment:
             view_major = torch.from_numpy(np.arange(b * n_global).reshape(b, n_global).T.reshape(-1))
-            gp = {k: (v[view_major] if isinstance(v, torch.Tensor) else v) for k, v in _cat(g_params).items()}
-            lp = _cat(l_params) if n_local else None
+            gp = {k: (v[view_major] if isinstance(v, torch.Tensor) else v) for k, v in cat_params(g_params).items()}
+            lp = cat_params(l_params) if n_local else None
         empty_locals = torch.empty((0, 1, *crop.local_out), dtype=torch.float32, device=self.device)
         if ds.augment and self.bank is None:
             # Native: crop, flip + affine and intensity fused per view (native.views), the target kept on the
             # way; each sample's two global views processed back to back (their boxes overlap: IoU > min_iou).
             sample_major = np.arange(b * n_global).reshape(n_global, b).T.reshape(-1)
-            x, gt = self._views(g_volumes, g_flat, tuple(crop.global_out), gp, keep=b, order=sample_major)
-            loc = self._views(l_volumes, l_flat, tuple(crop.local_out), lp)[0] if n_local else empty_locals
-            return batch_dict(x[:b], x[b:2 * b], gt, loc, volume_index, g_boxes, l_boxes)
+            leased: list[torch.Tensor] = []
+            x, gt = self._views(g_volumes, g_flat, tuple(crop.global_out), gp, leased, keep=b, order=sample_major)
+            loc = self._views(l_volumes, l_flat, tuple(crop.local_out), lp, leased)[0] if n_local else empty_locals
+            return Batch(batch_dict(x[:b], x[b:2 * b], gt, loc, volume_index, g_boxes, l_boxes), self.pool, leased)
         g = self._crop(g_volumes, g_flat, tuple(crop.global_out))
         loc = self._crop(l_volumes, l_flat, tuple(crop.local_out)) if n_local else empty_locals
-        if ds.augment:  # the torch backend: batched ops on the bank's device
-            spatial = spatial_batch(g, gp)
+        if ds.augment:  # the torch loader: batched ops on the bank's device
+            spatial, x = augment_batch(g, gp)
             gt = spatial[:b]
-            x = intensity_batch(spatial, gp)
             if n_local:
-                loc = intensity_batch(spatial_batch(loc, lp), lp)
+                loc = augment_batch(loc, lp)[1]
         else:
             gt = g[:b]
             x = z_normalize_batch(g)
             loc = z_normalize_batch(loc) if n_local else loc
-        return batch_dict(x[:b], x[b:2 * b], gt, loc, volume_index, g_boxes, l_boxes)
+        return Batch(batch_dict(x[:b], x[b:2 * b], gt, loc, volume_index, g_boxes, l_boxes))
 
-    def batches(self, batch_indices: Iterable[Sequence[int]]) -> Iterator[dict]:
+    def batches(self, batch_indices: Iterable[Sequence[int]]) -> Iterator[Batch]:
         """One batch per list of item indices, lazily."""
         for indices in batch_indices:
             yield self.batch(indices)

@@ -94,7 +94,7 @@ def _check_boxes(boxes, shape: tuple[int, ...]) -> np.ndarray:
     return arr
 
 
-def _volume_tensor(volume: np.ndarray) -> torch.Tensor:
+def volume_tensor(volume: np.ndarray) -> torch.Tensor:
     """A torch view of ``volume`` without copying it (works for read-only memory maps)."""
     array = np.asarray(volume)  # an np.memmap becomes a plain ndarray view of the same pages
     if array.ndim != 3:
@@ -128,7 +128,7 @@ def crop_resize(
     Returns (N, 1, *out_size), equal to the reference up to float rounding (max abs error < 1e-5).
     """
     ext = _require()
-    vol = _volume_tensor(volume)
+    vol = volume_tensor(volume)
     box_arr = _check_boxes(boxes, tuple(vol.shape))
     out_size = tuple(int(s) for s in out_size)
     if len(out_size) != 3 or min(out_size) < 1:
@@ -232,7 +232,7 @@ def _threads(num_threads: int | None) -> int:
 
 
 def normal_field(seeds, shape, num_threads: int | None = None) -> torch.Tensor:
-    """``augment.normal_field(seeds, shape, backend="torch")`` computed by the C++ kernel: (len(seeds), *shape)
+    """``augment.normal_field(seeds, shape, impl="torch")`` computed by the C++ kernel: (len(seeds), *shape)
     float32."""
     ext = _require()
     seeds = torch.as_tensor(seeds, dtype=torch.int64).reshape(-1).contiguous()
@@ -310,7 +310,7 @@ def views(volumes: Sequence[np.ndarray], windows, volume_index, boxes, out_size:
     ext = _require()
     # CPU tensors of a supported dtype are used as they are (a caller can convert its volumes once).
     vols = [v if isinstance(v, torch.Tensor) and v.dim() == 3 and v.device.type == "cpu"
-            and v.dtype in (torch.int16, torch.float16, torch.float32) else _volume_tensor(v) for v in volumes]
+            and v.dtype in (torch.int16, torch.float16, torch.float32) else volume_tensor(v) for v in volumes]
     window_arr = np.asarray(windows, dtype=np.float64).reshape(len(vols), 2)
     if not (np.isfinite(window_arr).all() and (window_arr[:, 1] > window_arr[:, 0]).all()):
         raise ValueError(f"windows must be finite (lo, hi) pairs with hi > lo, got {window_arr.tolist()}")

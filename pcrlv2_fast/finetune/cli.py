@@ -37,8 +37,14 @@ def _name_list(text: str) -> tuple[str, ...]:
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
+    from ..data.io import MODALITIES
+    from ..encoders import Classifier3D
+    from ..nn.blocks import NETWORK_ACTS, NORMS
+    from .model import MODES
+    from .options import PRECISIONS, TASKS
+
     # Defaults are None so that only the options given override the chosen preset.
-    p.add_argument("--task", required=True, choices=["seg", "cls"], help="segmentation or classification")
+    p.add_argument("--task", required=True, choices=TASKS, help="segmentation or classification")
     p.add_argument("--data", required=True,
                    help="a folder (imagesTr/ + labelsTr/, <case>_image/<case>_label files, or class folders for cls) "
                         "or a .csv/.json list of image/label pairs (NIfTI, NRRD, MetaImage)")
@@ -51,10 +57,10 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder: best.pt, metrics.jsonl, split.json, test metrics")
     p.add_argument("--label-fraction", type=_fraction, help="share of the training patients with labels: 0.05 or "
                    "5%% (paper: 5%%, 10%%, 20%%, 100%%; at least one patient; default 1)")
-    p.add_argument("--mode", choices=["full", "frozen", "linear"],
+    p.add_argument("--mode", choices=MODES,
                    help="full: train everything (default); frozen: encoder frozen, decoder/head trained; linear: "
                         "linear probe on the frozen encoder")
-    p.add_argument("--preset", default="cpu", choices=["cpu", "gpu"],
+    p.add_argument("--preset", default="cpu", choices=("cpu", "gpu"),
                    help="cpu (default: minutes on a CPU) or gpu (longer, larger patches, bf16)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--iters-per-epoch", type=int, help="optimizer steps per epoch")
@@ -68,17 +74,17 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
                    help="freeze the first N encoder stages in full mode")
     p.add_argument("--width", type=int, help="encoder width for --init random (default 32 = official); taken "
                    "from the checkpoint otherwise")
-    p.add_argument("--norm", choices=["bn", "gn", "in"], help="normalisation for fine-tuning (default: the "
+    p.add_argument("--norm", choices=NORMS, help="normalisation for fine-tuning (default: the "
                    "checkpoint's; affine weights carry over)")
-    p.add_argument("--act", choices=["relu", "prelu", "elu"])
-    p.add_argument("--pool", choices=["avg", "max", "avgmax"], help="classifier pooling")
+    p.add_argument("--act", choices=NETWORK_ACTS)
+    p.add_argument("--pool", choices=Classifier3D.POOLS, help="classifier pooling")
     p.add_argument("--dropout", type=float, help="classifier dropout")
     p.add_argument("--seed", type=int, help="seeds the split, the label subset, sampling and initialisation")
     p.add_argument("--val-fraction", type=float, help="share of patients for validation (default 0.2)")
     p.add_argument("--test-fraction", type=float, help="share of patients for testing (default 0.2)")
     p.add_argument("--spacing", type=float, nargs="+", metavar="MM",
                    help="resample to this spacing (one value: isotropic, or three); default: each scan's own")
-    p.add_argument("--modality", choices=["auto", "ct", "mr"])
+    p.add_argument("--modality", choices=MODALITIES)
     p.add_argument("--hu-window", type=float, nargs=2, metavar=("LOW", "HIGH"), help="CT window mapped to 0..1")
     p.add_argument("--keep-labels", type=_int_list, metavar="V1,V2,...",
                    help="label values to segment (classes 1..K in this order); every other value is background")
@@ -90,7 +96,7 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fg-prob", type=float, help="share of patches centred on foreground (default 0.67)")
     p.add_argument("--flip", action="store_const", const=True,
                    help="random mirroring of every axis (off by default: it mixes up left/right organs)")
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--precision", choices=PRECISIONS)
     p.add_argument("--sw-overlap", type=float, help="sliding-window overlap (default 0.25)")
     p.add_argument("--hd95", action="store_const", const=True, help="also report HD95 (mm) on the test split")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -160,6 +166,8 @@ def cmd_export_encoder(args: argparse.Namespace) -> int:
 
 def add_finetune_parsers(subparsers) -> None:
     """Register ``finetune``, ``evaluate`` and ``export-encoder`` on the main parser's subparsers."""
+    from .options import SPLITS
+
     p = subparsers.add_parser("finetune", help="fine-tune a PCRLv2 encoder (or a random one) for segmentation or "
                               "classification, with a patient-level split and test metrics")
     _add_finetune_args(p)
@@ -169,7 +177,7 @@ def add_finetune_parsers(subparsers) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="best.pt of a finetune run")
     p.add_argument("--data", required=True, help="the data it was fine-tuned on, or other data with --split all")
     p.add_argument("--out", required=True, help="folder for <split>_metrics.json and <split>_overlays.png")
-    p.add_argument("--split", default="test", choices=["test", "val", "train", "all"],
+    p.add_argument("--split", default="test", choices=SPLITS,
                    help="cases of the checkpoint's split to score, or all cases in --data (default test)")
     p.add_argument("--hd95", action=argparse.BooleanOptionalAction, default=None,
                    help="report HD95 (default: as in the finetune run)")

@@ -36,11 +36,11 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
-from ..data.io import SCAN_SUFFIXES, ScanError, mr_window, read_resampled, scan_name
+from ..data.io import SCAN_SUFFIXES, ScanError, read_resampled, scale_to_unit, scan_name
 from ..data.io import read_image as read_image_checked  # names the file in every error
+from .options import TASKS
 
 __all__ = [
-    "TASKS",
     "Case",
     "LoadedCase",
     "Preprocessing",
@@ -52,7 +52,6 @@ __all__ = [
     "resize_volume",
 ]
 
-TASKS = ("seg", "cls")
 # Geometry tolerances between an image and its label: relative spacing, orientation cosines, and origin in
 # units of the voxel size (half a voxel off means the label is drawn on another grid).
 _SPACING_RTOL = 1e-3
@@ -372,11 +371,6 @@ def _mm(values) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
-def _scale(array: np.ndarray, modality: str, hu_window: tuple[float, float]) -> np.ndarray:
-    lo, hi = hu_window if modality == "ct" else mr_window(array)
-    return ((np.clip(array, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-
-
 def _z_normalize(array: np.ndarray) -> np.ndarray:
     std = float(array.std())
     return ((array - float(array.mean())) / (std if std > 0 else 1.0)).astype(np.float32)
@@ -417,7 +411,7 @@ def load_case(case: Case, prep: Preprocessing, task: str = "seg") -> LoadedCase:
     channels, modalities = [], []
     for path in case.images:
         scan = read_resampled(path, spacing=spacing, modality=prep.modality, min_shape=(1, 1, 1))
-        channels.append(_z_normalize(_scale(scan.array, scan.modality, prep.hu_window)))
+        channels.append(_z_normalize(scale_to_unit(scan.array, scan.modality, prep.hu_window)))
         modalities.append(scan.modality)
     image = np.stack(channels)
     label: np.ndarray | int = case.label if task == "cls" else _read_label(case.label, ref, spacing)

@@ -24,25 +24,18 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, check_state_dict, extract_state_dict, read_checkpoint
 from ..data.io import ScanError
+from ..utils.device import resolve_device
 from ..utils.io import atomic_write
 from .data import LoadedCase, Preprocessing, finalize_labels, find_cases, load_cases, resize_volume
 from .metrics import classification_metrics, nan_to_none, segmentation_metrics, summarize_segmentation
 from .model import model_from_arch
+from .options import SPLITS
 
-__all__ = ["SPLITS", "predict_segmentation", "evaluate_loaded", "evaluate_checkpoint", "overlay_figure",
-           "load_finetuned", "resolve_device"]
+__all__ = ["predict_segmentation", "evaluate_loaded", "evaluate_checkpoint", "overlay_figure",
+           "load_finetuned"]
 
-SPLITS = ("test", "val", "train", "all")
 # Slices per case and cases shown in the overlay picture.
 _SLICES, _FIGURE_CASES = 3, 3
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return torch.device(device)
 
 
 @torch.no_grad()

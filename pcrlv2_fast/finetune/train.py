@@ -28,16 +28,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .. import __version__
+from .._version import __version__
 from ..checkpoint import save_checkpoint
 from ..encoders import count_parameters, encoder_state_dict, layerwise_param_groups
+from ..utils.device import resolve_device
 from ..utils.io import atomic_write
 from ..utils.lock import folder_lock
-from .data import TASKS, PatchSampler, Preprocessing, finalize_labels, find_cases, load_cases, resize_volume
-from .evaluate import evaluate_loaded, load_finetuned, resolve_device, write_results
+from ..utils.run_folder import clear_earlier_run, earlier_run
+from ..utils.schedule import cosine_factor
+from .data import LoadedCase, PatchSampler, Preprocessing, finalize_labels, find_cases, load_cases, resize_volume
+from .evaluate import evaluate_loaded, load_finetuned, write_results
 from .metrics import nan_to_none
 from .model import MODES, build_model
-from .split import make_split
+from .options import PRECISIONS, TASKS
+from .split import Split, make_split
 
 __all__ = ["FinetuneConfig", "finetune"]
 
@@ -128,8 +132,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size must be 3 positive sizes (x, y, z), got {self.patch_size}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not 0.0 <= self.sw_overlap < 1.0:
             raise ValueError(f"sw_overlap must be in [0, 1), got {self.sw_overlap}")
         if self.lr <= 0:
@@ -141,21 +145,6 @@ class _Best:
     metric: float = -math.inf
     epoch: int = 0
     name: str = ""
-
-
-def _earlier_run(out: Path, overwrite: bool) -> list[str]:
-    """The files of an earlier run in ``out``; refused unless ``overwrite`` (a run never mixes with another)."""
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if existing and not overwrite:
-        raise ValueError(f"{out}: already holds a fine-tuning run ({', '.join(existing)}); pass --overwrite to "
-                         "replace it or choose another --out")
-    return existing
-
-
-def _claim_out(out: Path, existing: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name in existing:
-        (out / name).unlink(missing_ok=True)
 
 
 def _class_names(cfg: FinetuneConfig, num_classes: int, found: list[str] | None) -> list[str]:
@@ -199,141 +188,54 @@ def finetune(cfg: FinetuneConfig) -> dict:
         return _finetune(cfg)
 
 
+@dataclass
+class _Data:
+    """The loaded cases of one experiment, by split, and what the labels turned out to be."""
+
+    split: Split
+    prep: Preprocessing
+    train: list[LoadedCase]
+    val: list[LoadedCase]
+    test: list[LoadedCase]
+    num_classes: int
+    class_names: list[str]
+
+
 def _finetune(cfg: FinetuneConfig) -> dict:
     started = time.perf_counter()
-    out = Path(cfg.out)
-    device = resolve_device(cfg.device)
-    cases, found_names = find_cases(cfg.data, cfg.task)
-    split = make_split({c.case_id: c.patient for c in cases}, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                       test_fraction=cfg.test_fraction, label_fraction=cfg.label_fraction)
-    existing = _earlier_run(out, cfg.overwrite)
-    if cfg.init != "random":
-        encoder_state_dict(cfg.init, trusted=cfg.trust_checkpoint)  # a bad checkpoint fails now, not after the data
-
-    prep = cfg.preprocessing()
-    by_id = {c.case_id: c for c in cases}
-    needed = [by_id[i] for i in (*split.train, *split.val, *split.test)]
-    loaded = {lc.case_id: lc for lc in load_cases(needed, prep, cfg.task, progress=cfg.progress)}
-    num_classes = finalize_labels(list(loaded.values()), prep, cfg.task, source=str(cfg.data))
-    train_cases = [loaded[i] for i in split.train]
-    val_cases = [loaded[i] for i in split.val]
-    test_cases = [loaded[i] for i in split.test]
-    in_channels = train_cases[0].image.shape[0]
-    class_names = _class_names(cfg, num_classes, found_names)
-
+    out, device = Path(cfg.out), resolve_device(cfg.device)
+    data, existing = _load_data(cfg, out)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model, arch = build_model(cfg.task, cfg.mode, num_classes, in_channels, init=cfg.init, width=cfg.width,
-                              norm=cfg.norm, act=cfg.act, freeze_stages=cfg.freeze_stages, pool=cfg.pool,
-                              dropout=cfg.dropout, trusted=cfg.trust_checkpoint)
+    model, arch = build_model(cfg.task, cfg.mode, data.num_classes, data.train[0].image.shape[0], init=cfg.init,
+                              width=cfg.width, norm=cfg.norm, act=cfg.act, freeze_stages=cfg.freeze_stages,
+                              pool=cfg.pool, dropout=cfg.dropout, trusted=cfg.trust_checkpoint)
     model.to(device)
     # Everything is checked: only now does the run folder change.
-    _claim_out(out, existing)
+    clear_earlier_run(out, existing)
     with atomic_write(out / "split.json", "w") as fh:
-        json.dump(split.to_dict(), fh, indent=2)
-    groups = layerwise_param_groups(model, cfg.lr, cfg.layer_decay, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
-    total_steps = cfg.epochs * cfg.iters_per_epoch
-
-    if cfg.task == "seg":
-        from monai.losses import DiceCELoss
-
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        sampler = PatchSampler(train_cases, cfg.patch_size, rng, fg_prob=cfg.fg_prob, flip=cfg.flip)
-        next_batch = lambda: sampler.batch(cfg.batch_size)
-    else:
-        loss_fn = torch.nn.CrossEntropyLoss()
-        inputs = np.stack([resize_volume(lc.image, cfg.patch_size) for lc in train_cases])
-        labels = np.array([int(lc.label) for lc in train_cases], dtype=np.int64)
-        next_batch = lambda: _cls_batch(inputs, labels, cfg.batch_size, rng, cfg.flip)
-
-    meta = {
-        "task": cfg.task, "arch": arch, "preprocessing": prep.to_dict(), "patch_size": list(cfg.patch_size),
-        "sw_overlap": cfg.sw_overlap, "class_names": class_names, "split": split.to_dict(), "data": str(cfg.data),
-        "init": cfg.init, "mode": cfg.mode, "label_fraction": cfg.label_fraction, "hd95": cfg.hd95,
-        "config": cfg.to_dict(), "pcrlv2_fast_version": __version__,
-    }
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    evaluate = lambda cases: evaluate_loaded(
-        model, cases, cfg.task, num_classes, cfg.patch_size, class_names, device, overlap=cfg.sw_overlap,
-        sw_batch_size=cfg.sw_batch_size, hd95=False)[0]
-
+        json.dump(data.split.to_dict(), fh, indent=2)
     if cfg.progress:
         tqdm.write(f"fine-tuning {arch['model']} ({cfg.mode}, init {cfg.init}, width {arch['width']}, "
                    f"{count_parameters(model, trainable_only=True):,} trainable parameters) on "
-                   f"{len(train_cases)} labelled training cases (label fraction {cfg.label_fraction:g}), "
-                   f"{len(val_cases)} validation, {len(test_cases)} test; {device}")
-    best = _Best()
-    step = 0
-    metrics_path = out / "metrics.jsonl"
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        losses = []
-        bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="it", leave=False,
-                   disable=not cfg.progress)
-        for _ in bar:
-            # Per-step cosine from the base rate to 0; each group keeps its layer-wise share.
-            factor = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * group["lr_scale"] * factor
-            x_np, y_np = next_batch()
-            x, y = torch.from_numpy(x_np).to(device), torch.from_numpy(y_np).to(device)
-            with amp:
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            losses.append(loss.detach().item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        train_time = time.perf_counter() - t0
-        result = evaluate(val_cases)
-        name, value = _selection_metric(cfg.task, result)
-        row = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)), "lr": cfg.lr * factor, name: value,
-               "train_time_s": round(train_time, 3), "time_s": round(time.perf_counter() - t0, 3)}
-        if cfg.task == "seg":
-            row["val_dice_per_class"] = result.get("dice_per_class")
-        else:
-            row["val_accuracy"] = result.get("accuracy")
-        improved = epoch == 1 or (not math.isnan(value) and value > best.metric)
-        if improved:
-            best.metric = value if not math.isnan(value) else -math.inf
-            best.epoch, best.name = epoch, name
-            save_checkpoint(out / "best.pt", model, None, epoch=epoch,
-                            finetune={**meta, "metric_name": name, "metric": value})
-        row["best"] = improved
-        with open(metrics_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(nan_to_none(row)) + "\n")
-        if cfg.progress:
-            tqdm.write(f"epoch {epoch}: loss {row['loss']:.4f}, {name} {value:.4f}{' (best)' if improved else ''}, "
-                       f"{row['time_s']:.1f} s")
-
-    # The test split is scored once, with the best checkpoint, as `pcrlv2-fast evaluate` would.
-    best_model, _ = load_finetuned(out / "best.pt")
-    best_model.to(device)
-    test, predictions = evaluate_loaded(best_model, test_cases, cfg.task, num_classes, cfg.patch_size, class_names,
-                                        device, overlap=cfg.sw_overlap, sw_batch_size=cfg.sw_batch_size,
-                                        hd95=cfg.hd95, keep_predictions=True)
-    record = {"checkpoint": str(out / "best.pt"), "data": str(cfg.data), "task": cfg.task, "init": cfg.init,
-              "mode": cfg.mode, "label_fraction": cfg.label_fraction, "best_epoch": best.epoch}
-    files = write_results(out, "test", test, record, test_cases, predictions, cfg.task, num_classes, class_names)
-    files["checkpoint"] = out / "best.pt"
-    files["metrics_jsonl"] = metrics_path
-    try:
-        from ..viz import save_loss_curve_png
-
-        files["loss_curve"] = save_loss_curve_png(metrics_path, out / "loss_curve.png", title="fine-tuning loss")
-    except ValueError as exc:  # e.g. every loss NaN: the run's numbers are still written
-        tqdm.write(f"no loss curve: {exc}")
+                   f"{len(data.train)} labelled training cases (label fraction {cfg.label_fraction:g}), "
+                   f"{len(data.val)} validation, {len(data.test)} test; {device}")
+    meta = {
+        "task": cfg.task, "arch": arch, "preprocessing": data.prep.to_dict(), "patch_size": list(cfg.patch_size),
+        "sw_overlap": cfg.sw_overlap, "class_names": data.class_names, "split": data.split.to_dict(),
+        "data": str(cfg.data), "init": cfg.init, "mode": cfg.mode, "label_fraction": cfg.label_fraction,
+        "hd95": cfg.hd95, "config": cfg.to_dict(), "pcrlv2_fast_version": __version__,
+    }
+    best, steps = _train(cfg, model, data, rng, device, out, meta)
+    test, files = _score_test(cfg, out, data, device, best)
     headline = {k: test[k] for k in ("mean_dice", "mean_hd95", "dice_per_class", "auc", "accuracy") if k in test}
+    split = data.split
     summary = {
-        "config": cfg.to_dict(), "arch": arch, "num_classes": num_classes, "class_names": class_names,
+        "config": cfg.to_dict(), "arch": arch, "num_classes": data.num_classes, "class_names": data.class_names,
         "cases": {"train": len(split.train), "unlabelled": len(split.unlabelled), "val": len(split.val),
                   "test": len(split.test)},
         "best_epoch": best.epoch, "best_metric_name": best.name, "best_metric": best.metric,
-        "test": headline, "steps": step, "wall_time_s": round(time.perf_counter() - started, 2),
+        "test": headline, "steps": steps, "wall_time_s": round(time.perf_counter() - started, 2),
         "device": str(device), "files": {k: str(v) for k, v in files.items()},
     }
     with atomic_write(out / "summary.json", "w") as fh:
@@ -341,3 +243,109 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         fh.write("\n")
     return summary
 
+
+def _load_data(cfg: FinetuneConfig, out: Path) -> tuple[_Data, list[Path]]:
+    """The split and the loaded cases, and the files of an earlier run in ``out`` (refused without --overwrite);
+    the checkpoint to start from is checked before the data are read."""
+    cases, found_names = find_cases(cfg.data, cfg.task)
+    split = make_split({c.case_id: c.patient for c in cases}, seed=cfg.seed, val_fraction=cfg.val_fraction,
+                       test_fraction=cfg.test_fraction, label_fraction=cfg.label_fraction)
+    existing = earlier_run(out, RUN_FILES, overwrite=cfg.overwrite, refusal="{out}: already holds a fine-tuning run "
+                           "({files}); pass --overwrite to replace it or choose another --out")
+    if cfg.init != "random":
+        encoder_state_dict(cfg.init, trusted=cfg.trust_checkpoint)  # a bad checkpoint fails now, not after the data
+    prep = cfg.preprocessing()
+    by_id = {c.case_id: c for c in cases}
+    needed = [by_id[i] for i in (*split.train, *split.val, *split.test)]
+    loaded = {lc.case_id: lc for lc in load_cases(needed, prep, cfg.task, progress=cfg.progress)}
+    num_classes = finalize_labels(list(loaded.values()), prep, cfg.task, source=str(cfg.data))
+    data = _Data(split, prep, [loaded[i] for i in split.train], [loaded[i] for i in split.val],
+                 [loaded[i] for i in split.test], num_classes, _class_names(cfg, num_classes, found_names))
+    return data, existing
+
+
+def _batches(cfg: FinetuneConfig, train: list[LoadedCase], rng: np.random.Generator):
+    """(loss function, a callable giving the next (inputs, targets) numpy batch) of the task."""
+    if cfg.task == "seg":
+        from monai.losses import DiceCELoss
+
+        sampler = PatchSampler(train, cfg.patch_size, rng, fg_prob=cfg.fg_prob, flip=cfg.flip)
+        return DiceCELoss(to_onehot_y=True, softmax=True), lambda: sampler.batch(cfg.batch_size)
+    inputs = np.stack([resize_volume(lc.image, cfg.patch_size) for lc in train])
+    labels = np.array([int(lc.label) for lc in train], dtype=np.int64)
+    return torch.nn.CrossEntropyLoss(), lambda: _cls_batch(inputs, labels, cfg.batch_size, rng, cfg.flip)
+
+
+def _train(cfg: FinetuneConfig, model, data: _Data, rng: np.random.Generator, device: torch.device, out: Path,
+           meta: dict) -> tuple[_Best, int]:
+    """The epochs: train, score the validation split, keep the best checkpoint (best.pt), log a metrics row."""
+    groups = layerwise_param_groups(model, cfg.lr, cfg.layer_decay, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    loss_fn, next_batch = _batches(cfg, data.train, rng)
+    best, step, total_steps = _Best(), 0, cfg.epochs * cfg.iters_per_epoch
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        losses, factor = [], 1.0
+        model.train()
+        bar = tqdm(range(cfg.iters_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="it", leave=False,
+                   disable=not cfg.progress)
+        for _ in bar:
+            factor = cosine_factor(step, total_steps)  # per step to 0; each group keeps its layer-wise share
+            losses.append(_train_step(cfg, model, optimizer, loss_fn, next_batch(), factor, device))
+            step += 1
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        train_time = time.perf_counter() - t0
+        result = evaluate_loaded(model, data.val, cfg.task, data.num_classes, cfg.patch_size, data.class_names,
+                                 device, overlap=cfg.sw_overlap, sw_batch_size=cfg.sw_batch_size, hd95=False)[0]
+        name, value = _selection_metric(cfg.task, result)
+        row = {"epoch": epoch, "step": step, "loss": float(np.mean(losses)), "lr": cfg.lr * factor, name: value,
+               "train_time_s": round(train_time, 3), "time_s": round(time.perf_counter() - t0, 3)}
+        row.update({"val_dice_per_class": result.get("dice_per_class")} if cfg.task == "seg"
+                   else {"val_accuracy": result.get("accuracy")})
+        row["best"] = epoch == 1 or (not math.isnan(value) and value > best.metric)
+        if row["best"]:
+            best = _Best(value if not math.isnan(value) else -math.inf, epoch, name)
+            save_checkpoint(out / "best.pt", model, None, epoch=epoch,
+                            finetune={**meta, "metric_name": name, "metric": value})
+        with open(out / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(nan_to_none(row)) + "\n")
+        if cfg.progress:
+            tqdm.write(f"epoch {epoch}: loss {row['loss']:.4f}, {name} {value:.4f}{' (best)' if row['best'] else ''}, "
+                       f"{row['time_s']:.1f} s")
+    return best, step
+
+
+def _train_step(cfg: FinetuneConfig, model, optimizer, loss_fn, batch, factor: float, device: torch.device) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr * group["lr_scale"] * factor
+    x, y = (torch.from_numpy(a).to(device) for a in batch)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        logits = model(x)
+    loss = loss_fn(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach().item()
+
+
+def _score_test(cfg: FinetuneConfig, out: Path, data: _Data, device: torch.device, best: _Best):
+    """The test split scored once, with the best checkpoint, as ``pcrlv2-fast evaluate`` would: (metrics, files)."""
+    best_model, _ = load_finetuned(out / "best.pt")
+    best_model.to(device)
+    test, predictions = evaluate_loaded(best_model, data.test, cfg.task, data.num_classes, cfg.patch_size,
+                                        data.class_names, device, overlap=cfg.sw_overlap,
+                                        sw_batch_size=cfg.sw_batch_size, hd95=cfg.hd95, keep_predictions=True)
+    record = {"checkpoint": str(out / "best.pt"), "data": str(cfg.data), "task": cfg.task, "init": cfg.init,
+              "mode": cfg.mode, "label_fraction": cfg.label_fraction, "best_epoch": best.epoch}
+    files = write_results(out, "test", test, record, data.test, predictions, cfg.task, data.num_classes,
+                          data.class_names)
+    files["checkpoint"] = out / "best.pt"
+    files["metrics_jsonl"] = out / "metrics.jsonl"
+    try:
+        from ..viz import save_loss_curve_png
+
+        files["loss_curve"] = save_loss_curve_png(out / "metrics.jsonl", out / "loss_curve.png",
+                                                  title="fine-tuning loss")
+    except ValueError as exc:  # e.g. every loss NaN: the run's numbers are still written
+        tqdm.write(f"no loss curve: {exc}")
+    return test, files

@@ -20,7 +20,6 @@ draws in the same order. Masks may be given upsampled to the target's size or at
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 
@@ -28,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..nn.dispatch import check_kernels, triton_usable
+from ..reference.fused_losses import upsample_mask
+from ..utils.schedule import cosine_factor
 
 Features = list  # per scale: [proj (B, C), pred (B, C)]
 
@@ -58,7 +59,7 @@ def beta_schedule(epoch: float, total_epochs: float) -> float:
     """Weight of the deep-supervision term: 1 at the start, annealed by a half cosine over the run."""
     if total_epochs <= 0:
         raise ValueError(f"total_epochs must be positive, got {total_epochs}")
-    return 0.5 * (1.0 + math.cos(math.pi * epoch / total_epochs))
+    return cosine_factor(epoch, total_epochs)
 
 
 def pair_loss(feats_a: Features, feats_b: Features, scale: int) -> torch.Tensor:
@@ -83,15 +84,6 @@ def split_views(feats: Features, n_views: int) -> list[Features]:
         for j, (pj, qj) in enumerate(zip(proj.chunk(n_views), pred.chunk(n_views))):
             out[j].append([pj, qj])
     return out
-
-
-def full_size(mask: torch.Tensor, size) -> torch.Tensor:
-    """A deep-supervision mask upsampled to ``size`` as the model does (trilinear, align_corners=False, by the
-    integer factor per dimension); a full-size mask is returned as is."""
-    if tuple(mask.shape[2:]) == tuple(size):
-        return mask
-    factors = tuple(float(big // small) for small, big in zip(mask.shape[2:], size))
-    return F.interpolate(mask, scale_factor=factors, mode="trilinear", align_corners=False)
 
 
 class PCRLv2Loss:
@@ -128,12 +120,12 @@ class PCRLv2Loss:
         if self.all_scales:
             scale, used = -1, set(range(n_scales))
             loss_global = pair_loss_all_scales(feats1, feats2)
-            deep = torch.stack([F.mse_loss(full_size(m, gt.shape[2:]).float(), gt) for m in masks]).mean()
+            deep = torch.stack([F.mse_loss(upsample_mask(m, gt.shape[2:]).float(), gt) for m in masks]).mean()
         else:
             scale = rng.randint(0, n_scales - 1)
             used = {scale}
             loss_global = pair_loss(feats1, feats2, scale)
-            deep = F.mse_loss(full_size(masks[scale], gt.shape[2:]).float(), gt)
+            deep = F.mse_loss(upsample_mask(masks[scale], gt.shape[2:]).float(), gt)
         loss_local = restoration.new_zeros((), dtype=torch.float32)
         if local_feats is not None and self.n_local > 0:
             terms = []

@@ -8,55 +8,13 @@ small widths keep tests and demos fast.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NORMS = ("bn", "gn", "in")
-ACTS = ("relu", "prelu", "elu", "sigmoid")
-
-
-def make_norm(norm: str, channels: int) -> nn.Module:
-    if norm == "bn":
-        return nn.BatchNorm3d(channels, momentum=0.1, affine=True)
-    if norm == "gn":
-        # The official GroupNorm(8, C) cannot normalise the 1-channel deep-supervision head (or tiny widths):
-        # use the largest group count dividing C that is at most 8 (8 for every official layer that works).
-        return nn.GroupNorm(math.gcd(8, channels), channels, eps=1e-5, affine=True)
-    if norm == "in":
-        return nn.InstanceNorm3d(channels, momentum=0.1, affine=True)
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-
-
-def make_act(act: str, channels: int) -> nn.Module:
-    if act == "relu":
-        return nn.ReLU(inplace=True)
-    if act == "prelu":
-        return nn.PReLU(channels)
-    if act == "elu":
-        return nn.ELU(inplace=True)
-    if act == "sigmoid":
-        return nn.Sigmoid()
-    raise ValueError(f"act must be one of {ACTS}, got {act!r}")
-
-
-class LUConv(nn.Module):
-    """Conv3d(k=3, pad=1, bias) -> norm -> activation."""
-
-    def __init__(self, in_chan: int, out_chan: int, act: str = "relu", norm: str = "bn"):
-        super().__init__()
-        self.conv1 = nn.Conv3d(in_chan, out_chan, kernel_size=3, padding=1)
-        self.bn1 = make_norm(norm, out_chan)
-        self.activation = make_act(act, out_chan)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.bn1(self.conv1(x)))
-
-
-def double_conv(in_chan: int, mid_chan: int, out_chan: int, act: str, norm: str) -> nn.Sequential:
-    return nn.Sequential(LUConv(in_chan, mid_chan, act, norm), LUConv(mid_chan, out_chan, act, norm))
+from ..nn import fuse_model
+from ..nn.blocks import LUConv, double_conv
+from ..nn.dispatch import check_kernels
 
 
 class DownTransition(nn.Module):
@@ -122,8 +80,7 @@ class NonSkipUNet3D(nn.Module):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
-        if kernels not in ("torch", "triton"):
-            raise ValueError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+        check_kernels(kernels)
         w = width
         self.width, self.norm, self.act, self.in_channels, self.n_class = w, norm, act, in_channels, n_class
         self.maxpool = nn.MaxPool3d(2)
@@ -137,8 +94,6 @@ class NonSkipUNet3D(nn.Module):
         self.out_tr = OutputTransition(2 * w, n_class)
         self.kernels, self.upsample_masks = kernels, upsample_masks
         if kernels == "triton":
-            from ..nn import fuse_model  # here: pcrlv2_fast.nn builds on this module
-
             fuse_model(self, kernels)
 
     @property

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 
 import torch
 
@@ -26,9 +25,11 @@ def check_kernels(kernels: str) -> str:
     return kernels
 
 
-def interpreting() -> bool:
-    """True when Triton kernels run on the CPU through the interpreter (set before the kernels are imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def _interpreting() -> bool:
+    # Imported here, not at the top: ``import pcrlv2_fast`` loads nothing of the kernels package.
+    from ..kernels import interpreting
+
+    return interpreting()
 
 
 def log_once(key: str, message: str) -> None:
@@ -41,12 +42,12 @@ def kernels_run_on(device: torch.device) -> bool:
     """Whether the Triton kernels run on tensors of ``device``: CUDA, or the CPU under the interpreter, with Triton
     installed."""
     device = torch.device(device)
-    return _HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
+    return _HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and _interpreting()))
 
 
 def triton_usable(x: torch.Tensor, what: str) -> bool:
     """Whether the Triton kernels can take ``x``; logs the fallback to the torch path once when they cannot."""
-    if x.is_cuda or (x.device.type == "cpu" and interpreting()):
+    if x.is_cuda or (x.device.type == "cpu" and _interpreting()):
         if _HAS_TRITON:
             return True
         log_once("no-triton", f"{what}: kernels='triton' but Triton is not installed; running the torch path")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..models.unet3d import LUConv
+from .blocks import LUConv
 from .dispatch import check_kernels, kernels_run_on
 from .functional import act_kind, conv_gives_stats, norm_kind, unsupported_reason
 from .modules import FusedConvBlock3d, FusedSequential, _check_conv_impl

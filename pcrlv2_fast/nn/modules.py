@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn as nn
 from torch import Tensor
 
-from ..models.unet3d import make_act, make_norm
+from .blocks import make_act, make_norm
 from .dispatch import check_kernels
 from .functional import CONV_IMPLS, conv_bn_stats_fn, conv_norm_act, norm_act
 

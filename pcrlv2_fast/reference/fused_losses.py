@@ -7,14 +7,16 @@ kernels, so tests compare outputs and gradients element-wise. Importing this mod
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels.cosine_terms import CosineTerm
+
 
 def upsample_mask(mask: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """The model's deep-supervision upsampling: trilinear, align_corners=False, by the integer factor per dim."""
+    """The model's deep-supervision upsampling: trilinear, align_corners=False, by the integer factor per dim; a
+    full-size mask is returned as is. The loss's torch path and the pictures upsample with it too."""
     factors = tuple(float(big // small) for small, big in zip(mask.shape[2:], size))
     if all(f == 1.0 for f in factors):
         return mask
@@ -31,18 +33,6 @@ def restoration_loss_reference(restored: torch.Tensor, masks: Sequence[torch.Ten
     for m, w in zip(masks, weights, strict=True):
         terms.append(w * F.mse_loss(upsample_mask(act(m.float()), target.shape[2:]), target))
     return torch.stack(terms)
-
-
-class CosineTerm(NamedTuple):
-    """``weight * mean_{r < rows} cos(preds[pred][pred_row + r], sg(projs[proj][proj_row + r]))`` into ``slot``."""
-
-    pred: int
-    pred_row: int
-    proj: int
-    proj_row: int
-    rows: int
-    weight: float
-    slot: int
 
 
 def cosine_pair_loss_reference(preds: Sequence[torch.Tensor], projs: Sequence[torch.Tensor],

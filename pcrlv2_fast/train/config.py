@@ -5,17 +5,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-CUDA_GRAPHS_UNSUPPORTED = (
-    "--cuda-graphs is not supported: a CUDA graph replays one fixed sequence of kernels, and the PCRLv2 step is not "
-    "one. (1) Each step draws random decoder scales for the global pair, the deep supervision and each of the 12 "
-    "local pairs, so the loss reads different outputs and the backward pass runs different kernels from step to "
-    "step (3^13 variants), and with several processes the set of parameters that receive gradients changes with "
-    "them. (2) fp16's gradient scaler decides on the host whether to skip a step. (The skip of a step with a "
-    "non-finite loss or gradient is a device flag, and batch-norm running-statistic updates would be fine inside "
-    "a graph.) "
-    "Use --compile to cut kernel-launch overhead instead."
-)
+from ..data.io import MODALITIES
+from ..data.loader import LOADERS
+from ..nn.blocks import NETWORK_ACTS, NORMS
+from ..nn.dispatch import KERNELS
 
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
+OPTIM_IMPLS = ("auto", "fused", "foreach", "loop")
+# The allowed values of the configuration's option fields; the command line offers the same.
+CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "optim_impl": OPTIM_IMPLS, "norm": NORMS,
+           "act": NETWORK_ACTS, "modality": MODALITIES, "loader": ("auto", *LOADERS), "kernels": KERNELS}
 
 @dataclass
 class PretrainConfig:
@@ -41,9 +41,6 @@ class PretrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
-    # Capture of the training step in CUDA graphs is not supported (see validate); the field exists so that
-    # --cuda-graphs gives the reason instead of an unknown-option error.
-    cuda_graphs: bool = False
     # Batch-norm statistics over the batch of all processes; None: on when there are several processes.
     sync_bn: bool | None = None
     seed: int = 0
@@ -99,11 +96,7 @@ class PretrainConfig:
         return cls(**{**cls.PRESETS[name], **overrides})
 
     def validate(self) -> PretrainConfig:
-        choices = {"optimizer": ("sgd", "adamw"), "precision": ("fp32", "tf32", "bf16", "fp16"),
-                   "optim_impl": ("auto", "fused", "foreach", "loop"),
-                   "norm": ("bn", "gn", "in"), "act": ("relu", "prelu", "elu"), "modality": ("auto", "ct", "mr"),
-                   "loader": ("auto", "dataset", "torch", "native", "dali"), "kernels": ("torch", "triton")}
-        for field, allowed in choices.items():
+        for field, allowed in CHOICES.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
         positive = ("epochs", "batch_size", "accumulate", "width", "pairs_per_volume")
@@ -128,8 +121,6 @@ class PretrainConfig:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
         if self.batch_size % self.accumulate:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of accumulate {self.accumulate}")
-        if self.cuda_graphs:
-            raise ValueError(CUDA_GRAPHS_UNSUPPORTED)
         return self
 
     def to_dict(self) -> dict:

@@ -182,6 +182,11 @@ class _SumOverRanks(torch.autograd.Function):
         return out
 
 
+# Subclasses torch's private _BatchNorm, as nn.BatchNorm1d/3d and nn.SyncBatchNorm do: that base gives the
+# parameters, buffers and state_dict handling (num_batches_tracked included) of every batch-norm layer, the plain
+# forward used in eval and in one process, and the isinstance test by which the fused blocks and torch's own
+# converters recognise batch norm. nn.SyncBatchNorm itself needs CUDA tensors. tests/train/test_distributed.py
+# pins what this relies on, so a torch release that changes the base fails there.
 class CpuSyncBatchNorm(_BatchNorm):
     """Batch norm whose training statistics cover the batch of every rank, for the gloo (CPU) backend.
 

@@ -232,23 +232,23 @@ def test_normal_field_is_a_pure_function_of_the_seed():
     from pcrlv2_fast.data.augment import normal_field
 
     for backend in ("torch", "auto"):
-        a = normal_field([5, 2**61 + 3], (6, 7, 5), backend=backend)
+        a = normal_field([5, 2**61 + 3], (6, 7, 5), impl=backend)
         assert a.shape == (2, 6, 7, 5) and a.dtype == torch.float32
-        assert torch.equal(a, normal_field([5, 2**61 + 3], (6, 7, 5), backend=backend))
+        assert torch.equal(a, normal_field([5, 2**61 + 3], (6, 7, 5), impl=backend))
         # Fields do not depend on their neighbours.
-        assert torch.equal(a[1], normal_field([2**61 + 3], (6, 7, 5), backend=backend)[0])
+        assert torch.equal(a[1], normal_field([2**61 + 3], (6, 7, 5), impl=backend)[0])
         assert not torch.equal(a[0], a[1])
         # The same flat index gives the same value whatever the shape: the field is indexed in C order.
-        assert torch.equal(normal_field([5], (210,), backend=backend)[0], a[0].reshape(-1))
-    with pytest.raises(ValueError, match="backend"):
-        normal_field([1], (2, 2, 2), backend="numpy")
+        assert torch.equal(normal_field([5], (210,), impl=backend)[0], a[0].reshape(-1))
+    with pytest.raises(ValueError, match="impl"):
+        normal_field([1], (2, 2, 2), impl="numpy")
 
 
 def test_normal_field_is_standard_normal():
     from pcrlv2_fast.data.augment import normal_field
 
     seeds = torch.arange(40) * 7919 + 3
-    z = normal_field(seeds, (64, 64, 8), backend="torch").double()  # 1.3 M values
+    z = normal_field(seeds, (64, 64, 8), impl="torch").double()  # 1.3 M values
     assert abs(float(z.mean())) < 3e-3 and abs(float(z.std()) - 1) < 3e-3
     # Kolmogorov-Smirnov distance to the normal CDF on a subsample (critical value at 1e-3: 1.95 / sqrt(n)).
     sample = z.reshape(-1)[::13].sort().values

@@ -35,11 +35,9 @@ from pcrlv2_fast.data.batched import (
     affine_batch,
     augment_batch,
     blur_batch,
-    flip_batch,
     gamma_batch,
     intensity_batch,
     noise_batch,
-    sample_batch_params,
     spatial_batch,
     stack_view_params,
     swap_batch,
@@ -168,18 +166,6 @@ def test_bank_rejects_bad_input():
 
 
 # ------------------------------------------------------------------------------------ ops vs per view
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("n,shape", BATCHES)
-def test_flip_batch(n, shape, layout):
-    x = batch(n, shape, layout)
-    mask = torch.rand(n, 3, generator=gen(1)) < 0.5
-    mask[0] = torch.tensor([True, False, True])
-    out = flip_batch(x, mask)
-    for i in range(n):
-        assert torch.equal(out[i], flip(x[i], flip_axes(mask[i])))
-    assert torch.equal(flip_batch(x, torch.zeros(n, 3, dtype=torch.bool)), x)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -360,38 +346,10 @@ def test_stack_view_params_replays_the_per_view_samplers():
         assert torch.equal(p["swap"][i], sample_swap(g, (64, 64, 32), CFG_ALL_FLIPS))
 
 
-def test_sample_batch_params_ranges_and_determinism():
-    shape = (64, 64, 32)
-    p = sample_batch_params(gen(22), 200, CFG, shape, with_swap=True)
-    q = sample_batch_params(gen(22), 200, CFG, shape, with_swap=True)
-    for key in ("flip", "scales", "degrees", "sigmas", "noise_std", "gamma", "swap"):
-        assert torch.equal(p[key], q[key]), key
-    assert p["flip"].dtype == torch.bool and not p["flip"][:, 1:].any() and 0.35 < p["flip"][:, 0].float().mean() < 0.65
-    for key, (lo, hi) in (("scales", CFG.scales), ("degrees", CFG.degrees), ("sigmas", CFG.blur_std),
-                          ("noise_std", CFG.noise_std)):
-        assert p[key].dtype == torch.float64 and lo <= p[key].min() and p[key].max() <= hi, key
-    log_gamma = p["gamma"].log()
-    assert CFG.log_gamma[0] <= log_gamma.min() and log_gamma.max() <= CFG.log_gamma[1]
-    starts = p["swap"]
-    assert starts.shape == (200, CFG.swap_iterations, 2, 3) and starts.dtype == torch.int64
-    limit = torch.tensor(shape) - torch.tensor(CFG.swap_patch)
-    assert (starts >= 0).all() and (starts < limit).all()  # torchio never draws the last start
-    assert not (starts[:, :, 0] == starts[:, :, 1]).all(dim=-1).any()
-    assert p["swap_patch"] == CFG.swap_patch
-    assert "swap" not in sample_batch_params(gen(22), 2, CFG, (16, 16, 16), with_swap=False)
-
-
-def test_sample_batch_params_rejects_impossible_swap():
-    with pytest.raises(ValueError, match="larger than the view"):
-        sample_batch_params(gen(), 2, CFG, (4, 16, 16), with_swap=True)
-    with pytest.raises(ValueError, match="fewer than two"):
-        sample_batch_params(gen(), 2, CFG, (9, 5, 5), with_swap=True)
-
-
 def test_sampled_batch_augments_end_to_end():
     """Batched parameters drive the batched pipeline: finite z-scored views, target in the input's range."""
     x = batch(4, (16, 16, 16), seed=23)
-    p = sample_batch_params(gen(24), 4, CFG, (16, 16, 16), with_swap=False)
+    p = stack_view_params(gen(24), 4, CFG, (16, 16, 16), with_swap=False)
     spatial, augmented = augment_batch(x, p, gen(25))
     assert spatial.min() >= 0 and spatial.max() <= 1
     assert torch.isfinite(augmented).all()
@@ -403,7 +361,7 @@ def test_sampled_batch_augments_end_to_end():
 @pytest.mark.parametrize("size", [2, 9, 16, 32, 64, 113])
 def test_inside_bounds_equal_the_source_index_test(size, dtype):
     """Thresholds on the normalised coordinate decide exactly as augment.affine's test on the source index."""
-    lo, hi = batched._inside_bounds(size, dtype)
+    lo, hi = batched.inside_bounds(size, dtype)
     grid = torch.linspace(-1.2, 1.2, 20001, dtype=torch.float64).to(dtype)
     g = torch.cat([grid, torch.tensor([lo, hi], dtype=dtype)])
     inf = torch.tensor(math.inf, dtype=dtype)

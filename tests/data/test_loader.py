@@ -20,6 +20,7 @@ from pcrlv2_fast.data import (
     resolve_loader,
 )
 from pcrlv2_fast.data.augment import draw_sample_views
+from pcrlv2_fast.data.loader import BufferPool
 from pcrlv2_fast.train import PretrainConfig, Pretrainer
 from tests import requirements
 
@@ -142,11 +143,23 @@ def test_pretrainer_batches_are_the_same_with_every_loader(tmp_path, phantom_vol
         cfg = PretrainConfig.from_name("tiny", data="unused", out=str(tmp_path / loader), loader=loader,
                                        pairs_per_volume=3)
         trainer = Pretrainer(cfg, phantom_volumes)
-        assert trainer.loader == loader
+        assert trainer.loader_name == loader
         runs[loader] = list(trainer.batches(1, 1))
     assert len(runs["dataset"]) == 2
     for loader in loaders[1:]:
         assert_same_batches(runs["dataset"], runs[loader])
+
+
+@requirements.needs("native", native.available(), f"C++ extension not built: {native.load_error()}")
+def test_the_trainer_releases_each_batch_after_its_step(tmp_path, phantom_volumes):
+    cfg = PretrainConfig.from_name("tiny", data="unused", out=str(tmp_path / "run"), loader="native", steps=3,
+                                   pairs_per_volume=4)
+    trainer = Pretrainer(cfg, phantom_volumes)
+    trainer.run()
+    # Steps 2 and 3 reuse the buffers of the batches before them; the last batch stays leased (its views are
+    # in the step's output, drawn in the pictures).
+    assert trainer.batch_loader.pool.reused >= 2
+    assert len(trainer._leased) == 1
 
 
 def test_tiny_pretrain_from_cache_with_batch_loader(tmp_path, phantom_cache):
@@ -170,8 +183,8 @@ def test_batch_loader_without_local_views(phantom_volumes, backend):
 
 @requirements.needs("native", native.available(), f"C++ extension not built: {native.load_error()}")
 def test_native_loader_reuses_only_released_output_buffers(phantom_volumes):
-    # A batch's memory is written again only once nothing references it: not while the caller holds the
-    # batch, a tensor of it or a view of one; after it is dropped, the next batch may reuse it.
+    # A batch's memory is written again only after the caller released it (and, with ``after``, once that event
+    # has completed); a batch held, or merely dropped, is never reused.
     dataset = PretrainDataset(phantom_volumes, seed=2, pairs_per_volume=8)
     loader = BatchLoader(dataset, "native", num_threads=1)
     first = loader.batch([0, 1])
@@ -181,15 +194,35 @@ def test_native_loader_reuses_only_released_output_buffers(phantom_volumes):
     assert second["x1"].data_ptr() != pointer
     for key, value in saved.items():
         assert torch.equal(first[key], value), key
-    view = first["gt"][1]
-    kept = view.clone()
-    del first
-    third = loader.batch([4, 5])  # x1/x2 memory released (only the gt view is alive)
-    assert third["x1"].data_ptr() == pointer
-    assert third["gt"].data_ptr() != view.data_ptr() - view.element_size() * view.numel()
-    assert torch.equal(view, kept)
-    expected = reference_batches(dataset, [[4, 5]])[0]
-    assert_same_batches([expected], [third])
+    del second  # dropped, not released: its memory goes back to the allocator, not to the pool
+    assert loader.pool.reused == 0
+
+    class Event:  # stands for a torch.cuda.Event: the copy that reads the buffers has not completed yet
+        done = False
+
+        def query(self):
+            return self.done
+
+    event = Event()
+    first.release(after=event)
+    first.release()  # a second release does nothing
+    third = loader.batch([4, 5])
+    assert third["x1"].data_ptr() != pointer and loader.pool.reused == 0
+    event.done = True
+    fourth = loader.batch([6, 7])
+    assert fourth["x1"].data_ptr() == pointer and loader.pool.reused > 0
+    expected = reference_batches(dataset, [[4, 5], [6, 7]])
+    assert_same_batches(expected, [third, fourth])
+
+
+def test_buffer_pool_keeps_at_most_size_buffers():
+    pool = BufferPool(size=2)
+    buffers = [pool.take((2, 3)) for _ in range(3)]
+    pool.give_back(buffers)
+    got = [pool.take((2, 3)) for _ in range(3)]
+    assert pool.reused == 2
+    assert {t.data_ptr() for t in got[:2]} == {t.data_ptr() for t in buffers[1:]}  # the oldest was dropped
+    assert pool.take((4,)).shape == (4,)
 
 
 @requirements.needs("native", native.available(), f"C++ extension not built: {native.load_error()}")

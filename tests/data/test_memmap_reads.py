@@ -162,7 +162,7 @@ def _batch_boxes(dataset, indices) -> np.ndarray:
 def test_native_batch_reads_only_its_crops(cached_volume, counter, indices):
     dataset = PretrainDataset([cached_volume], seed=1)
     counter.reset()
-    loader = BatchLoader(dataset, backend="native", num_threads=2)
+    loader = BatchLoader(dataset, loader="native", num_threads=2)
     assert counter.pages() == 0  # the native loader reads the memory map in place, nothing up front
     batch = loader.batch(indices)
     read = counter.pages()
@@ -174,7 +174,7 @@ def test_native_batch_reads_only_its_crops(cached_volume, counter, indices):
 
 def test_torch_batches_read_the_volume_bank_not_the_map(cached_volume, counter):
     dataset = PretrainDataset([cached_volume], seed=2)
-    loader = BatchLoader(dataset, backend="torch")  # its bank copies each volume once, up front
+    loader = BatchLoader(dataset, loader="torch")  # its bank copies each volume once, up front
     counter.reset()
     batch = loader.batch([0, 1])
     assert batch["x1"].shape[0] == 2

@@ -387,7 +387,7 @@ def test_normal_field_matches_reference():
 
     seeds = torch.tensor([0, 1, 2**40 + 5, 2**62 - 1, 123456789])
     for shape in [(64, 64, 32), (3, 5, 7)]:
-        ref = normal_field(seeds, shape, backend="torch")
+        ref = normal_field(seeds, shape, impl="torch")
         got = native.normal_field(seeds, shape, num_threads=2)
         # Same integers and formula; log, cos and sin differ by float32 ulps (values up to ~5.5).
         assert_close(got, ref, atol=4e-6, what=f"field {shape}")

@@ -341,7 +341,7 @@ class _FakeTimer:
 
 
 def _candidates():
-    return {"cudnn": lambda: "cudnn", "triton": lambda: "triton"}
+    return {"torch": lambda: "torch", "triton": lambda: "triton"}
 
 
 def _agree(candidate, reference):
@@ -350,21 +350,21 @@ def _agree(candidate, reference):
 
 def test_chooser_measures_once_prints_and_caches(tmp_path):
     lines = []
-    timer = _FakeTimer({"cudnn": 1.23, "triton": 0.98})
+    timer = _FakeTimer({"torch": 1.23, "triton": 0.98})
     chooser = cb.ImplChooser(cache_file=tmp_path / "choices.json", timer=timer, log=lines.append, compare=_agree)
     assert chooser.choose("k1", "conv3d_block 32->64 64x64x32 N=8 bf16 fwd", _candidates()) == "triton"
-    assert lines == ["conv3d_block 32->64 64x64x32 N=8 bf16 fwd: cudnn 1.230 ms, triton 0.980 ms -> triton"]
+    assert lines == ["conv3d_block 32->64 64x64x32 N=8 bf16 fwd: torch 1.230 ms, triton 0.980 ms -> triton"]
     # Remembered: no new measurement, no new line.
     assert chooser.choose("k1", "label", _candidates()) == "triton"
-    assert timer.calls == ["cudnn", "triton"] and len(lines) == 1
-    timer.ms = {"cudnn": 0.5, "triton": 0.7}
-    assert chooser.choose("k2", "other", _candidates()) == "cudnn"
-    assert lines[-1] == "other: cudnn 0.500 ms, triton 0.700 ms -> cudnn"
-    assert json.loads((tmp_path / "choices.json").read_text()) == {"k1": "triton", "k2": "cudnn"}
+    assert timer.calls == ["torch", "triton"] and len(lines) == 1
+    timer.ms = {"torch": 0.5, "triton": 0.7}
+    assert chooser.choose("k2", "other", _candidates()) == "torch"
+    assert lines[-1] == "other: torch 0.500 ms, triton 0.700 ms -> torch"
+    assert json.loads((tmp_path / "choices.json").read_text()) == {"k1": "triton", "k2": "torch"}
 
     # A new process reads the file back: no measurement, one "cached" line per key.
     lines2 = []
-    timer2 = _FakeTimer({"cudnn": 9.0, "triton": 9.0})
+    timer2 = _FakeTimer({"torch": 9.0, "triton": 9.0})
     chooser2 = cb.ImplChooser(cache_file=tmp_path / "choices.json", timer=timer2, log=lines2.append,
                                compare=_agree)
     assert chooser2.choose("k1", "label1", _candidates()) == "triton"
@@ -378,14 +378,14 @@ def test_chooser_without_file_and_with_a_candidate_that_does_not_fit(tmp_path):
     def too_big():
         raise cb.triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
 
-    timer = _FakeTimer({"cudnn": 2.0})
+    timer = _FakeTimer({"torch": 2.0})
     chooser = cb.ImplChooser(cache_file=None, timer=timer, log=lines.append, compare=_agree)
-    assert chooser.choose("k", "lbl", {"cudnn": lambda: "cudnn", "triton": too_big}) == "cudnn"
-    assert "does not fit" in lines[0] and lines[1] == "lbl: cudnn 2.000 ms -> cudnn"
+    assert chooser.choose("k", "lbl", {"torch": lambda: "torch", "triton": too_big}) == "torch"
+    assert "does not fit" in lines[0] and lines[1] == "lbl: torch 2.000 ms -> torch"
 
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    chooser = cb.ImplChooser(cache_file=bad, timer=_FakeTimer({"cudnn": 2.0, "triton": 1.0}), log=lines.append,
+    chooser = cb.ImplChooser(cache_file=bad, timer=_FakeTimer({"torch": 2.0, "triton": 1.0}), log=lines.append,
                              compare=_agree)
     assert chooser.choose("k", "lbl", _candidates()) == "triton"
     assert any("unreadable" in line for line in lines)
@@ -395,27 +395,27 @@ def test_chooser_without_file_and_with_a_candidate_that_does_not_fit(tmp_path):
 @pytest.mark.parametrize("error", [RuntimeError("ptxas fatal: Unresolved extern function"),
                                    ValueError("CompilationError at 12:4: unsupported"),
                                    OSError("cannot write the kernel cache")])
-def test_any_triton_failure_falls_back_to_cudnn_logged_once(error):
+def test_any_triton_failure_falls_back_to_torch_logged_once(error):
     lines = []
 
     def broken():
         raise error
 
-    timer = _FakeTimer({"cudnn": 3.0})
+    timer = _FakeTimer({"torch": 3.0})
     chooser = cb.ImplChooser(cache_file=None, timer=timer, log=lines.append, compare=_agree)
     for key in ("k1", "k2"):
-        assert chooser.choose(key, f"lbl {key}", {"cudnn": lambda: "cudnn", "triton": broken}) == "cudnn"
+        assert chooser.choose(key, f"lbl {key}", {"torch": lambda: "torch", "triton": broken}) == "torch"
     failures = [line for line in lines if "failed" in line]
     assert len(failures) == 1 and type(error).__name__ in failures[0] and str(error) in failures[0]
-    assert lines[-1] == "lbl k2: cudnn 3.000 ms -> cudnn"
-    assert timer.calls == ["cudnn", "cudnn"]
+    assert lines[-1] == "lbl k2: torch 3.000 ms -> torch"
+    assert timer.calls == ["torch", "torch"]
 
 
 def test_a_triton_candidate_that_disagrees_is_rejected(tmp_path):
     lines = []
     x = torch.ones(4, 3)
 
-    def cudnn():
+    def reference():
         return x, None
 
     def far():
@@ -424,29 +424,29 @@ def test_a_triton_candidate_that_disagrees_is_rejected(tmp_path):
     def close():  # within fp32's tolerance; None where a gradient was not asked for
         return x + 1e-6, None
 
-    timer = {cudnn: 5.0, far: 1.0, close: 1.0}.__getitem__
+    timer = {reference: 5.0, far: 1.0, close: 1.0}.__getitem__
     chooser = cb.ImplChooser(cache_file=tmp_path / "c.json", timer=timer, log=lines.append)
-    assert chooser.choose("k", "lbl", {"cudnn": cudnn, "triton": far}) == "cudnn"
-    assert "disagrees with cudnn (output 0 differs by 1.00e+00" in lines[0]
-    assert chooser.choose("k2", "lbl2", {"cudnn": cudnn, "triton": close}) == "triton"
+    assert chooser.choose("k", "lbl", {"torch": reference, "triton": far}) == "torch"
+    assert "disagrees with torch (output 0 differs by 1.00e+00" in lines[0]
+    assert chooser.choose("k2", "lbl2", {"torch": reference, "triton": close}) == "triton"
     # A cached Triton choice is checked again in a new process; now it disagrees, so it is measured anew.
     again = cb.ImplChooser(cache_file=tmp_path / "c.json", timer=lambda fn: 1.0, log=lines.append)
-    assert again.choose("k2", "lbl2", {"cudnn": lambda: (x, None), "triton": lambda: (x * 3, None)}) == "cudnn"
-    assert "disagrees" in lines[-2] and lines[-1].endswith("-> cudnn")
+    assert again.choose("k2", "lbl2", {"torch": lambda: (x, None), "triton": lambda: (x * 3, None)}) == "torch"
+    assert "disagrees" in lines[-2] and lines[-1].endswith("-> torch")
 
 
 def test_an_unwritable_cache_keeps_choices_in_memory_with_one_warning(tmp_path):
     lines = []
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    timer = _FakeTimer({"cudnn": 2.0, "triton": 1.0})
+    timer = _FakeTimer({"torch": 2.0, "triton": 1.0})
     chooser = cb.ImplChooser(cache_file=blocker / "choices.json", timer=timer, log=lines.append, compare=_agree)
     assert chooser.choose("k1", "lbl1", _candidates()) == "triton"
     assert chooser.choose("k2", "lbl2", _candidates()) == "triton"
     assert chooser.choose("k1", "lbl1", _candidates()) == "triton"
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "cannot write the choice cache" in warnings[0]
-    assert timer.calls == ["cudnn", "triton", "cudnn", "triton"] and chooser.choices == {"k1": "triton",
+    assert timer.calls == ["torch", "triton", "torch", "triton"] and chooser.choices == {"k1": "triton",
                                                                                         "k2": "triton"}
 
 
@@ -484,7 +484,7 @@ def test_auto_chooses_fwd_dgrad_wgrad_separately_and_survives_failures(monkeypat
     for name, value in out.items():
         assert_close(value, expected[name], atol=1e-4, rtol=1e-4, what=name)
     by_direction = {key.rsplit(" ", 2)[-2]: choice for key, choice in chooser.choices.items()}
-    assert by_direction == {"fwd": "triton", "dgrad": "triton", "wgrad": "cudnn"}
+    assert by_direction == {"fwd": "triton", "dgrad": "triton", "wgrad": "torch"}
     assert sum("ptxas fatal: wgrad kernel" in line for line in lines) == 1
 
 
@@ -501,7 +501,7 @@ def test_auto_demotes_a_chosen_triton_kernel_that_fails_later(monkeypatch):
     y, mean, var = cb.conv3d_bn_stats(x, w, b, impl="auto")
     ry, rmean, rvar = ref.conv3d_bn_stats(x, w, b)
     assert_close(y, ry, atol=1e-4, rtol=1e-4, what="y after the fallback")
-    assert chooser.choices[key] == "cudnn" and "illegal address" in lines[-1]
+    assert chooser.choices[key] == "torch" and "illegal address" in lines[-1]
 
 
 def test_int32_guard_refuses_only_forced_triton(monkeypatch):

@@ -26,11 +26,11 @@ import pcrlv2_fast.nn.functional as fused_fn  # noqa: E402  (after the conftest 
 from pcrlv2_fast import selftest  # noqa: E402
 from pcrlv2_fast.checkpoint import load_pretrained, save_checkpoint  # noqa: E402
 from pcrlv2_fast.losses import PCRLv2Loss  # noqa: E402
-from pcrlv2_fast.losses.pcrlv2 import full_size  # noqa: E402
 from pcrlv2_fast.models import LUConv, NonSkipUNet3D  # noqa: E402
 from pcrlv2_fast.nn import FusedConvBlock3d, FusedNormAct3d, FusedSequential, fuse_model  # noqa: E402
 from pcrlv2_fast.reference import ReferencePCRLv23d  # noqa: E402
-from pcrlv2_fast.train.loop import StepEngine, pretrain_step  # noqa: E402
+from pcrlv2_fast.reference.fused_losses import upsample_mask  # noqa: E402
+from pcrlv2_fast.train.step import StepEngine, pretrain_step  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 1e-5
@@ -303,7 +303,7 @@ def test_low_resolution_masks_option():
         _, _, up2 = model(x, upsample_masks=True)
     assert [tuple(m.shape[2:]) for m in low] == [(4, 2, 2), (8, 4, 4), (16, 8, 8)]
     for a, b, c, d in zip(up, low, low2, up2):
-        assert torch.equal(full_size(b, x.shape[2:]), a) and torch.equal(b, c) and torch.equal(a, d)
+        assert torch.equal(upsample_mask(b, x.shape[2:]), a) and torch.equal(b, c) and torch.equal(a, d)
     assert model(x, local=True)[2] == []
 
 
@@ -318,7 +318,7 @@ def _loss_inputs(B, n_local, full=(16, 8, 8), widths=(16, 8, 4), low=True, seed=
     masks = [torch.rand(B, 1, *(s // f for s in full), generator=g).to(DEVICE).requires_grad_() for f in (4, 2, 1)]
     gt = torch.rand(B, 1, *full, generator=g).to(DEVICE)
     if not low:
-        masks = [full_size(m, full).detach().requires_grad_() for m in masks]
+        masks = [upsample_mask(m, full).detach().requires_grad_() for m in masks]
     return restoration, masks, feats1, feats2, local, gt
 
 

@@ -44,15 +44,15 @@ def _worker(rank: int, world: int, init_file: str, cache: str, out_root: str) ->
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from pcrlv2_fast.data import open_cache
-    from pcrlv2_fast.train import loop
+    from pcrlv2_fast.train import run_folder
 
-    write = loop.save_rotating_checkpoint
+    write = run_folder.save_rotating_checkpoint
 
     def recording_write(folder, *args, **kwargs):
         (Path(folder) / f"written-by-rank{rank}").touch()
         return write(folder, *args, **kwargs)
 
-    loop.save_rotating_checkpoint = recording_write
+    run_folder.save_rotating_checkpoint = recording_write
     try:
         volumes = open_cache(cache)
         for name, kwargs in RUNS.items():
@@ -123,6 +123,30 @@ def test_cpu_sync_batchnorm_is_batchnorm_for_one_process():
     for _ in range(2):
         torch.testing.assert_close(sync(x), bn(x))
     torch.testing.assert_close(sync.state_dict(), bn.state_dict())
+
+
+def test_cpu_sync_batchnorm_rests_on_torchs_batchnorm_base():
+    # What CpuSyncBatchNorm takes from the private _BatchNorm: the recognised type, BatchNorm's state_dict (loads
+    # a BatchNorm1d/3d checkpoint strictly), and BatchNorm's forward for 2D and 5D inputs in train and eval.
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    torch.manual_seed(1)
+    for plain, shape in ((torch.nn.BatchNorm1d(3), (6, 3)), (torch.nn.BatchNorm3d(3), (4, 3, 3, 2, 2))):
+        plain.weight.data.uniform_(0.5, 1.5)
+        plain.running_mean.fill_(0.3)
+        plain.num_batches_tracked.fill_(7)
+        sync = CpuSyncBatchNorm(3)
+        assert isinstance(sync, _BatchNorm)
+        sync.load_state_dict(plain.state_dict(), strict=True)
+        assert list(sync.state_dict()) == list(plain.state_dict())
+        x = torch.randn(shape)
+        for training in (True, False):
+            plain.train(training)
+            sync.train(training)
+            torch.testing.assert_close(sync(x), plain(x))
+        torch.testing.assert_close(sync.state_dict(), plain.state_dict())
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        CpuSyncBatchNorm(3)(torch.randn(3))
 
 
 def test_torchrun_cli_two_processes(tmp_path, phantom_cache):

@@ -19,7 +19,7 @@ from pcrlv2_fast.checkpoint import (
     save_rotating_checkpoint,
 )
 from pcrlv2_fast.train import PretrainConfig, Pretrainer
-from pcrlv2_fast.train.loop import NonFiniteLossError
+from pcrlv2_fast.train.metrics import NonFiniteLossError
 from tests import requirements
 from tests.helpers import file_size_limit
 
@@ -224,11 +224,11 @@ def test_fused_optimizer_skips_on_the_device(tmp_path, cache_volumes, one_thread
     """With a fused optimizer (CPU here, as on CUDA) a skipped step is a device flag the optimizer reads
     (``found_inf``): no parameter, momentum or running statistic moves (momentum buffers exist from the start:
     see prime_momentum)."""
-    from pcrlv2_fast.train import loop
+    from pcrlv2_fast.train import step
 
     decisions = []
-    real = loop._device_skip
-    monkeypatch.setattr(loop, "_device_skip", lambda engine: decisions.append(real(engine)) or decisions[-1])
+    real = step._device_skip
+    monkeypatch.setattr(step, "_device_skip", lambda engine: decisions.append(real(engine)) or decisions[-1])
     trainer = Pretrainer(config(tmp_path / "run", steps=4, optim_impl="fused", max_nonfinite=0), cache_volumes)
     assert all(group["fused"] for group in trainer.optimizer.param_groups)
     snapshots = [params(trainer.model)]

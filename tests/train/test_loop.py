@@ -8,7 +8,9 @@ from pcrlv2_fast.cli import main as cli_main
 from pcrlv2_fast.models import NonSkipUNet3D
 from pcrlv2_fast.reference import ReferencePCRLv23d, reference_step_loss
 from pcrlv2_fast.train import PretrainConfig, Pretrainer, pretrain
-from pcrlv2_fast.train.loop import epoch_order, local_batch, lr_at_epoch, step_rng
+from pcrlv2_fast.train.loop import epoch_order, local_batch
+from pcrlv2_fast.train.optim import lr_at_epoch
+from pcrlv2_fast.train.step import step_rng
 from tests import requirements
 
 
@@ -259,7 +261,7 @@ def test_compiled_run_updates_exactly_the_parameters_eager_updates(tmp_path, pha
 def test_fused_sgd_takes_parameters_whose_first_gradient_comes_late():
     """Fused SGD fails when a parameter gets its first gradient after others have momentum buffers (torch expects
     all or none); PCRLv2's unread heads make that the normal case. Primed buffers fix it and change no update."""
-    from pcrlv2_fast.train.loop import build_optimizer
+    from pcrlv2_fast.train.optim import build_optimizer
 
     results = {}
     for impl in ("fused", "foreach"):

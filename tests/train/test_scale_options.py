@@ -8,7 +8,8 @@ from pcrlv2_fast.cli import _pretrain_config, build_parser
 from pcrlv2_fast.cli import main as cli_main
 from pcrlv2_fast.models import NonSkipUNet3D
 from pcrlv2_fast.train import PretrainConfig, Pretrainer
-from pcrlv2_fast.train.loop import build_optimizer, set_float32_precision
+from pcrlv2_fast.train.optim import build_optimizer
+from pcrlv2_fast.train.step import set_float32_precision
 
 
 def parse(*args):
