@@ -201,7 +201,8 @@ PCRLV2_INLINE void prefetch_row(const void* p, int64_t bytes) {
 }
 
 // Step 3, the z gather: out[k] = w0[k] * row[i0[k]] + w1[k] * row[i1[k]]. Scalar code spends ~9 uops per
-// output voxel on it, the largest single cost of a crop; AVX2 gathers make it ~2.5x faster where present.
+// output voxel on it, the largest single cost of a crop; AVX2 gathers make it faster where present
+// (benchmarks/README.md, design measurements).
 PCRLV2_INLINE void z_resample_scalar(const float* __restrict row, const AxisTable& t, int64_t oz,
                                      float* __restrict out) {
   const int32_t* __restrict i0 = t.i0.data();

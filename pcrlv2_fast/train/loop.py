@@ -130,6 +130,9 @@ class Pretrainer(RunFolder, RunLog):
         self.resumed_from: Path | None = None
         self.skipped_checkpoints: list[Path] = []
         self._saved_step: int | None = None
+        # Host batches in the order the feed yields them; the first _consumed were read by the last step.
+        self._leased: collections.deque = collections.deque()
+        self._consumed = 0
 
     def _plan_batches(self) -> None:
         """The micro-batch of each process and whether batch norm is synchronised, checked before any work."""
@@ -361,8 +364,7 @@ class Pretrainer(RunFolder, RunLog):
 
     def _loop(self, rates: list[float], metrics, writer, bar) -> StepOutput | None:
         cfg, last = self.cfg, None
-        # Host batches in the order the feed yields them; the first _consumed were read by the last step.
-        self._leased: collections.deque = collections.deque()
+        self._leased.clear()
         self._consumed = 0
         feed = Prefetcher(self._micro_batches(), self.device_batch, self.device, depth=self.prefetch)
         window = _Window()

@@ -10,8 +10,9 @@ On CUDA the producer runs the source and ``prepare`` (copy to the device, channe
 the training device (the current device is per thread). Each item carries an event recorded after its copies;
 the consumer makes the compute stream wait on it (no host synchronisation in the training thread) and marks
 the tensors as used by that stream, so the caching allocator cannot hand their memory to the side stream while
-the step still reads them. The producer itself waits for the copies to finish before it drops its references
-to the host batch: a pooled (pinned) host buffer is never rewritten while a copy still reads it.
+the step still reads them. The producer waits for its copies to finish before it queues the item. Host batches
+with leased buffers are returned to their loader by the consumer (the trainer: ``Pretrainer._release_consumed``,
+behind an event on the compute stream), never by the prefetcher.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Prefetcher:
             return tag, prepared, None
         event = torch.cuda.Event()
         event.record(self._stream)
-        # The host batch (maybe a pooled pinned buffer) is released only after its copies completed.
+        # Queued once its copies are done: the producer never runs further ahead than its queue's depth.
         event.synchronize()
         return tag, prepared, event
 
