@@ -29,26 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import environment, median, write_rows  # noqa: E402
 
-from pcrlv2_fast.data import Volume  # noqa: E402
+from pcrlv2_fast.data.synthetic import synthetic_volumes  # noqa: E402
 from pcrlv2_fast.train import PretrainConfig, Pretrainer  # noqa: E402
-
-
-def synthetic_volumes(seed: int = 0) -> list[Volume]:
-    """Two int16 CT-like scans (HU) large enough for every official global crop."""
-    rng = np.random.default_rng(seed)
-    volumes = []
-    for i, shape in enumerate(((136, 128, 104), (132, 124, 100))):
-        hu = rng.normal(-300.0, 400.0, size=shape).clip(-1024, 3000).astype(np.int16)
-        volumes.append(Volume(name=f"synthetic_{i}", source=Path(f"synthetic_{i}"), array=hu, spacing=(1.0, 1.0, 1.0),
-                              modality="ct", window=(-1000.0, 1000.0)))
-    return volumes
 
 
 def free_port() -> int:

@@ -25,13 +25,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import environment, median, time_call, write_rows  # noqa: E402
 
 from pcrlv2_fast.losses import PCRLv2Loss  # noqa: E402
 from pcrlv2_fast.models import NonSkipUNet3D  # noqa: E402
+from pcrlv2_fast.profiler.flops import model_flops, step_passes  # noqa: E402
 from pcrlv2_fast.reference import ReferencePCRLv23d, reference_step_loss  # noqa: E402
 from pcrlv2_fast.train import PretrainConfig  # noqa: E402
 from pcrlv2_fast.train.optim import build_optimizer  # noqa: E402
@@ -49,17 +49,10 @@ def make_views(b: int, device: torch.device, gen: torch.Generator):
 
 
 def flops_per_sample(width: int) -> float:
-    """Forward+backward FLOPs of one sample (2 global + 6 local views), counted on the meta device."""
-    total = 0.0
-    with torch.device("meta"):
+    """Forward+backward FLOPs of one sample (2 global + 6 local views): the profiler's count."""
+    with torch.device("meta"):  # the architecture only
         model = NonSkipUNet3D(width=width)
-        for shape, n_views, local in (((2, 1, 64, 64, 32), 2, False), ((2, 1, 16, 16, 16), 6, True)):
-            counter = FlopCounterMode(display=False)
-            with counter:
-                rest, feats, masks = model(torch.randn(*shape), local=local)
-                (rest.sum() + sum(m.sum() for m in masks) + sum(p.sum() + q.sum() for p, q in feats)).backward()
-            total += counter.get_total_flops() / shape[0] * n_views
-    return total
+    return model_flops(model, step_passes(2, (64, 64, 32), (16, 16, 16), 6)) / 2
 
 
 def main() -> None:

@@ -13,7 +13,9 @@ benchmarks/results/:
    989 TFLOP/s, peak memory, and the step's roofline floor;
 5. 200 real ``pretrain`` steps from the bundled cache (``make gpu-bundle``) at batch 32: samples/s, data-wait
    share, memory;
-6. one summary table, predictions beside measurements.
+6. ``pcrlv2-fast profile`` of the engine's step (bf16, channels-last) on the bundled cache: phases, MFU,
+   per-layer table and trace;
+7. one summary table, predictions beside measurements.
 ``--device cpu`` is the dry run at tiny sizes (tested in CI, so the script cannot rot).
 
 Usage: python benchmarks/gpu_check.py [--device cuda|cpu] [--bundle gpu_bundle] [--skip-install]
@@ -38,8 +40,8 @@ TARGET_SAMPLES_PER_S = 330  # DESIGN.md: the official recipe in <= 2 GPU-hours
 
 def sizes(device: str) -> dict:
     if device == "cpu":  # the dry run: every stage, tiny
-        return {"batch": 2, "width": 2, "step_steps": 1, "step_warmup": 0, "pretrain_steps": 2}
-    return {"batch": 32, "width": 32, "step_steps": 3, "step_warmup": 1, "pretrain_steps": 200}
+        return {"batch": 2, "width": 2, "step_steps": 1, "step_warmup": 0, "pretrain_steps": 2, "profile_steps": 1}
+    return {"batch": 32, "width": 32, "step_steps": 3, "step_warmup": 1, "pretrain_steps": 200, "profile_steps": 10}
 
 
 class Visit:
@@ -126,6 +128,17 @@ def stage_pretrain(visit: Visit) -> None:
         "--channels-last", "--device", visit.device, "--no-pictures", "--no-tensorboard", "--overwrite"), 90)
 
 
+def stage_profile(visit: Visit) -> None:
+    s = visit.size
+    cache = visit.bundle / "cache"
+    source = ["--data", str(cache)] if cache.exists() else ["--synthetic"]
+    options = ["--steps", str(s["profile_steps"]), "--warmup", str(max(1, s["step_warmup"])), "--layer-steps", "2",
+               "--batch-size", str(s["batch"]), "--width", str(s["width"]), "--precision", "bf16", "--channels-last",
+               "--device", visit.device, "--no-progress"]
+    visit.run("profile", visit.py("-m", "pcrlv2_fast", "profile", *source, "--out", str(visit.out / "profile"),
+                                  *options), 60)
+
+
 def _load(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -144,6 +157,11 @@ def summary(visit: Visit) -> dict:
                                                      if r["provider"] in ("engine_compile", "engine_triton")]
     result["train_step"] = [{k: r.get(k) for k in ("provider", "precision", "compile", "kernels", "s_per_step",
                                                    "samples_per_s", "tflops", "mfu", "peak_mem_gb")} for r in rows]
+    prof = _load(out / "profile" / "profile.json")
+    if prof:
+        result["profile"] = {"step_s": prof["step"]["mean_s"], "mfu": prof["throughput"]["mfu"],
+                             "phases": {k: v["share"] for k, v in prof["phases"].items()},
+                             "phase_check": prof["phase_check"]["ok"]}
     pre = _load(out / "pretrain" / "summary.json")
     metrics = out / "pretrain" / "metrics.jsonl"
     if pre and metrics.exists():
@@ -164,6 +182,11 @@ def print_summary(result: dict) -> None:
     for r in result["train_step"]:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         print(f"  {r['provider']:<16} {r['s_per_step']:.4f} s/step {r['samples_per_s']:8.1f} samples/s MFU {mfu}")
+    if "profile" in result:
+        p = result["profile"]
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in p["phases"].items())
+        mfu = f"{p['mfu']:.1%}" if p.get("mfu") is not None else "-"
+        print(f"  profile: {p['step_s'] * 1e3:.1f} ms/step, MFU {mfu}; {shares}")
     if "pretrain" in result:
         p = result["pretrain"]
         print(f"  pretrain: {p['steps']} steps, {p['samples_per_s']} samples/s, data wait {p['data_wait']:.1%}")
@@ -186,6 +209,7 @@ def main(argv=None) -> int:
     stage_kernels(visit)
     stage_train_step(visit)
     stage_pretrain(visit)
+    stage_profile(visit)
     result = summary(visit)
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     print_summary(result)

@@ -156,7 +156,30 @@ def render_predictions(rows: list[dict], path: Path) -> str:
     return "\n\n".join([_table(header, out), note, _provenance(path, rows[0])])
 
 
-RENDERERS = {"train_step": render_train_step, "data": render_data, "micro": render_micro,
+def render_profile(rows: list[dict], path: Path) -> str:
+    prof = next(r for r in rows if r["kind"] == "profile")
+    comp = next(r for r in rows if r["kind"] == "compare")
+    step_ms = prof["step"]["mean_s"] * 1e3
+    phases = [[name, f"{v['mean_s'] * 1e3:.1f}", f"{v['share']:.1%}"] for name, v in prof["phases"].items()]
+    t = prof["throughput"]
+    mfu = f"{t['mfu']:.1%}" if t["mfu"] is not None else "-"
+    note = (f"`{prof['config']}`, width {prof['width']}, batch {prof['batch_size']}: {step_ms:.0f} ms per step "
+            f"({t['samples_per_s']:.2f} samples/s); phases add up to the measured step within "
+            f"{prof['phase_check']['max_gap']:.1%}. Model {t['model_flops_per_step'] / 1e12:.2f} TFLOP per step, "
+            f"{t['achieved_tflops']:.3f} TFLOP/s achieved against {t['peak_tflops']:.3f} peak ({t['peak_source']}): "
+            f"MFU {mfu}.")
+    layers = [[r["layer"], f"{r['flops'] / 1e9:.1f}", f"{(r['fwd_s'] + r['bwd_s']) * 1e3:.0f}",
+               f"{r['tflops']:.3f}" if r["tflops"] is not None else "-", f"{r['share']:.1%}"]
+              for r in prof["layers"][:5]]
+    compare = [[r["config"] + (" (baseline)" if r["baseline"] else ""), f"{r['samples_per_s']:.2f}",
+                f"{r['speedup']:.2f}x"] for r in comp["rows"]]
+    return "\n\n".join([_table(["phase", "ms per step", "share"], phases), note,
+                         _table(["slowest layers", "GFLOP", "ms", "TFLOP/s", "share"], layers),
+                         _table(["--compare", "samples/s", "speed-up"], compare) + f"\n\nFastest: `{comp['fastest']}`.",
+                         f"Command: `{prof['command']}`.", _provenance(path, prof)])
+
+
+RENDERERS = {"train_step": render_train_step, "profile": render_profile, "data": render_data, "micro": render_micro,
              "crop_resize": render_crop_resize, "scaling": render_scaling, "compile": render_compile,
              "predictions": render_predictions}
 

@@ -80,6 +80,9 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
                    help="no TensorBoard event files (written when the tensorboard package is installed)")
     p.add_argument("--no-pictures", dest="pictures", action="store_const", const=False)
+    p.add_argument("--profile-steps", metavar="A:B",
+                   help="write a torch.profiler trace of steps A..B (1-based) to OUT/trace.json (for Perfetto or "
+                        "TensorBoard)")
 
 
 def _pretrain_config(args: argparse.Namespace):
@@ -185,10 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from .finetune.cli import add_finetune_parsers
+    from .profiler.cli import add_profile_parser
     from .selftest import add_selftest_parser
 
     add_selftest_parser(sub)
     add_finetune_parsers(sub)
+    add_profile_parser(sub)
     return parser
 
 

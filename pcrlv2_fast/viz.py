@@ -68,7 +68,7 @@ def save_restoration_png(
     title: str | None = None,
 ) -> Path:
     """Write :func:`restoration_figure` to ``path`` as a PNG, atomically; returns the path."""
-    return _save(restoration_figure(x1, gt, restoration, masks, title), path)
+    return save_figure(restoration_figure(x1, gt, restoration, masks, title), path)
 
 
 def restoration_figure(x1: Any, gt: Any, restoration: Any, masks: Sequence[Any], title: str | None = None) -> Figure:
@@ -150,7 +150,7 @@ def _is_number(value: Any) -> bool:
 
 def save_loss_curve_png(metrics_jsonl: str | os.PathLike, path: str | os.PathLike, title: str | None = None) -> Path:
     """Write :func:`loss_curve_figure` to ``path`` as a PNG, atomically; returns the path."""
-    return _save(loss_curve_figure(metrics_jsonl, title), path)
+    return save_figure(loss_curve_figure(metrics_jsonl, title), path)
 
 
 def loss_curve_figure(metrics_jsonl: str | os.PathLike, title: str | None = None) -> Figure:
@@ -200,7 +200,8 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
     return steps, values
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG, atomically (a half-written picture never replaces a good one)."""
     path = Path(path)
     with atomic_write(path, "wb") as fh:
         fig.savefig(fh, format="png")

@@ -75,3 +75,22 @@ def shared_data() -> Path:
         requirements.skip("shared-data",
                           f"real sample data not present at {path} (set PCRLV2_SHARED_DATA to its folder)")
     return path
+
+
+# The phantom scans preprocessed once into a cache that every run (in this process, in spawned processes and in
+# command-line subprocesses) reads, so all of them draw the same samples.
+@pytest.fixture(scope="session")
+def phantom_cache(phantom_dir, tmp_path_factory):
+    from pcrlv2_fast.data import preprocess
+
+    cache = tmp_path_factory.mktemp("phantom_cache")
+    report = preprocess([phantom_dir], cache, progress=False)
+    assert len(report.names) == 2, report.table()
+    return cache
+
+
+@pytest.fixture(scope="session")
+def cache_volumes(phantom_cache):
+    from pcrlv2_fast.data import open_cache
+
+    return open_cache(phantom_cache)

@@ -52,3 +52,22 @@ def test_gpu_only_benchmarks_exit_cleanly_on_cpu():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "GPU only" in proc.stdout
+
+
+def test_profile_benchmark_writes_rows_the_readme_renders(tmp_path):
+    out = tmp_path / "profile-cpu-2026-01-01.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark_profile.py"), "--width", "2", "--steps", "1",
+         "--warmup", "0", "--compare-steps", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["kind"] for r in rows] == ["profile", "compare"]
+    assert rows[0]["phase_check"]["ok"] and rows[0]["layers"] and rows[0]["command"].startswith("python benchmarks/")
+    assert len(rows[1]["rows"]) == 4 and rows[1]["rows"][0]["baseline"]  # fp32 baseline + 3 more of the 2x2 matrix
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    text = report.render_profile(rows, out)
+    assert "MFU" in text and "(baseline)" in text and "Fastest" in text

@@ -9,6 +9,7 @@ from ..data.io import MODALITIES
 from ..data.loader import LOADERS
 from ..nn.blocks import NETWORK_ACTS, NORMS
 from ..nn.dispatch import KERNELS
+from .trace import parse_window
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -78,6 +79,7 @@ class PretrainConfig:
     log_every: int | None = None  # metrics rows (and device reads) every N steps; None: 1 on the CPU, 10 on CUDA
     tensorboard: bool = True  # event files next to metrics.jsonl, when the tensorboard package is installed
     pictures: bool = True
+    profile_steps: str | None = None  # "A:B": a torch.profiler trace of steps A..B in OUT/trace.json
 
     PRESETS = {
         # The official recipe: 240 epochs, batch 32, SGD 1e-3, full width.
@@ -119,6 +121,8 @@ class PretrainConfig:
         for field in ("max_nonfinite", "save_every", "keep_checkpoints"):
             if getattr(self, field) < 0:
                 raise ValueError(f"{field} must be >= 0, got {getattr(self, field)}")
+        if self.profile_steps is not None:
+            parse_window(self.profile_steps)
         if self.batch_size % self.accumulate:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of accumulate {self.accumulate}")
         return self

@@ -84,6 +84,7 @@ from .step import (
     set_float32_precision,
     step_rng,
 )
+from .trace import StepTrace, parse_window
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -367,10 +368,15 @@ class Pretrainer(RunFolder, RunLog):
         self._leased.clear()
         self._consumed = 0
         feed = Prefetcher(self._micro_batches(), self.device_batch, self.device, depth=self.prefetch)
+        trace = self._step_trace()
         window = _Window()
         try:
             while self.step < self.total_steps:
+                if trace is not None:
+                    trace.before_step(self.step + 1)
                 last = self._one_step(feed, window)
+                if trace is not None:
+                    trace.after_step(self.step)
                 stop = self._at_log_point(last, window, rates, metrics, writer, bar)
                 bar.update(1)
                 if self.step % self.steps_per_epoch == 0 or (cfg.save_every and self.step % cfg.save_every == 0):
@@ -384,8 +390,17 @@ class Pretrainer(RunFolder, RunLog):
                     break
         finally:
             feed.close()
+            if trace is not None:
+                trace.close()
         self.save()
         return last
+
+    def _step_trace(self) -> StepTrace | None:
+        """--profile-steps A:B: the trace of those steps (OUT/trace.json; trace-rank<r>.json on other ranks)."""
+        if self.cfg.profile_steps is None:
+            return None
+        name = "trace.json" if self.dist.is_main else f"trace-rank{self.dist.rank}.json"
+        return StepTrace(parse_window(self.cfg.profile_steps), self.out / name, self.device)
 
     def _one_step(self, feed: Prefetcher, window: _Window) -> StepOutput:
         """Take one step's micro-batches from the feed and run the step (nothing is read back from the device)."""

@@ -166,6 +166,8 @@ class RunLog:
             return summary
         if self.cfg.pictures and last is not None:
             files.update(self._pictures(last))
+        if self.cfg.profile_steps and (self.out / "trace.json").exists():
+            files["trace"] = str(self.out / "trace.json")
         if any(self.out.glob("events.out.tfevents.*")):
             files["tensorboard"] = str(self.out)
         with atomic_write(self.out / "summary.json", "w") as f:

@@ -29,8 +29,9 @@ from .optim import prime_momentum
 
 # What a run writes into its folder (removed by --overwrite before a fresh start).
 # What a run writes into its folder (removed by --overwrite before a fresh start).
-RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", "restoration.png", "loss_curve.png")
-RUN_GLOBS = ("checkpoint-*.pt", "events.out.tfevents.*")
+RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", "restoration.png", "loss_curve.png",
+             "trace.json")
+RUN_GLOBS = ("checkpoint-*.pt", "events.out.tfevents.*", "trace-rank*.json")
 
 
 class RunFolder:

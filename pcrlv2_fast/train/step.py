@@ -24,6 +24,7 @@ import torch.nn as nn
 from ..losses import PCRLv2Loss
 from ..utils.tf32 import set_tf32
 from . import distributed as D
+from .phases import NO_PHASES
 
 # Why the step cannot be captured in a CUDA graph (pretrain --cuda-graphs prints it).
 CUDA_GRAPHS_UNSUPPORTED = (
@@ -64,15 +65,18 @@ def grad_norm(params) -> torch.Tensor:
 
 
 def forward_objective(forward, loss_fn: PCRLv2Loss, x1, x2, gt, loc, epoch: float, rng: random.Random,
-                      amp_dtype: torch.dtype | None = None):
-    """The official three forward passes (x1, x2, all local views batched) and the objective.
-    Returns (terms, restoration, masks)."""
+                      amp_dtype: torch.dtype | None = None, phase=NO_PHASES):
+    """The official three forward passes (x1, x2, all local views batched) and the objective, each in its
+    ``phase`` (see phases.py). Returns (terms, restoration, masks)."""
     autocast = torch.autocast(x1.device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
     with autocast:
-        restoration, feats1, masks = forward(x1)
-        _, feats2, _ = forward(x2)
-        _, feats_local, _ = forward(loc, local=True)
-    terms = loss_fn(restoration, masks, feats1, feats2, feats_local, gt, epoch, rng)
+        with phase("forward_global"):
+            restoration, feats1, masks = forward(x1)
+            _, feats2, _ = forward(x2)
+        with phase("forward_local"):
+            _, feats_local, _ = forward(loc, local=True)
+    with phase("loss"):
+        terms = loss_fn(restoration, masks, feats1, feats2, feats_local, gt, epoch, rng)
     return terms, restoration, masks
 
 
@@ -91,15 +95,17 @@ class StepModule(nn.Module):
         # In a list: a torch.compile wrapper is not registered as a second copy of the model's parameters.
         self._forward = [forward if forward is not None else model]
         self.used_scales: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # (pair heads, deep heads) last read
+        self.phase = NO_PHASES  # a PhaseTimer while the profiler times the step
 
     def forward(self, x1, x2, gt, loc, epoch: float, rng: random.Random, amp_dtype: torch.dtype | None):
         terms, restoration, masks = forward_objective(self._forward[0], self.loss_fn, x1, x2, gt, loc, epoch, rng,
-                                                      amp_dtype)
+                                                      amp_dtype, self.phase)
         deep = range(len(self.model.up_blocks)) if terms.scale < 0 else (terms.scale,)
         self.used_scales = (terms.pair_scales, tuple(deep))
         total = terms.total
-        stats = torch.stack([total.detach(), terms.global_.detach(), terms.local.detach(), terms.restore.detach(),
-                             terms.deep.detach(), torch.full_like(total.detach(), terms.beta)]).float()
+        with self.phase("loss"):
+            stats = torch.stack([total.detach(), terms.global_.detach(), terms.local.detach(), terms.restore.detach(),
+                                 terms.deep.detach(), torch.full_like(total.detach(), terms.beta)]).float()
         return total, stats, restoration.detach(), [m.detach() for m in masks]
 
     def drop_unused_head_grads(self) -> None:
@@ -241,28 +247,33 @@ def pretrain_step(engine: StepEngine, micro: list[tuple], epoch: float, rng: ran
     the official limit after epoch 10, a non-finite gradient or an fp16 overflow is skipped: parameters,
     optimizer state and batch-norm running statistics stay as they were. Nothing is read back to the host here
     on CUDA with the default fused optimizer in fp32/tf32/bf16: the results stay on the device (StepOutput)."""
-    k, ddp = len(micro), engine.ddp
-    saved_buffers = [b.detach().clone() for b in engine.buffers]
-    engine.optimizer.zero_grad(set_to_none=True)
+    k, ddp, phase = len(micro), engine.ddp, engine.step_module.phase
+    with phase("optimizer"):
+        saved_buffers = [b.detach().clone() for b in engine.buffers]
+        engine.optimizer.zero_grad(set_to_none=True)
     stats_sum, sample = None, {}
     for m, (x1, x2, gt, loc) in enumerate(micro):
         # Gradients are averaged over ranks once, in the backward of the last micro-batch.
         with nullcontext() if ddp is None or m == k - 1 else ddp.no_sync():
             total, stats, restoration, masks = engine.module(x1, x2, gt, loc, epoch, _same_draws(rng),
                                                              engine.amp_dtype)
-            stats = D.mean_across(stats, engine.dist)
+            if engine.dist.enabled:
+                with phase("comm"):
+                    stats = D.mean_across(stats, engine.dist)
             stats_sum = stats if stats_sum is None else stats_sum + stats
             if m == 0:
                 # Views of the first sample (no copies, no kernels): only the last step's are drawn.
                 sample = {"x1": x1[0], "gt": gt[0], "restoration": restoration[0], "masks": [t[:1] for t in masks]}
-            engine.scaler.scale(total / k if k > 1 else total).backward()
-    engine.step_module.drop_unused_head_grads()
-    stats = stats_sum / k
-    norm, code = _update(engine, loss_skip_code(stats[0], epoch, engine.skip_loss_above))
-    with torch.no_grad():
-        skipped = code != 0
-        for b, saved in zip(engine.buffers, saved_buffers):
-            b.copy_(torch.where(skipped, saved, b))
+            with phase("backward"):  # under DDP, the gradient all-reduce overlaps it
+                engine.scaler.scale(total / k if k > 1 else total).backward()
+    with phase("optimizer"):
+        engine.step_module.drop_unused_head_grads()
+        stats = stats_sum / k
+        norm, code = _update(engine, loss_skip_code(stats[0], epoch, engine.skip_loss_above))
+        with torch.no_grad():
+            skipped = code != 0
+            for b, saved in zip(engine.buffers, saved_buffers):
+                b.copy_(torch.where(skipped, saved, b))
     return StepOutput(stats, code, norm, sample)
 
 
