@@ -61,7 +61,7 @@ def test_device_peaks():
     assert gpu_peak("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
     assert gpu_peak("NVIDIA L4", "fp16") == 121.0 and gpu_peak("NVIDIA L40S", "bf16") == 362.1
     assert gpu_peak("Some Future GPU", "bf16") is None
-    assert 0 < cpu_peak("fp32", seconds=0.05, n=128) < 100
+    assert 0 < cpu_peak("fp32", seconds=0.02, sizes=(64, 128)) < 100
 
 
 def test_phase_timer_adds_phases_of_one_name():
