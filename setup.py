@@ -95,8 +95,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4", "ruff>=0.5", "triton>=3.0", "torchio>=0.19", "tensorboard>=2.10",
-                # Fuzz tests (tests/fuzz, `make fuzz`); interop tests of the safetensors reader and writer.
-                "hypothesis>=6.80", "safetensors>=0.4"],
+                # Fuzz tests (tests/fuzz, `make fuzz`); interop tests of the safetensors reader and writer; the
+                # official pipeline of the end-to-end benchmark (skimage resize), run at toy size by the tests.
+                "hypothesis>=6.80", "safetensors>=0.4", "scikit-image>=0.20"],
         "dali": ["nvidia-dali-cuda120>=2.4"],
         # The official-pipeline baseline of benchmarks/benchmark_data.py (torchio chains + skimage resize).
         "bench": ["torchio>=0.19", "scikit-image>=0.20"],

@@ -179,7 +179,17 @@ def render_profile(rows: list[dict], path: Path) -> str:
                          f"Command: `{prof['command']}`.", _provenance(path, prof)])
 
 
-RENDERERS = {"train_step": render_train_step, "profile": render_profile, "data": render_data, "micro": render_micro,
+def render_end_to_end(rows: list[dict], path: Path) -> str:
+    out = [[r["provider"], f"{r['s_per_step']:.2f}", f"{r['samples_per_s']:.3f}", f"{r['speedup_vs_official']:.2f}x"]
+           for r in rows]
+    r0 = rows[0]
+    note = (f"Width {r0['width']}, batch {r0['batch']}, {r0['steps']} timed steps each, alternating; the official "
+            f"DataLoader with {r0['workers']} workers; {r0['threads']} torch threads. Command: `{r0['command']}`.")
+    return "\n\n".join([_table(["pipeline", "s/step", "samples/s", "vs official"], out), note, _provenance(path, r0)])
+
+
+RENDERERS = {"train_step": render_train_step, "profile": render_profile, "end_to_end": render_end_to_end,
+             "data": render_data, "micro": render_micro,
              "crop_resize": render_crop_resize, "scaling": render_scaling, "compile": render_compile,
              "predictions": render_predictions}
 

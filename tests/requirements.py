@@ -26,6 +26,7 @@ REQUIREMENTS = {
     "triton": "triton installed (the dev requirements)",
     "dali": "NVIDIA DALI installed (pip install nvidia-dali-cuda120)",
     "torchio": "torchio installed (the dev requirements)",
+    "skimage": "scikit-image installed (the dev requirements): the official pipeline of the end-to-end benchmark",
     "tensorboard": "tensorboard installed (the dev requirements)",
     "hypothesis": "hypothesis installed (the dev requirements): the fuzz tests",
     "safetensors": "the safetensors package installed (the dev requirements): interop of our reader and writer",

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests import requirements
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,3 +73,23 @@ def test_profile_benchmark_writes_rows_the_readme_renders(tmp_path):
 
     text = report.render_profile(rows, out)
     assert "MFU" in text and "(baseline)" in text and "Fastest" in text
+
+
+def test_end_to_end_benchmark_writes_rows_the_readme_renders(tmp_path, phantom_dir):
+    requirements.importorskip("torchio", "torchio")
+    requirements.importorskip("skimage", "skimage")
+    out = tmp_path / "end_to_end-cpu-2026-01-01.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark_end_to_end.py"), "--data", str(phantom_dir),
+         "--width", "2", "--steps", "1", "--workers", "0", "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["provider"] for r in rows] == ["official", "engine"]
+    assert all(r["s_per_step"] > 0 for r in rows) and rows[0]["speedup_vs_official"] == 1.0
+    assert "engine / official" in proc.stdout
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    assert "vs official" in report.render_end_to_end(rows, out)
