@@ -25,6 +25,7 @@ from ..train import PretrainConfig, Pretrainer
 from ..train.config import CHOICES
 from ..train.phases import PHASES, PhaseTimer
 from ..train.step import pretrain_step, step_rng
+from ..utils.device import resolve_device
 from ..utils.io import atomic_write
 from .flops import layer_flops, model_flops, step_passes
 from .layers import profile_layers
@@ -98,7 +99,7 @@ def check_device_options(cfg: PretrainConfig) -> None:
     """Settings that cannot run as asked on the chosen device: one ValueError before anything runs."""
     if cfg.loader != "auto":
         resolve_loader(cfg.loader)  # names what is missing (the C++ extension, DALI)
-    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    cuda = resolve_device(cfg.device).type == "cuda"  # a CUDA device without CUDA is its own clear error
     if not cuda and cfg.precision == "tf32":
         raise ValueError("precision tf32 is fp32 on the CPU (TF32 is a CUDA matmul mode); compare fp32 instead")
     if not cuda and cfg.kernels == "triton":
