@@ -81,8 +81,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="no TensorBoard event files (written when the tensorboard package is installed)")
     p.add_argument("--no-pictures", dest="pictures", action="store_const", const=False)
     p.add_argument("--profile-steps", metavar="A:B",
-                   help="write a torch.profiler trace of steps A..B (1-based) to OUT/trace.json (for Perfetto or "
-                        "TensorBoard)")
+                   help="write a torch.profiler trace of steps A..B (1-based) to OUT/trace.pt.trace.json (for "
+                        "Perfetto, or TensorBoard's profiler plugin: tensorboard --logdir OUT)")
 
 
 def _pretrain_config(args: argparse.Namespace):

@@ -11,7 +11,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="a preprocessing cache, or scans (preprocessed into OUT/cache first)")
     source.add_argument("--synthetic", action="store_true", help="two random CT-sized volumes: no files needed")
-    p.add_argument("--out", required=True, help="folder for profile.json, profile.png, trace.json (compare.png)")
+    p.add_argument("--out", required=True, help="folder for profile.json, profile.png, trace.pt.trace.json "
+                   "(compare.png)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
     p.add_argument("--layer-steps", type=int, default=3,
@@ -26,11 +27,14 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=CHOICES["kernels"])
     p.add_argument("--loader", choices=CHOICES["loader"])
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--prefetch", type=int,
+                   help="batches built ahead in a thread (default: 2 on CUDA, 0 on the CPU); above 0, data_wait is "
+                        "the wait for the queue and the host-to-device copy happens inside it")
     p.add_argument("--seed", type=int)
     p.add_argument("--compare", nargs="+", metavar="AXIS=V1,V2",
                    help="time every combination (round-robin) against the official-equivalent step (fp32, "
                         "contiguous, eager, torch kernels); axes: precision, channels_last (0/1), compile (0/1), "
-                        "kernels, loader")
+                        "kernels, loader, prefetch")
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 

@@ -24,7 +24,9 @@ from ..data.synthetic import synthetic_volumes
 from ..train import PretrainConfig, Pretrainer
 from ..train.config import CHOICES
 from ..train.phases import PHASES, PhaseTimer
+from ..train.prefetch import Prefetcher
 from ..train.step import pretrain_step, step_rng
+from ..train.trace import trace_name
 from ..utils.device import resolve_device
 from ..utils.io import atomic_write
 from .flops import layer_flops, model_flops, step_passes
@@ -32,7 +34,8 @@ from .layers import profile_layers
 from .peaks import device_peak
 
 # The matrix axes of --compare and how a value is read; the baseline is the official-equivalent step.
-COMPARE_AXES = {"precision": str, "channels_last": bool, "compile": bool, "kernels": str, "loader": str}
+COMPARE_AXES = {"precision": str, "channels_last": bool, "compile": bool, "kernels": str, "loader": str,
+                "prefetch": int}
 BASELINE = {"precision": "fp32", "channels_last": False, "compile": False, "kernels": "torch"}
 PHASE_TOLERANCE = 0.05  # the phases must add up to the measured step within this share
 
@@ -74,6 +77,10 @@ def parse_compare(items: list[str]) -> dict[str, list]:
                 if value not in ("0", "1"):
                     raise ValueError(f"--compare {key} takes 0 or 1, got {value!r}")
                 parsed.append(value == "1")
+            elif COMPARE_AXES[key] is int:
+                if not value.isdigit():
+                    raise ValueError(f"--compare {key} takes whole numbers >= 0, got {value!r}")
+                parsed.append(int(value))
             else:
                 allowed = CHOICES[key]
                 if value not in allowed:
@@ -119,34 +126,54 @@ def label(trainer: Pretrainer) -> str:
 # ------------------------------------------------------------------------------------------- one profile
 class TimedRun:
     """A trainer and its host batches, one timed iteration at a time (the profile's and the end-to-end
-    benchmark's runner)."""
+    benchmark's runner).
+
+    With the trainer's prefetch depth 0 (the CPU default) each batch is built and copied in the step's thread
+    and timed as ``data_wait`` and ``h2d``; with a depth above 0 the trainer's :class:`Prefetcher` builds and
+    copies batches ahead in its thread, and ``data_wait`` is the time the step waited for the queue (the copy
+    is inside it, so there is no ``h2d`` phase)."""
 
     def __init__(self, cfg: PretrainConfig, volumes):
         self.trainer = Pretrainer(cfg, volumes)
         self.timer = PhaseTimer(self.trainer.device)
         self.trainer.step_module.phase = self.timer
+        self.feed = None
+        if self.trainer.prefetch > 0:
+            # The tag carries the host batch through the queue, to be released after the step that reads it.
+            source = (((epoch, host), host) for epoch, host in self._host_batches())
+            self.feed = Prefetcher(source, self.trainer.device_batch, self.trainer.device, self.trainer.prefetch)
         self._batches = self._host_batches()
         self._held: list = []
         self.step = 0
 
     def _host_batches(self):
         trainer = self.trainer
-        for epoch in itertools.count():
-            for batch in trainer.batches(epoch % max(trainer.total_epochs, 1), 0):
+        for count in itertools.count():
+            epoch = count % max(trainer.total_epochs, 1)  # the schedules' epoch: profiles run past the run's end
+            for batch in trainer.batches(epoch, 0):
                 yield epoch, batch
+
+    def _next_micro(self) -> tuple[int, dict]:
+        """(epoch, device batch) of the next micro-batch, timed as data_wait (and h2d when built here)."""
+        timer = self.timer
+        if self.feed is not None:
+            with timer("data_wait"):
+                (epoch, host), device_batch, _ = next(self.feed)
+        else:
+            with timer("data_wait"):
+                epoch, host = next(self._batches)
+            with timer("h2d"):
+                device_batch = self.trainer.device_batch(host)
+        self._held.append(host)
+        return epoch, device_batch
 
     def iterate(self) -> tuple[float, dict[str, float]]:
         """One step: data, host-to-device, the step; returns (measured seconds, {phase: seconds})."""
         trainer, timer = self.trainer, self.timer
         start = timer.mark()
-        micro = []
-        for _ in range(trainer.cfg.accumulate):
-            with timer("data_wait"):
-                epoch, host = next(self._batches)
-            with timer("h2d"):
-                micro.append(trainer.device_batch(host))
-            self._held.append(host)
-        views = [(m["x1"], m["x2"], m["gt"], m["loc"]) for m in micro]
+        micro = [self._next_micro() for _ in range(trainer.cfg.accumulate)]
+        epoch = micro[-1][0]
+        views = [(m["x1"], m["x2"], m["gt"], m["loc"]) for _, m in micro]
         pretrain_step(trainer.engine, views, epoch, step_rng(trainer.cfg.seed, self.step))
         end = timer.mark()
         total = timer.seconds(start, end)  # waits for the device: nothing of this step is still running
@@ -159,6 +186,8 @@ class TimedRun:
         return total, phases
 
     def close(self) -> None:
+        if self.feed is not None:
+            self.feed.close()
         self.trainer.close()
 
 
@@ -213,7 +242,7 @@ def _layer_table(run: TimedRun, cfg: ProfileConfig, out: Path, layer_flops_: dic
     def one_step():
         walls.append(run.iterate()[0])
 
-    found = profile_layers(run.trainer.model, one_step, cfg.layer_steps, out / "trace.json", run.trainer.device)
+    found = profile_layers(run.trainer.model, one_step, cfg.layer_steps, out / trace_name(0), run.trainer.device)
     step_s = float(np.mean(walls))
     rows = []
     for name, flops in layer_flops_.items():
@@ -280,7 +309,7 @@ def _compare(cfg: ProfileConfig, out: Path) -> dict:
 
 
 def profile(cfg: ProfileConfig) -> dict:
-    """Run the profile and write OUT/profile.json, profile.png, trace.json (and compare.png with a matrix)."""
+    """Run the profile and write OUT/profile.json, profile.png, trace.pt.trace.json (and compare.png with a matrix)."""
     from .report import save_compare_png, save_profile_png
 
     cfg.validate()

@@ -79,7 +79,7 @@ class PretrainConfig:
     log_every: int | None = None  # metrics rows (and device reads) every N steps; None: 1 on the CPU, 10 on CUDA
     tensorboard: bool = True  # event files next to metrics.jsonl, when the tensorboard package is installed
     pictures: bool = True
-    profile_steps: str | None = None  # "A:B": a torch.profiler trace of steps A..B in OUT/trace.json
+    profile_steps: str | None = None  # "A:B": a torch.profiler trace of steps A..B in OUT/trace.pt.trace.json
 
     PRESETS = {
         # The official recipe: 240 epochs, batch 32, SGD 1e-3, full width.

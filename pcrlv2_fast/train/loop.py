@@ -84,7 +84,7 @@ from .step import (
     set_float32_precision,
     step_rng,
 )
-from .trace import StepTrace, parse_window
+from .trace import StepTrace, parse_window, trace_name
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -396,11 +396,10 @@ class Pretrainer(RunFolder, RunLog):
         return last
 
     def _step_trace(self) -> StepTrace | None:
-        """--profile-steps A:B: the trace of those steps (OUT/trace.json; trace-rank<r>.json on other ranks)."""
+        """--profile-steps A:B: the trace of those steps (OUT/trace.pt.trace.json; see trace.py)."""
         if self.cfg.profile_steps is None:
             return None
-        name = "trace.json" if self.dist.is_main else f"trace-rank{self.dist.rank}.json"
-        return StepTrace(parse_window(self.cfg.profile_steps), self.out / name, self.device)
+        return StepTrace(parse_window(self.cfg.profile_steps), self.out / trace_name(self.dist.rank), self.device)
 
     def _one_step(self, feed: Prefetcher, window: _Window) -> StepOutput:
         """Take one step's micro-batches from the feed and run the step (nothing is read back from the device)."""

@@ -19,6 +19,7 @@ from ..reference.fused_losses import upsample_mask
 from ..utils.io import WriteError, atomic_write
 from . import distributed as D
 from .step import SKIP_REASONS, TERMS, StepOutput
+from .trace import trace_name
 
 PERF_KEYS = ("samples_per_s", "data_wait_s", "step_s", "data_wait", "gpu_mem_gb")
 
@@ -166,8 +167,8 @@ class RunLog:
             return summary
         if self.cfg.pictures and last is not None:
             files.update(self._pictures(last))
-        if self.cfg.profile_steps and (self.out / "trace.json").exists():
-            files["trace"] = str(self.out / "trace.json")
+        if self.cfg.profile_steps and (self.out / trace_name(0)).exists():
+            files["trace"] = str(self.out / trace_name(0))
         if any(self.out.glob("events.out.tfevents.*")):
             files["tensorboard"] = str(self.out)
         with atomic_write(self.out / "summary.json", "w") as f:

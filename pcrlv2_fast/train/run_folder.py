@@ -26,11 +26,12 @@ from ..utils.io import WriteError, atomic_write
 from ..utils.run_folder import clear_earlier_run, earlier_run
 from . import distributed as D
 from .optim import prime_momentum
+from .trace import trace_name
 
-# What a run writes into its folder (removed by --overwrite before a fresh start).
-# What a run writes into its folder (removed by --overwrite before a fresh start).
+# What a run writes into its folder (removed by --overwrite before a fresh start); "trace.json" is the trace's
+# name in runs of earlier versions.
 RUN_FILES = ("checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", "restoration.png", "loss_curve.png",
-             "trace.json")
+             trace_name(0), "trace.json")
 RUN_GLOBS = ("checkpoint-*.pt", "events.out.tfevents.*", "trace-rank*.json")
 
 

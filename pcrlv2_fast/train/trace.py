@@ -1,6 +1,9 @@
 """``pretrain --profile-steps A:B``: a ``torch.profiler`` trace of steps A..B (1-based) of a real run, written as
-OUT/trace.json (trace-rank<r>.json for the other processes of a torchrun launch) for Perfetto or TensorBoard's
-profiler. The rest of the run is not slowed."""
+OUT/trace.pt.trace.json (trace-rank<r>.pt.trace.json for the other processes of a torchrun launch). The rest of the
+run is not slowed.
+
+The name is the one TensorBoard's profiler plugin (torch-tb-profiler) looks for: ``tensorboard --logdir OUT`` shows
+the trace next to the run's scalars, one worker per process; Perfetto (ui.perfetto.dev) opens the file as it is."""
 
 from __future__ import annotations
 
@@ -8,6 +11,12 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+
+def trace_name(rank: int = 0) -> str:
+    """The trace file of process ``rank``: the plugin reads ``<worker>.pt.trace.json``, the worker being the part
+    before."""
+    return "trace.pt.trace.json" if rank == 0 else f"trace-rank{rank}.pt.trace.json"
 
 
 def parse_window(text: str) -> tuple[int, int]:

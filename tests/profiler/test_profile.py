@@ -3,6 +3,7 @@ count, the comparison matrix, clear errors before anything runs, and ``pretrain 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -95,7 +96,7 @@ def test_profile_synthetic_phases_add_up(tmp_path, capsys):
     assert t["samples_per_s"] == pytest.approx(2 / result["step"]["mean_s"])
     assert t["peak_tflops"] > 0 and 0 < t["mfu"] and math.isclose(t["mfu"], t["achieved_tflops"] / t["peak_tflops"])
     assert result["top_kernels"] and result["memory"]["peak_rss_gb"] > 0
-    trace = json.loads((out / "trace.json").read_text())
+    trace = json.loads((out / "trace.pt.trace.json").read_text())
     assert any(str(e.get("name", "")).startswith("layer:") for e in trace["traceEvents"])
     assert (out / "profile.png").stat().st_size > 10_000
     assert "phases add up to the step" in printed and "MFU" in printed
@@ -108,6 +109,55 @@ def test_profile_from_a_cache(tmp_path, phantom_cache):
     result = json.loads((out / "profile.json").read_text())
     assert result["phase_check"]["ok"] and result["config"].endswith("torch torch")
     assert result["layers"] == [] and result["trace"] is None
+
+
+def test_profile_with_prefetch_times_the_queue_wait(tmp_path):
+    # Batches built ahead in the prefetcher's thread: the step waits for the queue (data_wait), the copy to the
+    # device happens inside the producer (no h2d phase), and the phases still add up to the step.
+    out = tmp_path / "p"
+    assert cli_main(["profile", "--synthetic", "--out", str(out), "--steps", "3", "--warmup", "1",
+                     "--layer-steps", "0", "--prefetch", "2", *TINY]) == 0
+    result = json.loads((out / "profile.json").read_text())
+    assert "data_wait" in result["phases"] and "h2d" not in result["phases"]
+    assert result["phase_check"]["ok"]
+
+
+def test_timed_run_feeds_the_same_batches_with_and_without_prefetch(tmp_path):
+    from pcrlv2_fast.data.synthetic import synthetic_volumes
+    from pcrlv2_fast.profiler.run import TimedRun
+    from pcrlv2_fast.train import PretrainConfig
+
+    volumes = synthetic_volumes()
+    seen = {}
+    for depth in (0, 2):
+        cfg = PretrainConfig.from_name("tiny", width=2, batch_size=2, device="cpu", prefetch=depth, out=str(tmp_path),
+                                       tensorboard=False, pictures=False)
+        run = TimedRun(cfg, volumes)
+        try:
+            batches = [run._next_micro() for _ in range(3)]
+        finally:
+            run.close()
+        seen[depth] = batches
+    for (e0, b0), (e2, b2) in zip(seen[0], seen[2], strict=True):
+        assert e0 == e2 and all(torch.equal(b0[k], b2[k]) for k in ("x1", "x2", "gt", "loc"))
+
+
+def test_timed_run_wraps_the_epoch_of_the_schedules(tmp_path):
+    from pcrlv2_fast.data.synthetic import synthetic_volumes
+    from pcrlv2_fast.profiler.run import TimedRun
+    from pcrlv2_fast.train import PretrainConfig
+
+    cfg = PretrainConfig.from_name("tiny", width=2, batch_size=2, steps=6, device="cpu", out=str(tmp_path),
+                                   tensorboard=False, pictures=False)
+    run = TimedRun(cfg, synthetic_volumes())
+    assert run.trainer.total_epochs > 1
+    try:
+        epochs = [epoch for epoch, _ in itertools.islice(run._host_batches(), 3 * run.trainer.steps_per_epoch
+                                                          * run.trainer.total_epochs)]
+    finally:
+        run.close()
+    # A profile longer than the run starts the schedules' epochs again instead of running past the last one.
+    assert set(epochs) == set(range(run.trainer.total_epochs))
 
 
 def test_compare_two_configurations(tmp_path, capsys):
@@ -141,8 +191,10 @@ def test_bad_options_fail_before_anything_runs(tmp_path, capsys, monkeypatch, ar
 
 
 def test_parse_compare():
-    assert parse_compare(["precision=fp32,bf16", "compile=0,1"]) == {"precision": ["fp32", "bf16"],
-                                                                      "compile": [False, True]}
+    assert parse_compare(["precision=fp32,bf16", "compile=0,1", "prefetch=0,2"]) == {
+        "precision": ["fp32", "bf16"], "compile": [False, True], "prefetch": [0, 2]}
+    with pytest.raises(ValueError, match="whole numbers"):
+        parse_compare(["prefetch=-1"])
 
 
 # ------------------------------------------------------------------------------------------------ pretrain
@@ -150,8 +202,9 @@ def test_pretrain_profile_steps_writes_a_trace(tmp_path, phantom_cache):
     out = tmp_path / "run"
     assert cli_main(["pretrain", "--data", str(phantom_cache), "--out", str(out), "--preset", "tiny", "--steps", "3",
                      "--profile-steps", "2:2", "--no-tensorboard"]) == 0
-    events = json.loads((out / "trace.json").read_text())["traceEvents"]
+    # The name TensorBoard's profiler plugin looks for (<worker>.pt.trace.json), in the run's folder.
+    events = json.loads((out / "trace.pt.trace.json").read_text())["traceEvents"]
     assert any("convolution" in str(e.get("name", "")) for e in events)
-    assert json.loads((out / "summary.json").read_text())["files"]["trace"] == str(out / "trace.json")
+    assert json.loads((out / "summary.json").read_text())["files"]["trace"] == str(out / "trace.pt.trace.json")
     assert cli_main(["pretrain", "--data", str(phantom_cache), "--out", str(out), "--preset", "tiny",
                      "--profile-steps", "3:2"]) == 2
