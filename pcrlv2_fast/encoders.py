@@ -42,9 +42,11 @@ __all__ = [
     "adapt_first_conv",
     "count_parameters",
     "encoder_arch",
+    "encoder_part",
     "encoder_state_dict",
     "export_encoder",
     "layerwise_param_groups",
+    "pad_to_divisor",
 ]
 
 #: The encoder's blocks, shallow to deep (official names).
@@ -85,6 +87,12 @@ def encoder_state_dict(path: str | Path, map_location="cpu", trusted: bool = Fal
     CheckpointError when the file has no encoder.
     """
     state = extract_state_dict(read_checkpoint(path, map_location=map_location, trusted=trusted), path)
+    return encoder_part(state, path)
+
+
+def encoder_part(state: Mapping[str, torch.Tensor], path: str | Path) -> dict[str, torch.Tensor]:
+    """The encoder entries of a model's state_dict (under any prefix), keyed by the official names; ``path`` names
+    the source in errors."""
     prefix = _find_encoder_prefix(state)
     if prefix is None:
         raise CheckpointError(
@@ -206,13 +214,27 @@ class PCRLv2Encoder3D(nn.Module):
         checkpoints hold the same keys); ``act`` must be given for elu checkpoints (elu has no parameters).
         """
         state = encoder_state_dict(path, map_location=map_location, trusted=trusted)
+        return cls.from_state_dict(state, path, in_channels=in_channels, norm=norm, act=act)
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state: Mapping[str, torch.Tensor],
+        source: str | Path = "state_dict",
+        in_channels: int | None = None,
+        norm: str | None = None,
+        act: str | None = None,
+    ) -> PCRLv2Encoder3D:
+        """:meth:`from_checkpoint` for a state_dict in memory (e.g. a pretraining model's, any key prefix);
+        ``source`` names it in errors."""
+        state = encoder_part(state, source)
         arch = encoder_arch(state)
         kwargs = dict(in_channels=in_channels or arch["in_channels"], width=arch["width"], norm=norm or arch["norm"],
                       act=act or arch["act"])
         with torch.device("meta"):  # shapes checked before any memory is taken: a file may claim any width
             probe = cls(**kwargs)
-        check_state_dict(probe, _convert_state(state, probe, kwargs["in_channels"]), path)
-        return cls(**kwargs)._load_state(state, path)
+        check_state_dict(probe, _convert_state(state, probe, kwargs["in_channels"]), source)
+        return cls(**kwargs)._load_state(state, source)
 
 
 EXPORT_FORMATS = ("pt", "safetensors")
@@ -249,7 +271,7 @@ def export_encoder(checkpoint: str | Path, out: str | Path, format: str | None =
     return out
 
 
-def _pad_to_divisor(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+def pad_to_divisor(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """Pad (at the far end of each axis, replicating the border) so every spatial size is divisible by 8."""
     sizes = tuple(int(s) for s in x.shape[2:])
     extra = [(-s) % DIVISOR for s in sizes]
@@ -317,7 +339,7 @@ class UNet3D(nn.Module):
                 yield p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, sizes = _pad_to_divisor(x)
+        x, sizes = pad_to_divisor(x)
         f64, f128, f256, f512 = self.encoder(x)
         out = self.up_tr256(f512, f256)
         out = self.up_tr128(out, f128)
@@ -347,7 +369,7 @@ class LinearProbeSeg3D(nn.Module):
         return self.heads.parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, sizes = _pad_to_divisor(x)
+        x, sizes = pad_to_divisor(x)
         with torch.no_grad():
             features = self.encoder(x)
         full = features[0].shape[2:]
@@ -406,7 +428,7 @@ class Classifier3D(nn.Module):
         return self.head.parameters()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        x, _ = _pad_to_divisor(x)
+        x, _ = pad_to_divisor(x)
         deepest = self.encoder(x)[-1]
         pooled = []
         if self.pool in ("avg", "avgmax"):

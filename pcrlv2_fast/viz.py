@@ -120,8 +120,8 @@ def restoration_figure(x1: Any, gt: Any, restoration: Any, masks: Sequence[Any],
     return fig
 
 
-def _read_metrics(metrics_jsonl: Path) -> list[dict[str, Any]]:
-    """Rows of a metrics JSONL file that have numeric ``step`` and ``loss``; later rows win for a repeated step."""
+def _read_metrics(metrics_jsonl: Path, key: str = "loss") -> list[dict[str, Any]]:
+    """Rows of a metrics JSONL file that have numeric ``step`` and ``key``; later rows win for a repeated step."""
     if not metrics_jsonl.is_file():
         raise FileNotFoundError(f"metrics file not found: {metrics_jsonl}")
     lines = metrics_jsonl.read_text(encoding="utf-8").splitlines()
@@ -137,8 +137,8 @@ def _read_metrics(metrics_jsonl: Path) -> list[dict[str, Any]]:
                 warnings.warn(f"{metrics_jsonl}:{number}: skipping incomplete last line", stacklevel=3)
                 continue
             raise ValueError(f"{metrics_jsonl}:{number}: not valid JSON: {exc}") from exc
-        if not isinstance(row, dict) or not _is_number(row.get("step")) or not _is_number(row.get("loss")):
-            continue  # e.g. a header or evaluation row: only training rows are plotted
+        if not isinstance(row, dict) or not _is_number(row.get("step")) or not _is_number(row.get(key)):
+            continue  # e.g. a header, or a probe row when reading training rows
         # A resumed run logs the steps after its checkpoint again; the newer values replace the older ones.
         by_step[row["step"]] = row
     return [by_step[step] for step in sorted(by_step)]
@@ -154,7 +154,8 @@ def save_loss_curve_png(metrics_jsonl: str | os.PathLike, path: str | os.PathLik
 
 
 def loss_curve_figure(metrics_jsonl: str | os.PathLike, title: str | None = None) -> Figure:
-    """The total loss and each ``loss_*`` term against step, and the learning rate below if it was logged.
+    """The total loss and each ``loss_*`` term against step, the learning rate below if it was logged, and the
+    frozen-encoder probe's Dice (``pretrain --probe``) below that if there are probe rows.
 
     Rows without a numeric ``step`` and ``loss`` are ignored. The y axis is linear because the global and local
     cosine terms are negative.
@@ -166,13 +167,14 @@ def loss_curve_figure(metrics_jsonl: str | os.PathLike, title: str | None = None
     rows = _read_metrics(Path(metrics_jsonl))
     if not rows:
         raise ValueError(f"{metrics_jsonl} has no rows with numeric 'step' and 'loss' to plot")
+    probe = _read_metrics(Path(metrics_jsonl), "probe_dice")
     loss_keys = ["loss"] + sorted({k for row in rows for k in row if k.startswith("loss_") and _is_number(row[k])})
     has_lr = any(_is_number(row.get("lr")) for row in rows)
 
-    n_rows = 2 if has_lr else 1
-    fig = Figure(figsize=(8, 6.5 if has_lr else 4.5), dpi=100, layout="constrained")
+    ratios = [3] + [1] * has_lr + [1.5] * bool(probe)
+    fig = Figure(figsize=(8, 4.5 + 2 * (len(ratios) - 1)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(n_rows, 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": [3, 1][:n_rows]})
+    axes = fig.subplots(len(ratios), 1, sharex=True, squeeze=False, gridspec_kw={"height_ratios": ratios})
     ax = axes[0][0]
     for key in loss_keys:
         steps, values = _series(rows, key)
@@ -187,6 +189,11 @@ def loss_curve_figure(metrics_jsonl: str | os.PathLike, title: str | None = None
         lr_ax.set_ylabel("lr")
         lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
         lr_ax.grid(alpha=0.3)
+    if probe:
+        probe_ax = axes[-1][0]
+        probe_ax.plot(*_series(probe, "probe_dice"), marker="o", color="tab:green")
+        probe_ax.set_ylabel("probe Dice")
+        probe_ax.grid(alpha=0.3)
     axes[-1][0].set_xlabel("step")
     if title:
         fig.suptitle(title)

@@ -38,7 +38,17 @@ from tqdm import tqdm
 
 from ..utils.io import atomic_npy_save, atomic_write, sha256_file
 from ..utils.lock import folder_lock
-from .io import MODALITIES, ScanError, Volume, detached_data_file, find_scans, mr_window, read_resampled, scan_name
+from .io import (
+    MIN_SHAPE,
+    MODALITIES,
+    ScanError,
+    Volume,
+    detached_data_file,
+    find_scans,
+    mr_window,
+    read_resampled,
+    scan_name,
+)
 
 __all__ = ["PreprocessReport", "ScanResult", "preprocess", "open_cache", "is_cache", "cached_volumes"]
 
@@ -161,6 +171,7 @@ class _Task:
     entry: dict | None  # the index entry of an earlier run, if any
     root: Path
     settings: dict  # spacing, modality, hu_window asked for
+    min_shape: tuple[int, int, int] = MIN_SHAPE  # smaller resampled volumes are rejected (see read_resampled)
 
 
 def _volume_file_ok(root: Path, entry: dict) -> bool:
@@ -222,7 +233,8 @@ def _run(task: _Task) -> tuple[ScanResult, dict | None]:
             result = ScanResult(task.source, "skipped", "unchanged", task.name, tuple(entry["shape"]),
                                 entry["modality"])
             return result, entry
-        scan = read_resampled(task.source, spacing=tuple(settings["spacing"]), modality=settings["modality"])
+        scan = read_resampled(task.source, spacing=tuple(settings["spacing"]), modality=settings["modality"],
+                              min_shape=task.min_shape)
         stored, window, extra = _encode(scan.array, scan.modality, settings["hu_window"])
         file = f"{VOLUMES}/{task.name}.npy"
         _write_volume(task.root / file, stored)
@@ -378,8 +390,12 @@ def preprocess(
     modality: str = "auto",
     workers: int = 1,
     progress: bool = True,
+    min_shape: tuple[int, int, int] = MIN_SHAPE,
 ) -> PreprocessReport:
     """Resample every scan under ``sources`` (files or folders, see :func:`find_scans`) into the cache ``out``.
+
+    Scans smaller than ``min_shape`` (x, y, z voxels, after resampling) fail: the official crops' smallest size by
+    default, ``CropConfig.scaled(s).min_volume`` for a smaller crop geometry.
 
     Unchanged scans already in the cache are skipped; scans that cannot be used are reported as failed and
     the rest go on. ``workers`` > 1 processes scans in that many processes. Returns the report; raises only
@@ -421,7 +437,7 @@ def preprocess(
             entry = entries.get(str(scan))
             name = entry["name"] if entry else _unique_name(scan, taken)
             taken.add(name)
-            tasks.append(_Task(scan, name, entry, root, settings))
+            tasks.append(_Task(scan, name, entry, root, settings, tuple(min_shape)))
         results = _run_all(tasks, root, entries, workers, progress)
     report.results.extend(results[t.source] for t in tasks)
     return report
@@ -524,6 +540,7 @@ def cached_volumes(
     modality: str = "auto",
     workers: int = 1,
     progress: bool = True,
+    min_shape: tuple[int, int, int] = MIN_SHAPE,
 ) -> list[Volume]:
     """Training's volumes: ``data`` itself when it is a cache, else ``data`` preprocessed into ``cache_dir``.
 
@@ -536,7 +553,8 @@ def cached_volumes(
             print(f"note: the cache {data} holds spacings {other} mm; they are used as they are "
                   f"(the spacing setting {tuple(spacing)} applies to raw scans only)", file=sys.stderr)
         return volumes
-    report = preprocess([data], cache_dir, spacing=spacing, modality=modality, workers=workers, progress=progress)
+    report = preprocess([data], cache_dir, spacing=spacing, modality=modality, workers=workers, progress=progress,
+                        min_shape=min_shape)
     for result in report.failed:
         print(f"warning: skipped {result.reason}", file=sys.stderr)
     if not report.names:

@@ -95,8 +95,10 @@ class PretrainDataset(Dataset):
             lo, hi = volume.window
             if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
                 raise ValueError(f"{volume.name}: window must be (low, high) with low < high, got {volume.window}")
-        self.volumes = list(volumes)
         self.crop = crop if crop is not None else CropConfig()
+        for volume in volumes:
+            self.crop.check_fits(volume.array.shape, volume.name)
+        self.volumes = list(volumes)
         self.seed = int(seed)
         self.pairs_per_volume = int(pairs_per_volume)
         self.augment = augment

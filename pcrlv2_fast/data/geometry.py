@@ -64,6 +64,42 @@ class CropConfig:
         if self.n_local < 0 or self.max_tries < 1 or min(self.border_xy, self.border_z, self.len_depth) < 0:
             raise ValueError(f"invalid CropConfig: {self}")
 
+    def scaled(self, scale: float) -> CropConfig:
+        """Every crop size, the views' output sizes, the margins and the local jitter times ``scale``: the official
+        geometry for volumes smaller than its crops (e.g. 0.4 for ~35 x 50 x 36 voxel hippocampus MR crops).
+
+        Crop sizes round to whole voxels (at least 1); output sizes round to a multiple of 8 (at least 8), since
+        the network halves them three times. The rules (IoU > min_iou, local starts near the global pair) are
+        unchanged. A departure from the official geometry, which has only scale 1."""
+        if not 0 < scale <= 1:
+            raise ValueError(f"crop scale must be in (0, 1], got {scale}")
+        if scale == 1:
+            return self
+
+        def voxels(size):
+            return tuple(max(1, round(v * scale)) for v in size)
+
+        def out(size):
+            return tuple(max(8, 8 * round(v * scale / 8)) for v in size)
+
+        return replace(self, global_sizes=tuple(voxels(s) for s in self.global_sizes), global_out=out(self.global_out),
+                       local_sizes=tuple(voxels(s) for s in self.local_sizes), local_out=out(self.local_out),
+                       border_xy=round(self.border_xy * scale), border_z=round(self.border_z * scale),
+                       len_depth=round(self.len_depth * scale), local_jitter=round(self.local_jitter * scale))
+
+    @property
+    def min_volume(self) -> tuple[int, int, int]:
+        """Per axis, the smallest global crop size: volumes below it in any axis are rejected by preprocessing."""
+        return tuple(int(v) for v in np.min(np.asarray(self.global_sizes), axis=0))
+
+    def check_fits(self, shape, name: str) -> None:
+        """A ValueError naming the volume when no global crop size fits it (drawing would fail mid-run)."""
+        if not any(all(s <= n for s, n in zip(size, shape, strict=True)) for size in self.global_sizes):
+            raise ValueError(
+                f"{name}: shape {tuple(int(n) for n in shape)} (x, y, z) is smaller than every global crop size "
+                f"{self.global_sizes}; pretrain small volumes with a smaller --crop-scale (each crop and view size "
+                f"times it) or leave this volume out")
+
     @classmethod
     def from_name(cls, name: str) -> CropConfig:
         """Named presets: ``default`` (any anatomy) and ``lung`` (official LUNA setting, dense filter on)."""

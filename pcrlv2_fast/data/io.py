@@ -758,7 +758,8 @@ def read_resampled(
     if any(n < m for n, m in zip(array.shape, min_shape, strict=True)):
         raise ScanError(
             f"{path}: resampled shape {array.shape} (x, y, z) at spacing {spacing} mm is smaller than the "
-            f"minimum {tuple(min_shape)}; use a larger scan or a finer spacing."
+            f"minimum {tuple(min_shape)}; use a larger scan or a finer spacing (for pretraining, a smaller "
+            "--crop-scale lowers the minimum)."
         )
     if modality == "auto":
         modality = "ct" if np.percentile(array, 1.0) < _CT_AIR_THRESHOLD else "mr"

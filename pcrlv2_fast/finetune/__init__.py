@@ -14,6 +14,7 @@ _EXPORTS = {
     "evaluate": ("evaluate_checkpoint", "evaluate_loaded", "load_finetuned"),
     "metrics": ("classification_metrics", "segmentation_metrics"),
     "model": ("MODES", "build_model", "model_from_arch"),
+    "probe": ("ProbeSet", "VoxelProbe", "load_probe_set"),
     "split": ("PAPER_FRACTIONS", "Split", "make_split", "parse_fraction"),
     "train": ("FinetuneConfig", "finetune"),
 }

@@ -80,6 +80,8 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", choices=Classifier3D.POOLS, help="classifier pooling")
     p.add_argument("--dropout", type=float, help="classifier dropout")
     p.add_argument("--seed", type=int, help="seeds the split, the label subset, sampling and initialisation")
+    p.add_argument("--split-seed", type=int, help="seed of the train/validation/test split only (default: --seed); "
+                   "fix it to compare seeds on one test set")
     p.add_argument("--val-fraction", type=float, help="share of patients for validation (default 0.2)")
     p.add_argument("--test-fraction", type=float, help="share of patients for testing (default 0.2)")
     p.add_argument("--spacing", type=float, nargs="+", metavar="MM",

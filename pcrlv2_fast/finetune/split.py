@@ -33,14 +33,16 @@ class Split:
     unlabelled: tuple[str, ...]
     seed: int
     label_fraction: float
+    subset_seed: int | None = None  # the labelled subset's seed when it differs from the split's
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Split:
+        subset_seed = d.get("subset_seed")
         return cls(tuple(d["train"]), tuple(d["val"]), tuple(d["test"]), tuple(d.get("unlabelled", ())),
-                   int(d["seed"]), float(d["label_fraction"]))
+                   int(d["seed"]), float(d["label_fraction"]), None if subset_seed is None else int(subset_seed))
 
 
 def parse_fraction(text: str | float) -> float:
@@ -66,8 +68,12 @@ def make_split(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     label_fraction: float = 1.0,
+    subset_seed: int | None = None,
 ) -> Split:
     """Split cases by patient. ``patients`` maps case id -> patient id.
+
+    ``seed`` draws the split; ``subset_seed`` (default: ``seed``) draws the labelled subset, so that runs with
+    different seeds can share one split (a fixed test set) and still label different training patients.
 
     Validation and test get ``round(fraction * n_patients)`` patients each, at least one, and training at least
     one; ``label_fraction`` then keeps :func:`labelled_count` of the training patients. Fewer than 3 patients
@@ -91,7 +97,8 @@ def make_split(
     test_p, val_p, train_p = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
     # The labelled subset: a prefix of a permutation of the sorted training patients (nested across fractions).
     train_sorted = sorted(train_p)
-    subset_order = [train_sorted[i] for i in np.random.default_rng([seed, _SUBSET_STREAM]).permutation(len(train_p))]
+    subset_rng = np.random.default_rng([seed if subset_seed is None else subset_seed, _SUBSET_STREAM])
+    subset_order = [train_sorted[i] for i in subset_rng.permutation(len(train_p))]
     kept = set(subset_order[:labelled_count(len(train_p), label_fraction)])
 
     def cases_of(group: Sequence[str] | set[str]) -> tuple[str, ...]:
@@ -105,4 +112,5 @@ def make_split(
         unlabelled=cases_of(set(train_p) - kept),
         seed=seed,
         label_fraction=label_fraction,
+        subset_seed=None if subset_seed in (None, seed) else subset_seed,
     )

@@ -61,6 +61,7 @@ class FinetuneConfig:
     mode: str = "full"  # full | frozen | linear
     label_fraction: float = 1.0
     seed: int = 0
+    split_seed: int | None = None  # the train/val/test split's seed; None: `seed` (which always draws the rest)
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     # network (width/norm/act: the checkpoint's unless given; random init: 32 / bn / relu)
@@ -248,8 +249,9 @@ def _load_data(cfg: FinetuneConfig, out: Path) -> tuple[_Data, list[Path]]:
     """The split and the loaded cases, and the files of an earlier run in ``out`` (refused without --overwrite);
     the checkpoint to start from is checked before the data are read."""
     cases, found_names = find_cases(cfg.data, cfg.task)
-    split = make_split({c.case_id: c.patient for c in cases}, seed=cfg.seed, val_fraction=cfg.val_fraction,
-                       test_fraction=cfg.test_fraction, label_fraction=cfg.label_fraction)
+    split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
+    split = make_split({c.case_id: c.patient for c in cases}, seed=split_seed, val_fraction=cfg.val_fraction,
+                       test_fraction=cfg.test_fraction, label_fraction=cfg.label_fraction, subset_seed=cfg.seed)
     existing = earlier_run(out, RUN_FILES, overwrite=cfg.overwrite, refusal="{out}: already holds a fine-tuning run "
                            "({files}); pass --overwrite to replace it or choose another --out")
     if cfg.init != "random":

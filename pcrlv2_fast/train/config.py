@@ -53,6 +53,9 @@ class PretrainConfig:
     act: str = "relu"
     all_scales: bool = False
     pairs_per_volume: int = 16  # samples per scan per epoch (the official generates 16 crop pairs per scan)
+    # Every crop size and view size times this (data.geometry.CropConfig.scaled): for volumes smaller than the
+    # official crops; 1 is the official geometry.
+    crop_scale: float = 1.0
     workers: int = 0
     # auto (native when the C++ extension is built, else torch) | dataset (per-sample DataLoader with `workers`
     # processes) | torch | native (whole batches at once); all give the same samples.
@@ -80,6 +83,11 @@ class PretrainConfig:
     tensorboard: bool = True  # event files next to metrics.jsonl, when the tensorboard package is installed
     pictures: bool = True
     profile_steps: str | None = None  # "A:B": a torch.profiler trace of steps A..B in OUT/trace.pt.trace.json
+    # Labelled volumes for a frozen-encoder probe (finetune/probe.py) scored before the first step, every
+    # `probe_every` steps (None: every epoch) and at the end; logged as probe rows of metrics.jsonl.
+    probe: str | None = None
+    probe_every: int | None = None
+    probe_cases: int = 8
 
     PRESETS = {
         # The official recipe: 240 epochs, batch 32, SGD 1e-3, full width.
@@ -116,6 +124,11 @@ class PretrainConfig:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         if self.gpu_cache_gb is not None and self.gpu_cache_gb < 0:
             raise ValueError(f"gpu_cache_gb must be >= 0, got {self.gpu_cache_gb}")
+        if (self.probe_every is not None and self.probe_every < 1) or self.probe_cases < 2:
+            raise ValueError(f"probe_every must be >= 1 and probe_cases >= 2, got {self.probe_every}, "
+                             f"{self.probe_cases}")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
         if self.prefetch is not None and self.prefetch < 0:
             raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
         for field in ("max_nonfinite", "save_every", "keep_checkpoints"):

@@ -126,6 +126,7 @@ class Pretrainer(RunFolder, RunLog):
         self._build_engine()
         self.step = 0
         self._epoch = 0
+        self.probe_scores: list[tuple[int, float]] = []  # (step, probe Dice) of this launch's probe points
         self.counters = SkipCounters(self.device)
         self.stop_signal: str | None = None
         self.resumed_from: Path | None = None
@@ -153,7 +154,8 @@ class Pretrainer(RunFolder, RunLog):
     def _build_data(self, volumes: list[Volume]) -> None:
         """The dataset, the loader that builds its batches, and the run's length in steps and epochs."""
         cfg = self.cfg
-        self.dataset = PretrainDataset(volumes, CropConfig(), seed=cfg.seed, pairs_per_volume=cfg.pairs_per_volume)
+        self.dataset = PretrainDataset(volumes, CropConfig().scaled(cfg.crop_scale), seed=cfg.seed,
+                                       pairs_per_volume=cfg.pairs_per_volume)
         # "dataset": per-sample items through a DataLoader (cfg.workers processes); "torch" / "native": whole
         # batches cut and augmented in one pass (same samples, see data/loader.py).
         self.loader_name = resolve_loader(default_loader() if cfg.loader == "auto" else cfg.loader)
@@ -227,7 +229,8 @@ class Pretrainer(RunFolder, RunLog):
         the others open the finished cache. A cache given as --data is memory-mapped as it is."""
         cfg = self.cfg
         s = cfg.spacing
-        kwargs = dict(spacing=(s, s, s), modality=cfg.modality, workers=max(1, cfg.workers))
+        kwargs = dict(spacing=(s, s, s), modality=cfg.modality, workers=max(1, cfg.workers),
+                      min_shape=CropConfig().scaled(cfg.crop_scale).min_volume)
         if not self.dist.enabled or is_cache(cfg.data):
             return cached_volumes(cfg.data, self.out / "cache", **kwargs)
         payload, volumes = None, None
@@ -370,7 +373,10 @@ class Pretrainer(RunFolder, RunLog):
         feed = Prefetcher(self._micro_batches(), self.device_batch, self.device, depth=self.prefetch)
         trace = self._step_trace()
         window = _Window()
+        probe = self._build_probe()
         try:
+            if self.step == 0:
+                self._probe_point(probe, metrics, writer)  # the starting point: the network before training
             while self.step < self.total_steps:
                 if trace is not None:
                     trace.before_step(self.step + 1)
@@ -378,6 +384,8 @@ class Pretrainer(RunFolder, RunLog):
                 if trace is not None:
                     trace.after_step(self.step)
                 stop = self._at_log_point(last, window, rates, metrics, writer, bar)
+                if self.step % self.probe_every == 0 or self.step == self.total_steps or stop:
+                    self._probe_point(probe, metrics, writer)
                 bar.update(1)
                 if self.step % self.steps_per_epoch == 0 or (cfg.save_every and self.step % cfg.save_every == 0):
                     self.save()
@@ -441,6 +449,11 @@ class Pretrainer(RunFolder, RunLog):
         if self.cfg.prefetch is not None:
             return self.cfg.prefetch
         return 2 if self.device.type == "cuda" else 0
+
+    @property
+    def probe_every(self) -> int:
+        """--probe-every, or by default once per epoch."""
+        return self.cfg.probe_every or self.steps_per_epoch
 
     @property
     def log_every(self) -> int:

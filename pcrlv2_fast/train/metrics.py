@@ -70,6 +70,25 @@ class RunLog:
         self._check_nonfinite_streak(streak)
         return stop
 
+    def _build_probe(self):
+        """The frozen-encoder probe of --probe (main process only; None without --probe)."""
+        if not self.cfg.probe or not self.dist.is_main:
+            return None
+        from ..finetune.probe import VoxelProbe, load_probe_set  # SimpleITK: only with --probe
+
+        probe_set = load_probe_set(self.cfg.probe, max_cases=self.cfg.probe_cases)
+        return VoxelProbe(probe_set, seed=self.cfg.seed, norm=self.cfg.norm, act=self.cfg.act)
+
+    def _probe_point(self, probe, metrics, writer) -> None:
+        """Score the probe on the network as it is now and log a probe row (step, epoch, probe_dice, per class)."""
+        if probe is None:
+            return
+        result = probe(self.model.state_dict())
+        self.probe_scores.append((self.step, result["probe_dice"]))
+        row = {"step": self.step, "epoch": self._epoch, "probe_dice": result["probe_dice"],
+               **{f"probe_dice_{k}": v for k, v in enumerate(result["probe_dice_per_class"], start=1)}}
+        self._log(row, metrics, writer)
+
     @property
     def skipped(self) -> int:
         return self.counters.read()[0]
@@ -113,7 +132,7 @@ class RunLog:
                 if key in ("step", "epoch", "skipped") or not isinstance(value, int | float):
                     continue
                 group = "loss" if key.startswith("loss") and key != "loss_scale" else (
-                    "perf" if key in PERF_KEYS else "train")
+                    "perf" if key in PERF_KEYS else "probe" if key.startswith("probe") else "train")
                 writer.add_scalar(f"{group}/{key}", value, row["step"])
 
     def _open_tensorboard(self, resumed: bool):
@@ -163,6 +182,8 @@ class RunLog:
             "resumed_from": str(self.resumed_from) if self.resumed_from else None,
             "files": files,
         }
+        if self.probe_scores:
+            summary["probe_dice"] = [{"step": step, "dice": dice} for step, dice in self.probe_scores]
         if not self.dist.is_main:
             return summary
         if self.cfg.pictures and last is not None:

@@ -130,3 +130,30 @@ def test_config_validation():
         CropConfig(global_sizes=())
     with pytest.raises(ValueError, match="local_sizes"):
         CropConfig(local_sizes=((8, 8),))
+
+
+def test_scaled_geometry_for_small_volumes():
+    official = CropConfig()
+    assert official.scaled(1) is official and official.min_volume == (64, 64, 32)
+    small = official.scaled(0.4)
+    assert small.global_sizes == ((38, 38, 26), (38, 38, 38), (45, 45, 26), (26, 26, 13))
+    assert small.local_sizes == ((13, 13, 6), (6, 6, 6), (13, 13, 13), (3, 3, 3))
+    # Output views stay divisible by 8 (the network halves them three times); the rules are unchanged.
+    assert small.global_out == (24, 24, 16) and small.local_out == (8, 8, 8)
+    assert small.min_volume == (26, 26, 13) and (small.min_iou, small.n_local) == (official.min_iou, official.n_local)
+    # A hippocampus-sized volume: every draw keeps the official rules (IoU, boxes inside the volume).
+    shape = np.array([35, 50, 36])
+    for seed in range(20):
+        boxes = draw_sample_boxes(shape, np.random.default_rng(seed), small)
+        assert box_iou(*boxes.global_boxes) > small.min_iou
+        for box in np.concatenate([boxes.global_boxes, boxes.local_boxes]):
+            assert np.all(box[:3] >= 0) and np.all(box[:3] + box[3:] <= shape)
+    for bad in (0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="crop scale"):
+            official.scaled(bad)
+
+
+def test_check_fits_names_the_volume_and_the_fix():
+    CropConfig().check_fits((64, 64, 32), "big enough")
+    with pytest.raises(ValueError, match=r"case_7: shape \(35, 50, 36\).*--crop-scale"):
+        CropConfig().check_fits((35, 50, 36), "case_7")

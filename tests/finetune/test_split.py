@@ -58,3 +58,16 @@ def test_parse_fraction(text, value):
 def test_parse_fraction_rejects(text):
     with pytest.raises(ValueError, match="label fraction"):
         parse_fraction(text)
+
+
+def test_a_fixed_split_seed_keeps_the_test_set_and_varies_the_labelled_subset():
+    patients = {f"c{i:03d}": f"p{i:03d}" for i in range(60)}
+    runs = [make_split(patients, seed=0, val_fraction=0.1, test_fraction=0.3, label_fraction=0.25, subset_seed=s)
+            for s in (0, 1, 2)]
+    assert all(r.test == runs[0].test and r.val == runs[0].val for r in runs)
+    assert len({r.train for r in runs}) == 3
+    assert all(set(r.train) | set(r.unlabelled) == set(runs[0].train) | set(runs[0].unlabelled) for r in runs)
+    # Without a subset seed, the split's seed draws both (as before); the record says which seed drew the subset.
+    assert runs[0] == make_split(patients, seed=0, val_fraction=0.1, test_fraction=0.3, label_fraction=0.25)
+    assert runs[0].subset_seed is None and runs[1].subset_seed == 1
+    assert type(runs[1]).from_dict(runs[1].to_dict()) == runs[1]
