@@ -48,6 +48,9 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act", choices=CHOICES["act"])
     p.add_argument("--all-scales", action="store_const", const=True, help="use all decoder scales every step")
     p.add_argument("--pairs-per-volume", type=int, help="samples per scan per epoch (official: 16)")
+    p.add_argument("--crop-scale", type=float, metavar="S",
+                   help="every crop and view size times S in (0, 1], for volumes smaller than the official crops "
+                        "(e.g. 0.4 for ~35 x 50 x 36 voxel MR crops); default 1, the official geometry")
     p.add_argument("--workers", type=int, help="data loader worker processes")
     p.add_argument("--loader", choices=CHOICES["loader"],
                    help="how batches are built (same samples): per-sample DataLoader (dataset, uses --workers) or "
@@ -79,7 +82,15 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                         "10 on CUDA)")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False,
                    help="no TensorBoard event files (written when the tensorboard package is installed)")
+    p.add_argument("--pictures", dest="pictures", action="store_const", const=True,
+                   help="restoration and loss pictures (on by default except in the tiny preset)")
     p.add_argument("--no-pictures", dest="pictures", action="store_const", const=False)
+    p.add_argument("--probe", metavar="DATA",
+                   help="labelled volumes (any finetune --data layout) for a frozen-encoder probe: a per-voxel linear "
+                        "classifier on the encoder's features, fit on half the cases and scored by Dice on the "
+                        "others, logged to metrics.jsonl, TensorBoard and the loss plot")
+    p.add_argument("--probe-every", type=int, metavar="N", help="probe every N steps (default: every epoch)")
+    p.add_argument("--probe-cases", type=int, metavar="K", help="cases of --probe used (default 8, sorted by id)")
     p.add_argument("--profile-steps", metavar="A:B",
                    help="write a torch.profiler trace of steps A..B (1-based) to OUT/trace.pt.trace.json (for "
                         "Perfetto, or TensorBoard's profiler plugin: tensorboard --logdir OUT)")
@@ -115,11 +126,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from .data import preprocess
+    from .data import CropConfig, preprocess
 
     s = args.spacing
     report = preprocess(args.sources, args.out, spacing=(s, s, s), hu_window=tuple(args.hu_window),
-                        modality=args.modality, workers=args.workers)
+                        modality=args.modality, workers=args.workers,
+                        min_shape=CropConfig().scaled(args.crop_scale).min_volume)
     print(report.table())
     if not report.names:
         print(f"error: no scan could be preprocessed into {report.cache}", file=sys.stderr)
@@ -173,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT values mapped to 0 and 1 (official: -1000 1000)")
     p.add_argument("--modality", choices=MODALITIES, default="auto")
     p.add_argument("--workers", type=int, default=1, help="scans processed in parallel (processes)")
+    p.add_argument("--crop-scale", type=float, default=1.0, metavar="S",
+                   help="keep scans as small as the crops of pretrain --crop-scale S (default 1: the official "
+                        "crops, at least 64 x 64 x 32 voxels)")
     p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("samples", help="download and verify the real sample CT/MR scans")
@@ -190,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .finetune.cli import add_finetune_parsers
     from .profiler.cli import add_profile_parser
     from .selftest import add_selftest_parser
+    from .transfer.cli import add_transfer_parser
 
     add_selftest_parser(sub)
     add_finetune_parsers(sub)
     add_profile_parser(sub)
+    add_transfer_parser(sub)
     return parser
 
 

@@ -25,7 +25,7 @@ LAYERS = (
     ("losses", ("losses",)),
     ("data", ("data", "samples")),
     ("train", ("train", "finetune")),
-    ("tools", ("selftest", "compile_report", "profiler")),
+    ("tools", ("selftest", "compile_report", "profiler", "transfer")),
     ("cli", ("cli", "__main__", "")),  # "": the package facade pcrlv2_fast/__init__.py
 )
 
