@@ -64,7 +64,8 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     p = result["pretrain"]
     print(f"\nsplit: {result['split']['test']} test, {result['split']['val']} validation, {result['split']['pool']} "
           f"pool subjects; pretraining: {p['steps']} steps, {p['samples']} samples, loss {p['first_loss']:.3f} -> "
-          f"{p['last_loss']:.3f}")
+          f"{p['last_loss']:.3f}; validation probe Dice {p['probe_dice'][0]['dice']:.3f} -> "
+          f"{p['probe_dice'][-1]['dice']:.3f}")
     print(table_text(summarize(result["rows"])))
     print(f"  transfer_json  {args.out}/transfer.json\n  transfer_png   {png}")
     return 0

@@ -111,6 +111,9 @@ def fixed_split(cfg: TransferConfig, out: Path) -> Subjects:
              "patient": c.patient} for c in cases]
     with atomic_write(out / "cases.json", "w") as f:
         json.dump(rows, f, indent=1)
+    # The validation subjects, for the probe that follows pretraining (test subjects are never looked at).
+    with atomic_write(out / "val_cases.json", "w") as f:
+        json.dump([r for r in rows if r["id"] in set(split.val)], f, indent=1)
     with atomic_write(out / "split.json", "w") as f:
         json.dump(split.to_dict(), f, indent=1)
     return Subjects(out / "cases.json", split, {c.case_id: c.images[0] for c in cases})
@@ -135,7 +138,8 @@ def pretrain_pool(cfg: TransferConfig, subjects: Subjects, out: Path) -> dict:
     train = PretrainConfig.from_name(
         "official", data=str(folder / "cache"), out=str(folder), width=cfg.width, crop_scale=cfg.crop_scale,
         steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr, precision=cfg.pretrain_precision,
-        channels_last=cfg.pretrain_precision != "fp32", device=cfg.device, seed=cfg.split_seed, tensorboard=False)
+        channels_last=cfg.pretrain_precision != "fp32", device=cfg.device, seed=cfg.split_seed, tensorboard=False,
+        probe=str(out / "val_cases.json"), probe_every=max(1, cfg.pretrain_steps // 10))
     settings = {"pool": list(subjects.pool), **train.to_dict()}
     if not _done(folder, settings):
         started = (folder / "transfer_stage.json").is_file() and json.loads(
@@ -155,7 +159,7 @@ def _pretrain_summary(folder: Path) -> dict:
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = [r for r in rows if "loss" in r]
     config = json.loads((folder / "config.json").read_text())
-    return {"checkpoint": str(folder / "checkpoint.pt"), "steps": summary["steps"],
+    return {"checkpoint": str(folder / "checkpoint.pt"), "steps": summary["steps"], "probe_dice": summary["probe_dice"],
             "samples": summary["steps"] * config["batch_size"], "samples_per_s": summary["samples_per_s"],
             "first_loss": losses[0]["loss"] if losses else None,
             "last_loss": sum(r["loss"] for r in losses[-10:]) / max(1, len(losses[-10:])) if losses else None}
