@@ -174,6 +174,16 @@ def test_loss_curve_without_lr_has_one_panel(tmp_path):
     assert len(fig.axes) == 1
 
 
+def test_loss_curve_plots_probe_rows_in_their_own_panel(tmp_path):
+    probes = [{"step": s, "epoch": 0, "probe_dice": d} for s, d in ((0, 0.4), (200, 0.5), (390, 0.55))]
+    fig = viz.loss_curve_figure(_write_jsonl(tmp_path / "m.jsonl", _metrics_rows() + probes))
+    loss_ax, lr_ax, probe_ax = fig.axes
+    (line,) = probe_ax.get_lines()
+    np.testing.assert_allclose(line.get_xdata(), [0, 200, 390])
+    np.testing.assert_allclose(line.get_ydata(), [0.4, 0.5, 0.55])
+    assert probe_ax.get_ylabel() == "probe Dice" and len(loss_ax.get_lines()) == 6  # 5 curves + the zero line
+
+
 def test_loss_curve_resumed_run_keeps_latest_rows(tmp_path):
     first = [{"step": s, "loss": 1.0} for s in range(0, 6)]
     resumed = [{"step": s, "loss": 2.0} for s in range(3, 8)]
