@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import NonSkipUNet3D
+from .models import NonSkipUNet2D, NonSkipUNet3D
 from .utils.io import _fsync_dir, atomic_torch_save, atomic_write
 from .utils.safetensors import SafetensorsError, is_safetensors, read_safetensors
 
@@ -178,8 +178,11 @@ def extract_state_dict(ckpt: Mapping, path: str | Path = "<checkpoint>") -> dict
     return state
 
 
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """Raise one CheckpointError listing every missing, unexpected and mis-shaped key."""
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | Path,
+                     expected: str = "A PCRLv2 3D checkpoint (official PCRLv23d or pcrlv2_fast) is expected; check the "
+                                     "file, or the width/norm/act arguments.") -> None:
+    """Raise one CheckpointError listing every missing, unexpected and mis-shaped key; ``expected`` says what
+    would fit."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -201,8 +204,7 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         + show("missing keys", missing)
         + show("unexpected keys", unexpected)
         + show("mis-shaped keys", misshaped)
-        + "\n  A PCRLv2 3D checkpoint (official PCRLv23d or pcrlv2_fast) is expected; check the file, or the"
-        " width/norm/act arguments."
+        + "\n  " + expected
     )
 
 
@@ -245,6 +247,31 @@ def load_pretrained(path: str | Path, model: NonSkipUNet3D | None = None, map_lo
         model = NonSkipUNet3D(**kwargs)
     check_state_dict(model, state, path)
     model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_pretrained_2d(path: str | Path, model: NonSkipUNet2D | None = None, map_location="cpu",
+                       trusted: bool = False) -> NonSkipUNet2D:
+    """Load a PCRLv2 2D checkpoint strictly into ``model`` (or a new ``NonSkipUNet2D``).
+
+    Accepts a whole 2D model (ours; ``model.encoder.*``, ``model.decoder.*``, ``model.segmentation_head.*``) and an
+    encoder alone: the official 2D checkpoints (``{'opt', 'state_dict', 'optimizer', 'epoch'}`` holding the 120
+    ResNet-18 encoder keys) or a torchvision ResNet-18 state_dict (e.g. ImageNet weights; its ``fc.*`` classifier is
+    left out). An encoder alone loads into ``model.encoder`` and leaves the decoder as it is. Mismatches raise
+    ``CheckpointError`` listing them."""
+    state = extract_state_dict(read_checkpoint(path, map_location=map_location, trusted=trusted), path)
+    model = model if model is not None else NonSkipUNet2D()
+    whole = any(k.startswith(("decoder.", "model.decoder.")) for k in state)
+    if whole:
+        state = {k if k.startswith("model.") else f"model.{k}": v for k, v in state.items()}
+        check_state_dict(model, state, path, expected="A whole PCRLv2 2D model (NonSkipUNet2D) is expected.")
+        model.load_state_dict(state, strict=True)
+        return model
+    state = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in state.items()
+             if not k.startswith("fc.")}
+    check_state_dict(model.encoder, state, path, expected="A ResNet-18 encoder (official PCRLv2 2D checkpoint or a "
+                     "torchvision resnet18 state_dict) or a whole PCRLv2 2D model is expected.")
+    model.encoder.load_state_dict(state, strict=True)
     return model
 
 

@@ -1,5 +1,7 @@
-"""Networks: the PCRLv2 3D pretraining U-Net (no skip connections)."""
+"""Networks: the PCRLv2 3D pretraining U-Net and the 2D one (ResNet-18 encoder), both without skip connections."""
 
+from .resnet import ResNet18Encoder
+from .unet2d import NonSkipUNet2D
 from .unet3d import LUConv, NonSkipUNet3D
 
-__all__ = ["LUConv", "NonSkipUNet3D"]
+__all__ = ["LUConv", "NonSkipUNet2D", "NonSkipUNet3D", "ResNet18Encoder"]
