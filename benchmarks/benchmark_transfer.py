@@ -4,7 +4,7 @@ then fine-tuning from random and from PCRLv2 initialisation with 8, 16 and 32 la
 (protocol: ``pcrlv2_fast/transfer/protocol.py``; what the numbers show: docs/transfer.md).
 
 Usage: python benchmarks/benchmark_transfer.py [--data ../shared/data/msd-hippocampus] [--out runs/transfer]
-       [--quick] [any option of ``pcrlv2-fast transfer``]
+       [--quick] [--results FILE] [any option of ``pcrlv2-fast transfer``]
 Writes OUT/transfer.json, OUT/transfer.png and (unless --quick) benchmarks/results/transfer-<device>-<date>.json, one
 row per fine-tuning run plus the pretraining row, each with the environment and commit; prints the table. A second
 run with the same options continues where an interrupted one stopped.
@@ -32,6 +32,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd-hippocampus"
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _add_args(p, data_default=str(DEFAULT_DATA), out_default="runs/transfer")
+    p.add_argument("--results", help="where to write the result rows (default: benchmarks/results/transfer-<device>-"
+                   "<date>.json; with --quick, only when given)")
     args = p.parse_args(argv)
     if args.class_names is None and Path(args.data).name == "msd-hippocampus":
         args.class_names = ("anterior", "posterior")  # MSD Task04 labels 1 and 2
@@ -42,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
                       title=f"MSD hippocampus, {result['split']['test']} test subjects")
     summary = summarize(result["rows"])
     print(table_text(summary))
-    if not args.quick:
+    if args.results or not args.quick:
         rows = [{"kind": "pretrain", **result["pretrain"], "split": result["split"], "config": result["config"], **env}]
         rows += [{"kind": "finetune", **row, **env} for row in result["rows"]]
         rows.append({"kind": "summary", "by_init": summary["by_init"], "paired": summary["paired"], **env})
-        print(f"wrote {write_rows(rows, 'transfer', torch.device(resolve_device(cfg.device)))}")
+        print(f"wrote {write_rows(rows, 'transfer', torch.device(resolve_device(cfg.device)), out=args.results)}")
     return 0
 
 

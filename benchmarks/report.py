@@ -188,10 +188,40 @@ def render_end_to_end(rows: list[dict], path: Path) -> str:
     return "\n\n".join([_table(["pipeline", "s/step", "samples/s", "vs official"], out), note, _provenance(path, r0)])
 
 
+def render_transfer(rows: list[dict], path: Path) -> str:
+    pre = next(r for r in rows if r["kind"] == "pretrain")
+    summary = next(r for r in rows if r["kind"] == "summary")
+    by_init, paired = summary["by_init"], summary["paired"].get("pcrlv2", {})
+    classes = list(next(iter(by_init["random"].values()))["per_class"])
+
+    def cell(stats: dict) -> str:
+        return f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+    out = []
+    for budget in sorted(by_init["random"], key=int):
+        rand, pcrl, diff = by_init["random"][budget], by_init["pcrlv2"][budget], paired[budget]
+        per_class = " / ".join(f"{rand['per_class'][c]['mean']:.3f} vs {pcrl['per_class'][c]['mean']:.3f}"
+                               for c in classes)
+        out.append([budget, cell(rand["dice"]), cell(pcrl["dice"]), f"{diff['mean']:+.3f} ± {diff['std']:.3f}",
+                    f"{diff['wins']}/{diff['n']}", per_class])
+    cfg, probe = pre["config"], pre["probe_dice"]
+    note = (f"Test mean Dice over {pre['split']['test']} test subjects, mean ± standard deviation over "
+            f"{len(cfg['seeds'])} seeds; model selection on {pre['split']['val']} validation subjects. PCRLv2: "
+            f"{pre['steps']} steps ({pre['samples']} samples) on the {pre['split']['pool']} pool subjects' images, "
+            f"width {cfg['width']}, crop scale {cfg['crop_scale']}, loss {pre['first_loss']:.3f} -> "
+            f"{pre['last_loss']:.3f}, validation probe Dice {probe[0]['dice']:.3f} -> {probe[-1]['dice']:.3f}. "
+            f"Fine-tuning: {cfg['epochs']} x {cfg['iters_per_epoch']} steps, batch {cfg['batch_size']}, patch "
+            f"{'x'.join(map(str, cfg['patch_size']))}, {cfg['precision']}. Command: "
+            f"`python benchmarks/benchmark_transfer.py`.")
+    header = ["labelled subjects", "random", "PCRLv2", "PCRLv2 - random (paired)", "seeds better",
+              f"per class, random vs PCRLv2 ({' / '.join(classes)})"]
+    return "\n\n".join([_table(header, out), note, _provenance(path, pre)])
+
+
 RENDERERS = {"train_step": render_train_step, "profile": render_profile, "end_to_end": render_end_to_end,
              "data": render_data, "micro": render_micro,
              "crop_resize": render_crop_resize, "scaling": render_scaling, "compile": render_compile,
-             "predictions": render_predictions}
+             "predictions": render_predictions, "transfer": render_transfer}
 
 
 def render(series: str, path: Path) -> str:

@@ -15,8 +15,9 @@ from pcrlv2_fast.transfer.report import summarize, table_text
 @pytest.fixture(scope="module")
 def quick(shared_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("transfer")
+    # The class names the benchmark script gives this data set, so that its test below reuses every stage.
     assert cli_main(["transfer", "--quick", "--data", str(shared_data / "msd-hippocampus"), "--out", str(out),
-                     "--no-progress"]) == 0
+                     "--class-names", "anterior,posterior", "--no-progress"]) == 0
     return out, json.loads((out / "transfer.json").read_text())
 
 
@@ -25,7 +26,7 @@ def test_quick_protocol_runs_every_init_budget_and_seed(quick):
     rows = result["rows"]
     assert sorted((r["init"], r["labelled"], r["seed"]) for r in rows) == sorted(
         (i, b, s) for i in ("random", "pcrlv2") for b in (2, 4) for s in (0, 1))
-    assert all(0 <= r["test_mean_dice"] <= 1 and set(r["test_dice_per_class"]) == {"class_1", "class_2"}
+    assert all(0 <= r["test_mean_dice"] <= 1 and set(r["test_dice_per_class"]) == {"anterior", "posterior"}
                for r in rows)
     assert result["split"] == {"test": 4, "val": 2, "pool": 10}
     p = result["pretrain"]
@@ -55,9 +56,34 @@ def test_a_second_run_reuses_every_finished_stage(quick, shared_data):
     out, result = quick
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("best.pt")} | {out / "pretrain" / "checkpoint.pt": (
         out / "pretrain" / "checkpoint.pt").stat().st_mtime_ns}
-    again = run_transfer(TransferConfig.quick(data=str(shared_data / "msd-hippocampus"), out=str(out), progress=False))
+    again = run_transfer(TransferConfig.quick(data=str(shared_data / "msd-hippocampus"), out=str(out), progress=False,
+                                              class_names=("anterior", "posterior")))
     assert again["rows"] == result["rows"]
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_benchmark_script_writes_rows_the_readme_renders(quick, shared_data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out, _ = quick  # every stage is reused: the script only gathers, writes and renders
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("best.pt")}
+    results = tmp_path / "transfer-cpu-2026-01-01.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "benchmark_transfer.py"), "--quick", "--data",
+                           str(shared_data / "msd-hippocampus"), "--out", str(out), "--results", str(results),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    rows = json.loads(results.read_text())
+    assert [r["kind"] for r in rows] == ["pretrain"] + ["finetune"] * 8 + ["summary"]
+    assert all("commit" in r and "device" in r for r in rows)
+    sys.path.insert(0, str(root / "benchmarks"))
+    import report
+
+    text = report.render_transfer(rows, results)
+    assert "PCRLv2 - random (paired)" in text and "| 2 |" in text and "| 4 |" in text
 
 
 def _row(init, labelled, seed, dice):
