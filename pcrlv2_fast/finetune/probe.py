@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..encoders import PCRLv2Encoder3D, pad_to_divisor
 from .data import LoadedCase, Preprocessing, finalize_labels, find_cases, load_cases
+from .metrics import segmentation_metrics
 
 __all__ = ["ProbeSet", "load_probe_set", "VoxelProbe"]
 
@@ -128,17 +129,8 @@ class VoxelProbe:
         dice = []
         for case in self.set.score:
             z = (self._features(encoder, case.image) - mean) / std
-            predicted = classes[(z @ w + b).argmax(1)].numpy()
-            dice.append(_dice(predicted, case.label.reshape(-1), self.set.num_classes))
+            predicted = classes[(z @ w + b).argmax(1)].numpy().reshape(case.label.shape)
+            dice.append(segmentation_metrics(predicted, case.label, self.set.num_classes)["dice"])
         per_class = np.nanmean(np.array(dice), axis=0)
         return {"probe_dice": float(np.nanmean(per_class)), "probe_dice_per_class": [float(v) for v in per_class]}
 
-
-def _dice(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> list[float]:
-    """Dice of each foreground class (NaN when the class is in neither)."""
-    out = []
-    for k in range(1, num_classes):
-        p, t = predicted == k, truth == k
-        total = p.sum() + t.sum()
-        out.append(2.0 * np.logical_and(p, t).sum() / total if total else float("nan"))
-    return out

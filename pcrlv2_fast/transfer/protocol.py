@@ -120,10 +120,15 @@ def fixed_split(cfg: TransferConfig, out: Path) -> Subjects:
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def _done(folder: Path, settings: dict) -> bool:
-    """Whether ``folder`` holds a finished stage run with exactly these settings."""
+def _stage(folder: Path, settings: dict) -> str:
+    """"finished", "started" (interrupted) or "new": what ``folder`` holds of a stage run with these settings."""
     record = folder / "transfer_stage.json"
-    return record.is_file() and json.loads(record.read_text()) == {"settings": settings, "finished": True}
+    if not record.is_file():
+        return "new"
+    found = json.loads(record.read_text())
+    if found["settings"] != settings:
+        return "new"
+    return "finished" if found["finished"] else "started"
 
 
 def _record(folder: Path, settings: dict, finished: bool) -> None:
@@ -141,9 +146,9 @@ def pretrain_pool(cfg: TransferConfig, subjects: Subjects, out: Path) -> dict:
         channels_last=cfg.pretrain_precision != "fp32", device=cfg.device, seed=cfg.split_seed, tensorboard=False,
         probe=str(out / "val_cases.json"), probe_every=max(1, cfg.pretrain_steps // 10))
     settings = {"pool": list(subjects.pool), **train.to_dict()}
-    if not _done(folder, settings):
-        started = (folder / "transfer_stage.json").is_file() and json.loads(
-            (folder / "transfer_stage.json").read_text())["settings"] == settings
+    stage = _stage(folder, settings)
+    if stage != "finished":
+        started = stage == "started"
         _record(folder, settings, finished=False)
         report = preprocess([subjects.images[c] for c in subjects.pool], folder / "cache", progress=cfg.progress,
                             min_shape=CropConfig().scaled(cfg.crop_scale).min_volume)
@@ -180,7 +185,7 @@ def finetune_runs(cfg: TransferConfig, subjects: Subjects, inits: dict[str, str]
             batch_size=cfg.batch_size, patch_size=tuple(cfg.patch_size), lr=cfg.lr, precision=cfg.precision,
             class_names=cfg.class_names, device=cfg.device, progress=False, overwrite=True)
         settings = ft.to_dict()
-        if not _done(folder, settings):
+        if _stage(folder, settings) != "finished":
             _record(folder, settings, finished=False)
             finetune(ft)
             _record(folder, settings, finished=True)
