@@ -13,7 +13,12 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
 
     # Defaults are None so that only the options given override the chosen preset.
     p.add_argument("--data", required=True, help="a preprocessing cache, or a folder of scans (NIfTI, NRRD, MetaImage, "
-                   "DICOM series) or one scan, preprocessed into OUT/cache first")
+                   "DICOM series) or one scan, preprocessed into OUT/cache first; with --dims 2 a folder of 2D images "
+                   "(PNG, JPEG, DICOM) or an NIH ChestX-ray14 Data_Entry CSV")
+    p.add_argument("--dims", type=int, choices=(2, 3),
+                   help="3 (default): CT/MR volumes and the 3D U-Net; 2: 2D images (chest X-rays) and the 2D network "
+                        "(ResNet-18 encoder, 224-pixel global and 96-pixel local views)")
+    p.add_argument("--samples-per-image", type=int, help="--dims 2: samples per image per epoch (official: 1)")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, pictures")
     p.add_argument("--preset", default="official", help="official (default) | demo | tiny")
     length = p.add_mutually_exclusive_group()
@@ -31,7 +36,8 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="batch-norm statistics over the batch of all processes (default: on with several processes)")
     p.add_argument("--optim-impl", choices=CHOICES["optim_impl"],
                    help="optimizer update kernels; auto (default): fused on CUDA, foreach on the CPU")
-    p.add_argument("--channels-last", action="store_const", const=True, help="channels_last_3d memory format")
+    p.add_argument("--channels-last", action="store_const", const=True,
+                   help="channels_last_3d memory format (channels_last with --dims 2)")
     p.add_argument("--compile", action="store_const", const=True, help="torch.compile the model")
     p.add_argument("--cuda-graphs", action="store_const", const=True,
                    help="not supported (the per-step random scale choice and the non-finite skip change every step); "

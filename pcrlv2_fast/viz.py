@@ -213,3 +213,50 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     with atomic_write(path, "wb") as fh:
         fig.savefig(fh, format="png")
     return path
+
+
+def _to_image(name: str, value: Any) -> np.ndarray:
+    """A (C, H, W) or (H, W) tensor or array as its first channel, float32 (H, W)."""
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    array = np.asarray(value, dtype=np.float32)
+    while array.ndim > 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim == 3:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be one image shaped (C, H, W) or (H, W), got shape {tuple(np.shape(value))}")
+    return array
+
+
+def save_restoration_png_2d(path: str | os.PathLike, x1: Any, gt: Any, restoration: Any, masks: Sequence[Any],
+                            title: str | None = None) -> Path:
+    """Write :func:`restoration_figure_2d` to ``path`` as a PNG, atomically; returns the path."""
+    return save_figure(restoration_figure_2d(x1, gt, restoration, masks, title), path)
+
+
+def restoration_figure_2d(x1: Any, gt: Any, restoration: Any, masks: Sequence[Any], title: str | None = None) -> Figure:
+    """One 2D sample in a row: the network input, the target, the restoration and the deep-supervision outputs
+    (coarsest first), first channel of each, all of one shape. Target, restoration and deep-supervision outputs
+    share the target's colour range; the input (cutout holes and jitter) has its own."""
+    images = [_to_image("x1", x1), _to_image("gt", gt), _to_image("restoration", restoration)]
+    images += [_to_image(f"masks[{i}]", m) for i, m in enumerate(masks)]
+    for name, image in zip(("x1", "restoration", *(f"masks[{i}]" for i in range(len(masks)))),
+                           images[:1] + images[2:], strict=True):
+        if image.shape != images[1].shape:
+            raise ValueError(f"{name} has shape {image.shape} but gt has {images[1].shape}; all images must match")
+    n = len(masks)
+    titles = ["input", "target", "restoration", *(f"deep sup. 1/{2 ** (n - 1 - i)}" for i in range(n))]
+    fig = Figure(figsize=(2.0 * len(images), 2.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(images), squeeze=False)[0]
+    target_range = _display_range(images[1])
+    for col, (image, label) in enumerate(zip(images, titles, strict=True)):
+        vmin, vmax = _display_range(image) if col == 0 else target_range
+        axes[col].imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+        axes[col].set_xticks([])
+        axes[col].set_yticks([])
+        axes[col].set_title(label, fontsize=10)
+    if title:
+        fig.suptitle(title)
+    return fig

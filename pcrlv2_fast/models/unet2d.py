@@ -110,6 +110,11 @@ class NonSkipUNet2D(nn.Module):
     def blocks(self) -> nn.ModuleList:
         return self.model.decoder.blocks
 
+    @property
+    def up_blocks(self) -> nn.ModuleList:
+        """The decoder blocks under the 3D network's name (the training step reads their heads)."""
+        return self.model.decoder.blocks
+
     def forward(self, x: torch.Tensor, local: bool = False):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input (B, {self.in_channels}, H, W), got {tuple(x.shape)}")

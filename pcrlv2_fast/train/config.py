@@ -22,6 +22,9 @@ CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "optim_impl": OPTIM
 class PretrainConfig:
     data: str = ""
     out: str = "runs/pretrain"
+    # 3: CT/MR volumes and the 3D network; 2: 2D images (chest X-rays; a folder or an NIH Data_Entry CSV) and the
+    # 2D network (ResNet-18 encoder, train/loop2d.py).
+    dims: int = 3
     # Length: `steps` (optimizer steps) wins over `epochs` when set; the cosine lr and the deep-supervision
     # weight anneal over the run's own length either way.
     epochs: int = 240
@@ -53,6 +56,7 @@ class PretrainConfig:
     act: str = "relu"
     all_scales: bool = False
     pairs_per_volume: int = 16  # samples per scan per epoch (the official generates 16 crop pairs per scan)
+    samples_per_image: int = 1  # 2D: samples per image per epoch (the official: each image once)
     # Every crop size and view size times this (data.geometry.CropConfig.scaled): for volumes smaller than the
     # official crops; 1 is the official geometry.
     crop_scale: float = 1.0
@@ -109,7 +113,11 @@ class PretrainConfig:
         for field, allowed in CHOICES.items():
             if getattr(self, field) not in allowed:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
-        positive = ("epochs", "batch_size", "accumulate", "width", "pairs_per_volume")
+        if self.dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {self.dims}")
+        if self.dims == 2:
+            self._validate_2d()
+        positive = ("epochs", "batch_size", "accumulate", "width", "pairs_per_volume", "samples_per_image")
         for field in positive:
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
@@ -139,6 +147,18 @@ class PretrainConfig:
         if self.batch_size % self.accumulate:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of accumulate {self.accumulate}")
         return self
+
+    def _validate_2d(self) -> None:
+        """The options the 2D network and data path do not have."""
+        unsupported = {"kernels": ("torch", "the fused Triton kernels are 3D"),
+                       "crop_scale": (1.0, "2D views have the official sizes"),
+                       "probe": (None, "the frozen-encoder probe segments 3D volumes")}
+        for field, (allowed, why) in unsupported.items():
+            if getattr(self, field) != allowed:
+                raise ValueError(f"--{field.replace('_', '-')} {getattr(self, field)} is not available with --dims 2: "
+                                 f"{why}")
+        if self.loader not in ("auto", "dataset", "torch"):
+            raise ValueError(f"--loader {self.loader} is not available with --dims 2: choose auto, dataset or torch")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -61,6 +61,7 @@ from ..data import (
     open_cache,
     resolve_loader,
 )
+from ..data.images2d import is_image_source
 from ..data.native import available as native_available
 from ..losses import PCRLv2Loss
 from ..models import NonSkipUNet3D
@@ -169,12 +170,15 @@ class Pretrainer(RunFolder, RunLog):
             self.batch_loader = None if self.loader_name == "dataset" else BatchLoader(
                 self.dataset, self.loader_name, self.device if self.loader_name == "torch" else "cpu",
                 num_threads=cfg.loader_threads, pin_memory=self.device.type == "cuda" and self.loader_name == "native")
+        self._set_length(f"{len(volumes)} scans x {cfg.pairs_per_volume} pairs", "--pairs-per-volume")
+
+    def _set_length(self, content: str, option: str) -> None:
+        """Steps per epoch, total steps and epochs from the dataset's length (``content`` says what it holds)."""
+        cfg = self.cfg
         self.steps_per_epoch = len(self.dataset) // cfg.batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"an epoch has only {len(self.dataset)} samples ({len(volumes)} scans x {cfg.pairs_per_volume} pairs) "
-                f"but --batch-size is {cfg.batch_size}; lower --batch-size or raise --pairs-per-volume"
-            )
+            raise ValueError(f"an epoch has only {len(self.dataset)} samples ({content}) but --batch-size is "
+                             f"{cfg.batch_size}; lower --batch-size or raise {option}")
         self.total_steps = cfg.steps if cfg.steps is not None else cfg.epochs * self.steps_per_epoch
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
 
@@ -228,6 +232,9 @@ class Pretrainer(RunFolder, RunLog):
         """Raw scans are preprocessed into OUT/cache first (resumable); with several processes rank 0 does it and
         the others open the finished cache. A cache given as --data is memory-mapped as it is."""
         cfg = self.cfg
+        if is_image_source(cfg.data):
+            raise ScanError(f"{cfg.data} holds 2D images (PNG, JPEG or DICOM files, or an NIH image CSV) and no 3D "
+                            "scans: pretrain on them with --dims 2")
         s = cfg.spacing
         kwargs = dict(spacing=(s, s, s), modality=cfg.modality, workers=max(1, cfg.workers),
                       min_shape=CropConfig().scaled(cfg.crop_scale).min_volume)

@@ -48,7 +48,8 @@ class RunFolder:
             "config": self.cfg.to_dict(),
             "resolved": self.resolved(),
             "pcrlv2_fast_version": __version__,
-            "arch": {"width": self.cfg.width, "norm": self.cfg.norm, "act": self.cfg.act},
+            "arch": ({"dims": 2, "network": "resnet18-unet2d"} if self.cfg.dims == 2 else
+                     {"width": self.cfg.width, "norm": self.cfg.norm, "act": self.cfg.act}),
         }
 
     def save(self) -> Path:
