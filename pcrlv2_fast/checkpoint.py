@@ -256,8 +256,9 @@ def load_pretrained_2d(path: str | Path, model: NonSkipUNet2D | None = None, map
 
     Accepts a whole 2D model (ours; ``model.encoder.*``, ``model.decoder.*``, ``model.segmentation_head.*``) and an
     encoder alone: the official 2D checkpoints (``{'opt', 'state_dict', 'optimizer', 'epoch'}`` holding the 120
-    ResNet-18 encoder keys) or a torchvision ResNet-18 state_dict (e.g. ImageNet weights; its ``fc.*`` classifier is
-    left out). An encoder alone loads into ``model.encoder`` and leaves the decoder as it is. Mismatches raise
+    ResNet-18 encoder keys), a torchvision ResNet-18 state_dict (e.g. ImageNet weights; its ``fc.*`` classifier is
+    left out) or a fine-tuned 2D classifier (its ``head.*`` left out). An encoder alone loads into ``model.encoder``
+    and leaves the decoder as it is. Mismatches raise
     ``CheckpointError`` listing them."""
     state = extract_state_dict(read_checkpoint(path, map_location=map_location, trusted=trusted), path)
     model = model if model is not None else NonSkipUNet2D()
@@ -267,8 +268,9 @@ def load_pretrained_2d(path: str | Path, model: NonSkipUNet2D | None = None, map
         check_state_dict(model, state, path, expected="A whole PCRLv2 2D model (NonSkipUNet2D) is expected.")
         model.load_state_dict(state, strict=True)
         return model
+    # fc.*: a torchvision classifier; head.*: a fine-tuned Classifier2D (its encoder is what carries over).
     state = {k[len("encoder."):] if k.startswith("encoder.") else k: v for k, v in state.items()
-             if not k.startswith("fc.")}
+             if not k.startswith(("fc.", "head."))}
     check_state_dict(model.encoder, state, path, expected="A ResNet-18 encoder (official PCRLv2 2D checkpoint or a "
                      "torchvision resnet18 state_dict) or a whole PCRLv2 2D model is expected.")
     model.encoder.load_state_dict(state, strict=True)

@@ -260,3 +260,37 @@ def restoration_figure_2d(x1: Any, gt: Any, restoration: Any, masks: Sequence[An
     if title:
         fig.suptitle(title)
     return fig
+
+
+def roc_curve_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) at every threshold, from (0, 0) to (1, 1)."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], labels[order]
+    last = np.r_[s[1:] != s[:-1], True]  # one point per distinct threshold
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    return np.r_[0.0, fp / max(1, (~y).sum())], np.r_[0.0, tp / max(1, y.sum())]
+
+
+def save_roc_png(path: str | os.PathLike, probs: Any, labels: Any, names: Sequence[str],
+                 aucs: dict[str, float] | None = None, title: str | None = None) -> Path:
+    """ROC curves of multi-label scores (N, K) against 0/1 labels (N, K), one line per label with its AUC."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    fig = Figure(figsize=(5.5, 5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+    for k, name in enumerate(names):
+        if labels[:, k].min() == labels[:, k].max():
+            continue  # one class only: no curve
+        fpr, tpr = roc_curve_points(probs[:, k], labels[:, k])
+        auc = (aucs or {}).get(name)
+        ax.plot(fpr, tpr, linewidth=1.2, label=name if auc is None else f"{name} ({auc:.3f})")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(title or "ROC (AUC in brackets)")
+    return save_figure(fig, path)

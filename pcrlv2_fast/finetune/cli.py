@@ -45,6 +45,13 @@ def _add_finetune_args(p: argparse.ArgumentParser) -> None:
 
     # Defaults are None so that only the options given override the chosen preset.
     p.add_argument("--task", required=True, choices=TASKS, help="segmentation or classification")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=3,
+                   help="3 (default): CT/MR volumes; 2: chest X-rays (--task cls: multi-label findings from an NIH "
+                        "ChestX-ray14 Data_Entry CSV, per-finding ROC AUC, split by Patient ID)")
+    p.add_argument("--findings", type=_name_list, metavar="A,B,...",
+                   help="--dims 2: the findings to classify, as spelled in 'Finding Labels' (default: the 14 NIH "
+                        "ChestX-ray14 findings), e.g. Pneumonia")
+    p.add_argument("--image-size", type=int, help="--dims 2: network input size in pixels (default 224)")
     p.add_argument("--data", required=True,
                    help="a folder (imagesTr/ + labelsTr/, <case>_image/<case>_label files, or class folders for cls) "
                         "or a .csv/.json list of image/label pairs (NIfTI, NRRD, MetaImage)")
@@ -125,9 +132,46 @@ def _fmt(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def _cls2d_config(args: argparse.Namespace):
+    """The 2D classification run's configuration; options of the 3D path are refused by name."""
+    from .cls2d import Cls2DConfig
+    from .train import FinetuneConfig
+
+    if args.task != "cls":
+        raise ValueError("--dims 2 fine-tunes classification only (--task cls)")
+    given = {k: v for k, v in vars(args).items() if v is not None and v is not False}
+    only_3d = sorted(k for k in given if k in FinetuneConfig.__dataclass_fields__
+                     and k not in Cls2DConfig.__dataclass_fields__ and k != "task")
+    if only_3d:
+        flags = ", ".join("--" + k.replace("_", "-") for k in only_3d)
+        raise ValueError(f"{flags}: not used with --dims 2 (2D options: --findings, --image-size)")
+    fields = Cls2DConfig.__dataclass_fields__
+    overrides = {k: v for k, v in given.items() if k in fields}
+    if args.preset == "gpu":
+        overrides = {"epochs": 20, "batch_size": 64, "precision": "bf16", **overrides}
+    return Cls2DConfig(**overrides)
+
+
+def _print_cls2d(summary: dict) -> None:
+    test = summary["test"]
+    print(f"\ntest: mean AUC {_fmt(test['mean_auc'])}")
+    print("  AUC per finding:", ", ".join(f"{k} {_fmt(v)}" for k, v in test["auc_per_class"].items()))
+    print(f"best epoch {summary['best_epoch']} (validation mean AUC {_fmt(summary['best_metric'])}); "
+          f"{summary['wall_time_s']:.0f} s")
+    for name, path in summary["files"].items():
+        print(f"  {name:<18} {path}")
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .train import finetune
 
+    if args.dims == 2:
+        from .cls2d import finetune_cls2d
+
+        _print_cls2d(finetune_cls2d(_cls2d_config(args)))
+        return 0
+    if args.findings is not None or args.image_size is not None:
+        raise ValueError("--findings and --image-size belong to --dims 2 (chest X-ray classification)")
     summary = finetune(_finetune_config(args))
     test = summary["test"]
     print("\ntest:", ", ".join(f"{k} {_fmt(v)}" for k, v in test.items() if not isinstance(v, dict)))
@@ -141,8 +185,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..checkpoint import read_checkpoint
     from .evaluate import evaluate_checkpoint
 
+    meta = read_checkpoint(args.checkpoint, trusted=args.trust_checkpoint).get("finetune")
+    if isinstance(meta, dict) and meta.get("task") == "cls2d":
+        from .cls2d import evaluate_cls2d
+
+        result = evaluate_cls2d(args.checkpoint, args.data, args.out, split=args.split, device=args.device,
+                                progress=not args.no_progress, trusted=args.trust_checkpoint)
+        print(json.dumps({k: result[k] for k in ("mean_auc", "auc_per_class", "n_images")}))
+        for name, path in result["files"].items():
+            print(f"  {name:<9} {path}")
+        return 0
     result = evaluate_checkpoint(args.checkpoint, args.data, args.out, split=args.split, device=args.device,
                                  hd95=args.hd95, progress=not args.no_progress, trusted=args.trust_checkpoint)
     shown = {k: v for k, v in result.items() if k in ("mean_dice", "mean_hd95", "auc", "accuracy", "n_cases")}

@@ -1,4 +1,5 @@
-"""Fine-tuning metrics, computed with MONAI: Dice and HD95 per foreground class, ROC AUC and accuracy.
+"""Fine-tuning metrics, computed with MONAI: Dice and HD95 per foreground class, ROC AUC and accuracy; and, in
+numpy, the per-label ROC AUC of multi-label classification (chest X-ray findings).
 
 Conventions (MONAI's): a class absent from a case's ground truth gets Dice NaN for that case (whatever was
 predicted) and is left out of that class's mean; HD95 is NaN when the class is missing from the prediction or the
@@ -15,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["segmentation_metrics", "summarize_segmentation", "classification_metrics", "nan_to_none"]
+__all__ = ["segmentation_metrics", "summarize_segmentation", "classification_metrics", "multilabel_auc", "nan_to_none",
+           "roc_auc"]
 
 
 def _one_hot(index: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -101,3 +103,34 @@ def nan_to_none(obj):
     if isinstance(obj, (list, tuple)):
         return [nan_to_none(v) for v in obj]
     return obj
+
+
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve of one binary label: the probability that a positive scores above a negative (ties
+    count half; the Mann-Whitney statistic over average ranks). NaN when only one class is present."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    if scores.shape != labels.shape or scores.ndim != 1:
+        raise ValueError(f"scores and labels must be equal-length vectors, got {scores.shape} and {labels.shape}")
+    n_pos = int(labels.sum())
+    n_neg = len(labels) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores))
+    # Average rank (1-based) within each run of tied scores.
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    for s, e in zip(starts, ends, strict=True):
+        ranks[order[s:e]] = (s + e + 1) / 2
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def multilabel_auc(probs, labels, names: Sequence[str]) -> dict:
+    """Per-label ROC AUC (``auc_per_class``, NaN where a label has one class only) and their mean over the defined
+    ones (``mean_auc``), from (N, K) scores and (N, K) 0/1 labels."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    if probs.shape != labels.shape or probs.ndim != 2 or probs.shape[1] != len(names):
+        raise ValueError(f"probs and labels must both be (N, {len(names)}), got {probs.shape} and {labels.shape}")
+    per_class = {name: roc_auc(probs[:, k], labels[:, k]) for k, name in enumerate(names)}
+    return {"mean_auc": _nanmean(per_class.values()), "auc_per_class": per_class}
