@@ -218,10 +218,55 @@ def render_transfer(rows: list[dict], path: Path) -> str:
     return "\n\n".join([_table(header, out), note, _provenance(path, pre)])
 
 
+def render_data2d(rows: list[dict], path: Path) -> str:
+    out = [[r["provider"], r["device"], f"{r['s_per_sample'] * 1e3:.2f}", f"{r['samples_per_s']:.1f}",
+            f"{r['speedup_vs_official']:.2f}x"] for r in rows]
+    r0 = rows[0]
+    note = (f"{r0['samples']} samples per provider from {r0['images']} NIH ChestX-ray14 images (512 x 512 PNG); one "
+            "sample = 2 global 224-pixel views, their target and 6 local 96-pixel views; one thread each, "
+            f"round-robin; `torch` builds batches of {r0['batch']}. Command: `{r0['command']}`.")
+    header = ["provider", "device", "ms/sample/core", "samples/s", "vs official_file"]
+    return "\n\n".join([_table(header, out), note, _provenance(path, r0)])
+
+
+def render_train_step2d(rows: list[dict], path: Path) -> str:
+    out = [[r["provider"], r["precision"] + (", channels_last" if r["channels_last"] else ""),
+            f"{r['s_per_step']:.3f}", f"{r['samples_per_s']:.2f}", f"{r['speedup_vs_eager_fp32']:.2f}x"] for r in rows]
+    r0 = rows[0]
+    note = (f"Batch {r0['batch_size']} (2 x 224 + 6 x 96 pixel views per sample), {r0['steps']} timed steps each, "
+            f"round-robin, {r0['threads']} torch threads. Command: `{r0['command']}`.")
+    header = ["provider", "settings", "s/step", "samples/s", "vs eager fp32"]
+    return "\n\n".join([_table(header, out), note, _provenance(path, r0)])
+
+
+def render_xray(rows: list[dict], path: Path) -> str:
+    pre = next(r for r in rows if r["kind"] == "pretrain")
+    summary = next(r for r in rows if r["kind"] == "summary")
+    runs = [r for r in rows if r["kind"] == "finetune"]
+    out = []
+    for fraction, s in summary["by_fraction"].items():
+        labelled = next(r["labelled_images"] for r in runs if f"{r['label_fraction']:g}" == fraction)
+        d = s["paired"]
+        out.append([f"{float(fraction):.0%} ({labelled} images)",
+                    f"{s['random']['mean']:.3f} ± {s['random']['std']:.3f}",
+                    f"{s['pcrlv2']['mean']:.3f} ± {s['pcrlv2']['std']:.3f}", f"{d['mean']:+.3f} ± {d['std']:.3f}",
+                    f"{d['wins']}/{d['n']}"])
+    r0 = runs[0]
+    note = (f"Test ROC AUC of {'/'.join(summary['findings'])} vs no finding on {r0['test_images']} test images "
+            f"(patients split 60/20/20, seed 0), mean ± standard deviation over {d['n']} seeds, the epoch of the "
+            f"best validation AUC. PCRLv2: {pre['steps']} steps, batch {pre['batch_size']}, SGD lr {pre['lr']:g}, "
+            f"bf16, on the {pre['images']} training-patient images (no labels), loss {pre['first_loss']:.3f} -> "
+            f"{pre['last_loss']:.3f}. Fine-tuning: {r0['epochs']} x {r0['iters_per_epoch']} steps, batch "
+            f"{r0['batch_size']}, {r0['image_size']}-pixel input, Adam 1e-4. Command: `{summary['command']}`.")
+    header = ["labels", "random init", "PCRLv2 init", "PCRLv2 - random (paired)", "seeds better"]
+    return "\n\n".join([_table(header, out), note, _provenance(path, pre)])
+
+
 RENDERERS = {"train_step": render_train_step, "profile": render_profile, "end_to_end": render_end_to_end,
              "data": render_data, "micro": render_micro,
              "crop_resize": render_crop_resize, "scaling": render_scaling, "compile": render_compile,
-             "predictions": render_predictions, "transfer": render_transfer}
+             "predictions": render_predictions, "transfer": render_transfer, "data2d": render_data2d,
+             "train_step2d": render_train_step2d, "xray": render_xray}
 
 
 def render(series: str, path: Path) -> str:

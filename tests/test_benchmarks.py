@@ -93,3 +93,44 @@ def test_end_to_end_benchmark_writes_rows_the_readme_renders(tmp_path, phantom_d
     import report
 
     assert "vs official" in report.render_end_to_end(rows, out)
+
+
+def _report():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import report
+
+    return report
+
+
+def test_2d_data_and_step_benchmarks_write_rows_the_readme_renders(tmp_path, shared_data):
+    data_out, step_out = tmp_path / "data2d-cpu-2026-01-01.json", tmp_path / "train_step2d-cpu-2026-01-01.json"
+    for script, args, out in [("benchmark_data_2d.py", ["--data", str(shared_data / "nih-chestxray-1000"), "--images",
+                                                        "4", "--samples", "2", "--batch", "2"], data_out),
+                              ("benchmark_train_step_2d.py", ["--batch-size", "2", "--steps", "1", "--warmup", "0"],
+                               step_out)]:
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    data_rows, step_rows = json.loads(data_out.read_text()), json.loads(step_out.read_text())
+    assert [r["provider"] for r in data_rows] == ["official_file", "official_memory", "dataset", "torch"]
+    assert data_rows[0]["speedup_vs_official"] == 1.0 and all(r["s_per_sample"] > 0 for r in data_rows)
+    assert [r["provider"] for r in step_rows] == ["eager_fp32", "engine_fp32", "engine"]
+    assert step_rows[2]["precision"] == "bf16" and step_rows[2]["channels_last"]
+    report = _report()
+    assert "vs official_file" in report.render_data2d(data_rows, data_out)
+    assert "vs eager fp32" in report.render_train_step2d(step_rows, step_out)
+
+
+def test_xray_benchmark_quick_writes_rows_the_readme_renders(tmp_path, shared_data):
+    out = tmp_path / "xray-cpu-2026-01-01.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "benchmark_xray.py"), "--data",
+         str(shared_data / "nih-chestxray-1000"), "--out", str(tmp_path / "run"), "--quick", "--no-progress",
+         "--results", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["kind"] for r in rows] == ["pretrain", "finetune", "finetune", "summary"]
+    assert rows[0]["images"] + rows[0]["split"]["val"] > 0 and rows[0]["split"]["test"] > 100
+    assert {r["init"] for r in rows[1:3]} == {"random", "pcrlv2"}
+    assert "PCRLv2 init" in _report().render_xray(rows, out)

@@ -18,8 +18,9 @@ no step rounds to 8 bits in between.
 Two implementations, the same numbers from the same parameters (tested element-wise):
 - :func:`reference_view`: one view, op after op, as the chain above reads (the per-sample dataset);
 - :func:`batched_views`: every view of a batch at once from an :class:`~pcrlv2_fast.data.images2d.ImageBank` on
-  any device: crop, resize, rotation and flip are one gather per output pixel, blur one grouped convolution,
-  jitter, normalisation and cutout elementwise.
+  any device: on a GPU crop, resize, rotation and flip are one gather per output pixel (four bilinear reads from
+  the bank); on a CPU each crop is resized by ``F.interpolate`` and rotation and flip are one gather from the
+  resized views; blur is one grouped convolution, jitter, normalisation and cutout elementwise.
 """
 
 from __future__ import annotations
@@ -94,24 +95,27 @@ def draw_view(rng: np.random.Generator, height: int, width: int, cfg: ViewConfig
     box = random_resized_box(rng, height, width, cfg.global_scale if is_global else cfg.local_scale, cfg.ratio)
     angle = rng.uniform(-cfg.degrees, cfg.degrees)
     flip = rng.random() < cfg.flip_p
-    rng.random()  # grayscale p=0.2: no effect on a grayscale image
+    gray = rng.random() < cfg.gray_p  # no effect on a grayscale image
     blur = rng.random() < cfg.blur_p
     sigma = rng.uniform(*cfg.blur_sigma) if blur else 0.0
     order = rng.permutation(4)  # brightness, contrast, saturation, hue, in torchvision's random order
     b, c, s, h = cfg.jitter
     brightness = rng.uniform(1 - b, 1 + b)
     contrast = rng.uniform(1 - c, 1 + c)
-    rng.uniform(1 - s, 1 + s)  # saturation and hue: no effect on a grayscale image
-    rng.uniform(-h, h)
+    saturation = rng.uniform(1 - s, 1 + s)  # saturation and hue: no effect on a grayscale image
+    hue = rng.uniform(-h, h)
     holes = np.zeros((cfg.cutout_holes if is_global else 0, 4), dtype=np.int64)
     half = cfg.cutout_size // 2
     for k in range(len(holes)):
         y, x = int(rng.integers(0, size)), int(rng.integers(0, size))
         holes[k] = (max(y - half, 0), min(y + half, size), max(x - half, 0), min(x + half, size))
     contrast_first = list(order).index(1) < list(order).index(0)
+    # gray, saturation, hue and order are kept for the official chain (benchmarks/official_2d.py); the grayscale
+    # chain here needs only contrast_first.
     return {"box": np.array(box, dtype=np.int64), "angle": float(angle), "flip": bool(flip), "sigma": float(sigma),
             "brightness": float(brightness), "contrast": float(contrast), "contrast_first": bool(contrast_first),
-            "holes": holes}
+            "holes": holes, "gray": bool(gray), "saturation": float(saturation), "hue": float(hue),
+            "order": order.astype(np.int64)}
 
 
 def draw_views(rng: np.random.Generator, height: int, width: int, cfg: ViewConfig2D) -> tuple[list[dict], list[dict]]:
@@ -125,9 +129,9 @@ def stack_params(views: list[dict]) -> dict[str, torch.Tensor]:
     out = {}
     for key in views[0]:
         values = [v[key] for v in views]
-        if key in ("box", "holes"):
+        if key in ("box", "holes", "order"):
             out[key] = torch.from_numpy(np.stack(values))
-        elif key in ("flip", "contrast_first"):
+        elif key in ("flip", "contrast_first", "gray"):
             out[key] = torch.tensor(values, dtype=torch.bool)
         else:
             out[key] = torch.tensor(values, dtype=torch.float32)
@@ -227,20 +231,21 @@ def reference_view(image: torch.Tensor, p: dict, size: int) -> tuple[torch.Tenso
 
 
 # -------------------------------------------------------------------------------------------- batched
-def batched_views(bank: torch.Tensor, scale: float, image_index: torch.Tensor, params: dict[str, torch.Tensor],
-                  size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every view at once: ``bank`` (N, H, W) uint8 or float16 images (value * ``scale`` in [0, 1], padded; the
-    boxes lie inside each image's own size) on any device, ``image_index`` (V,) the image of each view and
-    ``params`` the stacked view parameters (:func:`stack_params`). Returns (spatial (V, size, size), input
-    (V, 3, size, size))."""
-    device = bank.device
-    p = {k: v.to(device) for k, v in params.items()}
-    image_index = image_index.to(device)
+def _resize_crops(bank: torch.Tensor, scale: float, image_index: torch.Tensor, box: torch.Tensor,
+                  size: int) -> torch.Tensor:
+    """(V, size, size): each view's box cut from its image and resized bilinearly (F.interpolate)."""
+    out = torch.empty((len(box), size, size), device=bank.device)
+    for k, (i, (top, left, h, w)) in enumerate(zip(image_index.tolist(), box.tolist(), strict=True)):
+        crop = bank[i, top:top + h, left:left + w].float().mul_(scale)
+        out[k] = F.interpolate(crop[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    return out
+
+
+def _gather_bilinear(bank: torch.Tensor, scale: float, image_index: torch.Tensor, box: torch.Tensor,
+                     rows: torch.Tensor, cols: torch.Tensor, size: int) -> torch.Tensor:
+    """The resized crops' pixels (rows, cols) (V, size, size) read straight from the bank: the bilinear resize of
+    F.interpolate (align_corners=False) as four reads per pixel, no per-view work (the GPU path)."""
     height, width = bank.shape[1:]
-    box = p["box"]
-    rows, cols = _rotation_source(size, p["angle"], p["flip"], device)
-    inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
-    rows, cols = rows.clamp(0, size - 1), cols.clamp(0, size - 1)
     y0, y1, wy = _source_index(rows, box[:, 2].view(-1, 1, 1), size)
     x0, x1, wx = _source_index(cols, box[:, 3].view(-1, 1, 1), size)
     base = (image_index.view(-1, 1, 1) * height + box[:, 0].view(-1, 1, 1)) * width + box[:, 1].view(-1, 1, 1)
@@ -249,9 +254,46 @@ def batched_views(bank: torch.Tensor, scale: float, image_index: torch.Tensor, p
     def at(y, x):
         return flat[base + y * width + x].float()
 
-    resized = ((1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x1))
-               + wy * ((1 - wx) * at(y1, x0) + wx * at(y1, x1))) * scale
-    spatial = torch.where(inside, resized, 0.0)
+    return ((1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x1))
+            + wy * ((1 - wx) * at(y1, x0) + wx * at(y1, x1))) * scale
+
+
+def batched_views(bank: torch.Tensor, scale: float, image_index: torch.Tensor, params: dict[str, torch.Tensor],
+                  size: int, gather: bool | None = None, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every view at once: ``bank`` (N, H, W) uint8 or float16 images (value * ``scale`` in [0, 1], padded; the
+    boxes lie inside each image's own size) on any device, ``image_index`` (V,) the image of each view and
+    ``params`` the stacked view parameters (:func:`stack_params`). Returns (spatial (V, size, size), input
+    (V, 3, size, size)).
+
+    ``gather``: read the resized crops' pixels straight from the bank (default on a GPU) instead of resizing each
+    crop with F.interpolate (default on a CPU); the numbers agree to float rounding. ``chunk``: views processed
+    together (default: all on a GPU; on a CPU as many as keep a chunk's arrays in the core's cache)."""
+    device = bank.device
+    p = {k: v.to(device) for k, v in params.items()}
+    image_index = image_index.to(device)
+    gather = device.type != "cpu" if gather is None else gather
+    chunk = chunk or (len(image_index) if device.type != "cpu" else max(1, 2**19 // (size * size)))
+    spatial = torch.empty((len(image_index), size, size), device=device)
+    out = torch.empty((len(image_index), 3, size, size), device=device)
+    for start in range(0, len(image_index), chunk):
+        part = slice(start, start + chunk)
+        spatial[part], out[part] = _views(bank, scale, image_index[part], {k: v[part] for k, v in p.items()}, size,
+                                          gather)
+    return spatial, out
+
+
+def _views(bank, scale, image_index, p, size, gather) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = _rotation_source(size, p["angle"], p["flip"], bank.device)
+    inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+    rows, cols = rows.clamp(0, size - 1), cols.clamp(0, size - 1)
+    if gather:
+        shown = _gather_bilinear(bank, scale, image_index, p["box"], rows, cols, size)
+    else:
+        # Each crop resized by F.interpolate, then one gather from the small resized views: on a CPU the four
+        # scattered reads per pixel from the whole bank cost more than a loop over the views.
+        resized = _resize_crops(bank, scale, image_index, p["box"], size)
+        shown = resized.view(len(resized), -1).gather(1, (rows * size + cols).view(len(resized), -1)).view_as(rows)
+    spatial = torch.where(inside, shown, 0.0)
     taps = _gaussian_kernels(p["sigma"])
     v = len(taps)
     x = F.pad(spatial.unsqueeze(0), (BLUR_RADIUS,) * 4, mode="replicate")

@@ -51,7 +51,8 @@ from ..utils.schedule import cosine_factor
 from .metrics import multilabel_auc, nan_to_none
 from .split import Split, make_split
 
-__all__ = ["NIH_FINDINGS", "Cls2DConfig", "LabelTable", "evaluate_cls2d", "finetune_cls2d", "read_label_table"]
+__all__ = ["NIH_FINDINGS", "Cls2DConfig", "LabelTable", "evaluate_cls2d", "finetune_cls2d", "load_table_images",
+           "read_label_table"]
 
 NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
                 "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
@@ -155,7 +156,7 @@ def read_label_table(source: str | Path, findings=None) -> LabelTable:
     return LabelTable(csv, names, [r["Patient ID"].strip() for r in rows], labels, findings)
 
 
-def _load_bank(table: LabelTable, index: list[int], progress: bool) -> ImageBank:
+def load_table_images(table: LabelTable, index: list[int], progress: bool) -> ImageBank:
     by_name = {p.name: p for p in table.csv.parent.rglob("*") if p.name in set(table.names)}
     missing = [table.names[i] for i in index if table.names[i] not in by_name]
     if missing:
@@ -249,7 +250,7 @@ def _run(cfg: Cls2DConfig) -> dict:
     row = {n: i for i, n in enumerate(table.names)}
     parts = {k: np.array([row[n] for n in getattr(split, k)], dtype=np.int64) for k in ("train", "val", "test")}
     order = np.concatenate(list(parts.values()))
-    bank = _load_bank(table, order.tolist(), cfg.progress)
+    bank = load_table_images(table, order.tolist(), cfg.progress)
     images = _Images(bank, device)
     # Positions in the bank of each part, and their labels.
     pos, start = {}, 0
@@ -379,7 +380,7 @@ def evaluate_cls2d(checkpoint, data, out, split: str = "test", device: str = "au
         raise ImageError(f"{data}: {len(missing)} of the checkpoint's {len(wanted)} {split} images are not listed "
                          f"(e.g. {missing[:3]}); pass the data it was fine-tuned on, or --split all")
     index = [row[n] for n in wanted]
-    images = _Images(_load_bank(table, index, progress), dev)
+    images = _Images(load_table_images(table, index, progress), dev)
     probs = predict(model.to(dev), images, np.arange(len(index)), int(meta["image_size"]))
     truth = table.labels[index]
     result = multilabel_auc(probs, truth, meta["findings"])

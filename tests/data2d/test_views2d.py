@@ -37,8 +37,10 @@ def spatial_of(image: np.ndarray, p: dict, size: int) -> torch.Tensor:
     return reference_view(torch.from_numpy(image), p, size)[0]
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.float16])
-def test_batched_equals_reference(dtype):
+@pytest.mark.parametrize("dtype,gather,chunk", [(np.uint8, False, None), (np.uint8, True, None),
+                                               (np.float16, False, 3), (np.float16, True, 7)])
+def test_batched_equals_reference(dtype, gather, chunk):
+    """Both ways of reading the crops (the GPU's gather, the CPU's per-view resize), in chunks or at once."""
     rng = np.random.default_rng(0)
     images = [xray_like(96, 128, 0), xray_like(128, 80, 1), xray_like(70, 70, 2)]
     if dtype == np.float16:
@@ -50,7 +52,7 @@ def test_batched_equals_reference(dtype):
         assert any(v["sigma"] > 0 for v in views) and any(v["sigma"] == 0 for v in views)
         assert any(v["flip"] for v in views) and any(v["contrast_first"] for v in views)
         spatial, out = batched_views(torch.from_numpy(bank.pixels), bank.scale, torch.from_numpy(index),
-                                     stack_params(views), size)
+                                     stack_params(views), size, gather=gather, chunk=chunk)
         for k, (i, p) in enumerate(zip(index, views, strict=True)):
             ref_spatial, ref_out = reference_view(torch.from_numpy(bank.image(i)), p, size)
             torch.testing.assert_close(spatial[k], ref_spatial, atol=2e-5, rtol=0)
