@@ -8,9 +8,11 @@ round-robin (a batch's worth of samples per provider per round), so the ratios c
 - ``official_memory``: the same chain on images already decoded (the transforms alone);
 - ``dataset``: this engine's per-sample ``PretrainDataset2D`` item (op-by-op reference, one grey channel);
 - ``torch``: ``BatchLoader2D``, whole batches (``--batch``, default 32) at once; seconds per sample are the
-  batch's seconds over its size.
-With ``--device cuda`` the ``torch`` loader runs on the GPU (samples/s of the device, each batch synchronised)
-beside the CPU providers.
+  batch's seconds over its size;
+- ``dali``: ``DaliLoader2D``, the same batches decoded, cut and resized by a DALI pipeline (one thread) from the
+  files (skipped without NVIDIA DALI).
+With ``--device cuda`` the ``torch`` and ``dali`` loaders run on the GPU (samples/s of the device, each batch
+synchronised) beside the CPU providers.
 
 Usage: python benchmarks/benchmark_data_2d.py [--data ../shared/data/nih-chestxray-1000] [--samples 64]
        [--batch 32] [--device cpu|cuda] [--out FILE]
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from official_2d import official_item  # noqa: E402
 from utils import ROOT, environment, sync, write_rows  # noqa: E402
 
+from pcrlv2_fast.data.dali import dali_available  # noqa: E402
 from pcrlv2_fast.data.dataset2d import BatchLoader2D, PretrainDataset2D  # noqa: E402
 from pcrlv2_fast.data.images2d import ImageBank, find_images, read_image  # noqa: E402
 
@@ -57,9 +60,15 @@ def main(argv=None) -> int:
     n = len(files)
     rngs = np.random.default_rng(0)
 
-    def batched(r: int) -> None:
-        loader.batch([(r * args.batch + k) % len(dataset) for k in range(args.batch)])
+    def batched(which, r: int) -> None:
+        which.batch([(r * args.batch + k) % len(dataset) for k in range(args.batch)])
         sync(device)
+
+    loaders = {"torch": loader}
+    if dali_available():
+        from pcrlv2_fast.data.dali2d import DaliLoader2D
+
+        loaders["dali"] = DaliLoader2D(dataset, files, device, num_threads=1, batch_size=args.batch)
 
     per_sample = {
         "official_file": lambda i: official_item(files[i % n], rngs),
@@ -68,24 +77,26 @@ def main(argv=None) -> int:
     }
     for fn in per_sample.values():
         fn(0)
-    batched(0)
+    for which in loaders.values():
+        batched(which, 0)
     rounds = max(1, -(-args.samples // args.batch))
-    spent = dict.fromkeys([*per_sample, "torch"], 0.0)
+    spent = dict.fromkeys([*per_sample, *loaders], 0.0)
     for r in range(1, rounds + 1):
         for name, fn in per_sample.items():
             t0 = time.perf_counter()
             for k in range(args.batch):
                 fn(r * args.batch + k)
             spent[name] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        batched(r)
-        spent["torch"] += time.perf_counter() - t0
+        for name, which in loaders.items():
+            t0 = time.perf_counter()
+            batched(which, r)
+            spent[name] += time.perf_counter() - t0
     samples = rounds * args.batch
     official = spent["official_file"] / samples
     rows = []
     for name, total in spent.items():
         s = total / samples
-        rows.append({"provider": name, "device": str(device) if name == "torch" else "cpu", "threads": 1,
+        rows.append({"provider": name, "where": str(device) if name in loaders else "cpu", "threads": 1,
                      "s_per_sample": s, "samples_per_s": 1 / s, "speedup_vs_official": official / s,
                      "samples": samples, "batch": args.batch, "images": n,
                      "command": "python benchmarks/benchmark_data_2d.py", **env})

@@ -15,7 +15,8 @@ benchmarks/results/:
    share, memory;
 6. ``pcrlv2-fast profile`` of the engine's step (bf16, channels-last) on the bundled cache: phases, MFU,
    per-layer table and trace;
-7. one summary table, predictions beside measurements.
+7. the 2D branch: its views built on the GPU against the CPU path, and its step (batch 32) against eager fp32;
+8. one summary table, predictions beside measurements.
 ``--device cpu`` is the dry run at tiny sizes (tested in CI, so the script cannot rot).
 
 Usage: python benchmarks/gpu_check.py [--device cuda|cpu] [--bundle gpu_bundle] [--skip-install]
@@ -116,6 +117,31 @@ def stage_train_step(visit: Visit) -> None:
                                                "--out", str(visit.out / "train_step_fused.json")), 120)
 
 
+VIEWS_2D_CHECK = """
+import json, numpy as np, torch
+from pcrlv2_fast.data.views2d import ViewConfig2D, batched_views, draw_view, stack_params
+rng = np.random.default_rng(0)
+bank = torch.from_numpy(rng.integers(0, 256, (8, 512, 512), dtype=np.uint8))
+index = torch.from_numpy(rng.integers(0, 8, 64))
+views = stack_params([draw_view(rng, 512, 512, ViewConfig2D(), True) for _ in range(64)])
+cpu = batched_views(bank, 1 / 255, index, views, 224, gather=False)
+dev = batched_views(bank.to("{device}"), 1 / 255, index, views, 224)
+diff = max(float((a - b.cpu()).abs().max()) for a, b in zip(cpu, dev))
+print(json.dumps({{"views2d_max_abs_diff": diff}}))
+assert diff < 1e-3, diff
+"""
+
+
+def stage_2d(visit: Visit) -> None:
+    """The 2D branch: its views built on the device against the CPU path, and its step against eager fp32."""
+    s = visit.size
+    visit.run("views_2d", visit.py("-c", VIEWS_2D_CHECK.format(device=visit.device)), 20)
+    visit.run("train_step_2d", visit.py("benchmarks/benchmark_train_step_2d.py", "--device", visit.device,
+                                        "--batch-size", str(s["batch"]), "--steps", str(s["step_steps"]),
+                                        "--warmup", str(max(1, s["step_warmup"])),
+                                        "--out", str(visit.out / "train_step_2d.json")), 60)
+
+
 def stage_pretrain(visit: Visit) -> None:
     s = visit.size
     cache = visit.bundle / "cache"
@@ -157,6 +183,9 @@ def summary(visit: Visit) -> dict:
                                                      if r["provider"] in ("engine_compile", "engine_triton")]
     result["train_step"] = [{k: r.get(k) for k in ("provider", "precision", "compile", "kernels", "s_per_step",
                                                    "samples_per_s", "tflops", "mfu", "peak_mem_gb")} for r in rows]
+    result["train_step_2d"] = [{k: r.get(k) for k in ("provider", "precision", "s_per_step", "samples_per_s",
+                                                      "speedup_vs_eager_fp32")}
+                               for r in _load(out / "train_step_2d.json") or []]
     prof = _load(out / "profile" / "profile.json")
     if prof:
         result["profile"] = {"step_s": prof["step"]["mean_s"], "mfu": prof["throughput"]["mfu"],
@@ -182,6 +211,9 @@ def print_summary(result: dict) -> None:
     for r in result["train_step"]:
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
         print(f"  {r['provider']:<16} {r['s_per_step']:.4f} s/step {r['samples_per_s']:8.1f} samples/s MFU {mfu}")
+    for r in result.get("train_step_2d", []):
+        print(f"  2D {r['provider']:<13} {r['s_per_step']:.4f} s/step {r['samples_per_s']:8.1f} samples/s "
+              f"{r['speedup_vs_eager_fp32']:.2f}x")
     if "profile" in result:
         p = result["profile"]
         shares = ", ".join(f"{k} {v:.0%}" for k, v in p["phases"].items())
@@ -210,6 +242,7 @@ def main(argv=None) -> int:
     stage_train_step(visit)
     stage_pretrain(visit)
     stage_profile(visit)
+    stage_2d(visit)
     result = summary(visit)
     (out / "summary.json").write_text(json.dumps(result, indent=1) + "\n")
     print_summary(result)

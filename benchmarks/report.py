@@ -219,13 +219,13 @@ def render_transfer(rows: list[dict], path: Path) -> str:
 
 
 def render_data2d(rows: list[dict], path: Path) -> str:
-    out = [[r["provider"], r["device"], f"{r['s_per_sample'] * 1e3:.2f}", f"{r['samples_per_s']:.1f}",
+    out = [[r["provider"], f"{r['s_per_sample'] * 1e3:.2f}", f"{r['samples_per_s']:.1f}",
             f"{r['speedup_vs_official']:.2f}x"] for r in rows]
     r0 = rows[0]
     note = (f"{r0['samples']} samples per provider from {r0['images']} NIH ChestX-ray14 images (512 x 512 PNG); one "
             "sample = 2 global 224-pixel views, their target and 6 local 96-pixel views; one thread each, "
             f"round-robin; `torch` builds batches of {r0['batch']}. Command: `{r0['command']}`.")
-    header = ["provider", "device", "ms/sample/core", "samples/s", "vs official_file"]
+    header = ["provider", "ms/sample/core", "samples/s", "vs official_file"]
     return "\n\n".join([_table(header, out), note, _provenance(path, r0)])
 
 

@@ -112,7 +112,7 @@ def test_2d_data_and_step_benchmarks_write_rows_the_readme_renders(tmp_path, sha
                               capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
     data_rows, step_rows = json.loads(data_out.read_text()), json.loads(step_out.read_text())
-    assert [r["provider"] for r in data_rows] == ["official_file", "official_memory", "dataset", "torch"]
+    assert [r["provider"] for r in data_rows] == ["official_file", "official_memory", "dataset", "torch", "dali"]
     assert data_rows[0]["speedup_vs_official"] == 1.0 and all(r["s_per_sample"] > 0 for r in data_rows)
     assert [r["provider"] for r in step_rows] == ["eager_fp32", "engine_fp32", "engine"]
     assert step_rows[2]["precision"] == "bf16" and step_rows[2]["channels_last"]

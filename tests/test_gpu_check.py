@@ -27,11 +27,12 @@ def test_gpu_bundle_and_check_dry_run(tmp_path, shared_data):
     summary = json.loads((out / "summary.json").read_text())
     stages = {s["stage"]: s["status"] for s in summary["stages"]}
     assert set(stages) == {"versions", "nvidia-smi", "selftest", "kernels", "conv3d_block", "train_step", "pretrain",
-                           "profile"}
+                           "profile", "views_2d", "train_step_2d"}
     assert set(stages.values()) == {"ok"}
     assert [r["provider"] for r in summary["train_step"]] == ["eager_fp32", "eager_bf16", "engine"]
     assert all(r["mfu"] is not None and r["s_per_step"] > 0 for r in summary["train_step"])
     assert summary["pretrain"]["steps"] == 2 and 0 <= summary["pretrain"]["data_wait"] <= 1
     assert summary["profile"]["phase_check"] and summary["profile"]["step_s"] > 0
+    assert [r["provider"] for r in summary["train_step_2d"]] == ["eager_fp32", "engine_fp32", "engine"]
     assert summary["predicted"]["train_step_floor_ms"] > 0 and summary["predicted"]["target_samples_per_s"] == 330
     assert "== summary" in proc.stdout and (out / "selftest.log").read_text().startswith("[")

@@ -164,11 +164,12 @@ def read_image(path: str | Path) -> np.ndarray:
 @dataclass
 class ImageBank:
     """The images of a run, padded into one array: ``pixels`` (N, H, W) uint8 (values / 255) or float16 ([0, 1]),
-    ``sizes`` (N, 2) int64 (each image's height and width), ``names`` (file names)."""
+    ``sizes`` (N, 2) int64 (each image's height and width), ``names`` (file names), ``paths`` (the files)."""
 
     pixels: np.ndarray
     sizes: np.ndarray
     names: list[str]
+    paths: list[str] | None = None  # the files, when read from files (the DALI loader decodes them itself)
 
     def __post_init__(self):
         if self.pixels.ndim != 3 or len(self.pixels) != len(self.sizes) or len(self.names) != len(self.sizes):
@@ -191,7 +192,7 @@ class ImageBank:
         return self.pixels[index, :h, :w].astype(np.float32) * np.float32(self.scale)
 
     @classmethod
-    def from_arrays(cls, images: list[np.ndarray], names: list[str]) -> ImageBank:
+    def from_arrays(cls, images: list[np.ndarray], names: list[str], paths: list[str] | None = None) -> ImageBank:
         """A bank of uint8 arrays (kept as uint8) or float arrays in [0, 1] (stored as float16; mixed banks are
         float16 throughout)."""
         if not images:
@@ -201,7 +202,7 @@ class ImageBank:
         pixels = np.zeros((len(images), *sizes.max(axis=0)), dtype=np.uint8 if eight_bit else np.float16)
         for k, im in enumerate(images):
             pixels[k, :im.shape[0], :im.shape[1]] = im if eight_bit or im.dtype != np.uint8 else im / 255.0
-        return cls(pixels, sizes, list(names))
+        return cls(pixels, sizes, list(names), None if paths is None else [str(p) for p in paths])
 
 
 def load_images(source: str | Path, progress: bool = True) -> ImageBank:
@@ -211,4 +212,4 @@ def load_images(source: str | Path, progress: bool = True) -> ImageBank:
 
     files = find_images(source)
     images = [read_image(p) for p in tqdm(files, desc="images", unit="img", disable=not progress or len(files) < 50)]
-    return ImageBank.from_arrays(images, [p.name for p in files])
+    return ImageBank.from_arrays(images, [p.name for p in files], files)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ViewConfig2D", "batched_views", "draw_view", "draw_views",
-           "normalize", "random_resized_box", "reference_view", "stack_params"]
+           "normalize", "random_resized_box", "reference_view", "stack_params", "views_from_resized"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -283,17 +283,34 @@ def batched_views(bank: torch.Tensor, scale: float, image_index: torch.Tensor, p
 
 
 def _views(bank, scale, image_index, p, size, gather) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = _rotation_source(size, p["angle"], p["flip"], bank.device)
-    inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
-    rows, cols = rows.clamp(0, size - 1), cols.clamp(0, size - 1)
-    if gather:
-        shown = _gather_bilinear(bank, scale, image_index, p["box"], rows, cols, size)
-    else:
+    if not gather:
         # Each crop resized by F.interpolate, then one gather from the small resized views: on a CPU the four
         # scattered reads per pixel from the whole bank cost more than a loop over the views.
-        resized = _resize_crops(bank, scale, image_index, p["box"], size)
-        shown = resized.view(len(resized), -1).gather(1, (rows * size + cols).view(len(resized), -1)).view_as(rows)
+        return views_from_resized(_resize_crops(bank, scale, image_index, p["box"], size), p)
+    rows, cols, inside = _rotation_lookup(size, p, bank.device)
+    spatial = torch.where(inside, _gather_bilinear(bank, scale, image_index, p["box"], rows, cols, size), 0.0)
+    return spatial, _appearance(spatial, p)
+
+
+def _rotation_lookup(size: int, p: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the resized crop shown at each output pixel (clamped) and whether it lies inside."""
+    rows, cols = _rotation_source(size, p["angle"], p["flip"], device)
+    inside = (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+    return rows.clamp(0, size - 1), cols.clamp(0, size - 1), inside
+
+
+def views_from_resized(resized: torch.Tensor, p: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The views from their crops already resized (V, S, S) in [0, 1] (the DALI loader resizes them): rotation and
+    flip (one gather), then the appearance chain. ``p``: stacked parameters on ``resized``'s device."""
+    v, size = len(resized), resized.shape[-1]
+    rows, cols, inside = _rotation_lookup(size, p, resized.device)
+    shown = resized.reshape(v, -1).gather(1, (rows * size + cols).view(v, -1)).view_as(rows)
     spatial = torch.where(inside, shown, 0.0)
+    return spatial, _appearance(spatial, p)
+
+
+def _appearance(spatial: torch.Tensor, p: dict) -> torch.Tensor:
+    """Blur (one grouped convolution), jitter, normalisation, cutout: (V, S, S) -> (V, 3, S, S)."""
     taps = _gaussian_kernels(p["sigma"])
     v = len(taps)
     x = F.pad(spatial.unsqueeze(0), (BLUR_RADIUS,) * 4, mode="replicate")
@@ -302,5 +319,5 @@ def _views(bank, scale, image_index, p, size, gather) -> tuple[torch.Tensor, tor
     x = _jitter(x, p["brightness"], p["contrast"], p["contrast_first"])
     out = normalize(x)
     if p["holes"].shape[1]:
-        out = out * _cutout_mask(p["holes"], size).unsqueeze(1)
-    return spatial, out
+        out = out * _cutout_mask(p["holes"], spatial.shape[-1]).unsqueeze(1)
+    return out

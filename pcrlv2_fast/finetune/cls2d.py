@@ -164,7 +164,7 @@ def load_table_images(table: LabelTable, index: list[int], progress: bool) -> Im
                          f"{missing[:3]}); put the image folders beside the CSV")
     images = [read_image(by_name[table.names[i]])
               for i in tqdm(index, desc="images", unit="img", disable=not progress, leave=False)]
-    return ImageBank.from_arrays(images, [table.names[i] for i in index])
+    return ImageBank.from_arrays(images, [table.names[i] for i in index], [by_name[table.names[i]] for i in index])
 
 
 # ------------------------------------------------------------------------------------------------- views

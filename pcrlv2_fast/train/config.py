@@ -157,8 +157,9 @@ class PretrainConfig:
             if getattr(self, field) != allowed:
                 raise ValueError(f"--{field.replace('_', '-')} {getattr(self, field)} is not available with --dims 2: "
                                  f"{why}")
-        if self.loader not in ("auto", "dataset", "torch"):
-            raise ValueError(f"--loader {self.loader} is not available with --dims 2: choose auto, dataset or torch")
+        if self.loader == "native":
+            raise ValueError("--loader native is not available with --dims 2 (its C++ kernels are 3D): choose auto, "
+                             "dataset, torch or dali")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -2,10 +2,11 @@
 precision, channels-last, compile and DDP, with the 2D data and network in place of the volumes and the 3D U-Net.
 
 Data: the images of a folder or an NIH Data_Entry CSV are read once into an ImageBank (every process reads them);
-views are cut on the fly by the per-sample dataset (``--loader dataset``) or whole batches at once on the run's
-device (``torch``, the default). Network: :class:`~pcrlv2_fast.models.NonSkipUNet2D` (random initialisation; the
-official code downloaded ImageNet weights at build time), objective: the same :class:`PCRLv2Loss` over its five
-decoder scales, beta annealed over the run's own length.
+views are cut on the fly by the per-sample dataset (``--loader dataset``), whole batches at once on the run's
+device (``torch``, the default) or by NVIDIA DALI pipelines that decode the files (``dali``); the same samples.
+Network: :class:`~pcrlv2_fast.models.NonSkipUNet2D` (random initialisation; the official code downloaded ImageNet
+weights at build time), objective: the same :class:`PCRLv2Loss` over its five decoder scales, beta annealed over
+the run's own length.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 
 from ..data.dataset2d import BatchLoader2D, PretrainDataset2D
 from ..data.images2d import ImageBank, load_images
+from ..data.loader import resolve_loader
 from ..data.views2d import ViewConfig2D
 from ..losses import PCRLv2Loss
 from ..models import NonSkipUNet2D
@@ -44,8 +46,15 @@ class Pretrainer2D(Pretrainer):
     def _build_data(self, images: ImageBank) -> None:
         cfg = self.cfg
         self.dataset = PretrainDataset2D(images, self.views, seed=cfg.seed, samples_per_image=cfg.samples_per_image)
-        self.loader_name = "torch" if cfg.loader == "auto" else cfg.loader
-        self.batch_loader = BatchLoader2D(self.dataset, self.device) if self.loader_name == "torch" else None
+        self.loader_name = "torch" if cfg.loader == "auto" else resolve_loader(cfg.loader)
+        if self.loader_name == "dali":
+            from ..data.dali2d import DaliLoader2D
+
+            self.batch_loader = DaliLoader2D(self.dataset, device=self.device, batch_size=self.micro_batch)
+        elif self.loader_name == "torch":
+            self.batch_loader = BatchLoader2D(self.dataset, self.device)
+        else:
+            self.batch_loader = None  # the per-sample dataset through a DataLoader
         if self.dist.is_main:
             print(f"2D data: {len(images)} images from {cfg.data or 'memory'}, up to {images.pixels.shape[2]} x "
                   f"{images.pixels.shape[1]} pixels ({images.pixels.dtype}), loader {self.loader_name}",
