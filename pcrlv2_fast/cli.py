@@ -19,6 +19,10 @@ def _add_pretrain_args(p: argparse.ArgumentParser) -> None:
                    help="3 (default): CT/MR volumes and the 3D U-Net; 2: 2D images (chest X-rays) and the 2D network "
                         "(ResNet-18 encoder, 224-pixel global and 96-pixel local views)")
     p.add_argument("--samples-per-image", type=int, help="--dims 2: samples per image per epoch (official: 1)")
+    p.add_argument("--encoder-weights", metavar="PATH",
+                   help="--dims 2: start from these weights instead of random ones: a torchvision ResNet-18 "
+                        "state_dict (e.g. ImageNet; its fc layer is left out), an official 2D checkpoint or a whole "
+                        "2D model, loaded strictly")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, metrics.jsonl, pictures")
     p.add_argument("--preset", default="official", help="official (default) | demo | tiny")
     length = p.add_mutually_exclusive_group()

@@ -57,6 +57,9 @@ class PretrainConfig:
     all_scales: bool = False
     pairs_per_volume: int = 16  # samples per scan per epoch (the official generates 16 crop pairs per scan)
     samples_per_image: int = 1  # 2D: samples per image per epoch (the official: each image once)
+    # 2D: a torchvision ResNet-18 state_dict (e.g. ImageNet weights), an official 2D checkpoint or a whole 2D model
+    # loaded before training (strict); None: random initialisation.
+    encoder_weights: str | None = None
     # Every crop size and view size times this (data.geometry.CropConfig.scaled): for volumes smaller than the
     # official crops; 1 is the official geometry.
     crop_scale: float = 1.0
@@ -117,6 +120,8 @@ class PretrainConfig:
             raise ValueError(f"dims must be 2 or 3, got {self.dims}")
         if self.dims == 2:
             self._validate_2d()
+        elif self.encoder_weights is not None:
+            raise ValueError("--encoder-weights loads ResNet-18 weights into the 2D network: it needs --dims 2")
         positive = ("epochs", "batch_size", "accumulate", "width", "pairs_per_volume", "samples_per_image")
         for field in positive:
             if getattr(self, field) < 1:

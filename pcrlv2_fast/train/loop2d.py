@@ -4,9 +4,9 @@ precision, channels-last, compile and DDP, with the 2D data and network in place
 Data: the images of a folder or an NIH Data_Entry CSV are read once into an ImageBank (every process reads them);
 views are cut on the fly by the per-sample dataset (``--loader dataset``), whole batches at once on the run's
 device (``torch``, the default) or by NVIDIA DALI pipelines that decode the files (``dali``); the same samples.
-Network: :class:`~pcrlv2_fast.models.NonSkipUNet2D` (random initialisation; the official code downloaded ImageNet
-weights at build time), objective: the same :class:`PCRLv2Loss` over its five decoder scales, beta annealed over
-the run's own length.
+Network: :class:`~pcrlv2_fast.models.NonSkipUNet2D` (random initialisation, or ``--encoder-weights``; the official
+code downloaded ImageNet weights at build time), objective: the same :class:`PCRLv2Loss` over its five decoder
+scales, beta annealed over the run's own length.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from ..checkpoint import load_pretrained_2d
 from ..data.dataset2d import BatchLoader2D, PretrainDataset2D
 from ..data.images2d import ImageBank, load_images
 from ..data.loader import resolve_loader
@@ -66,6 +67,8 @@ class Pretrainer2D(Pretrainer):
         set_float32_precision(cfg.precision)
         torch.manual_seed(cfg.seed)
         model = NonSkipUNet2D()
+        if cfg.encoder_weights:
+            load_pretrained_2d(cfg.encoder_weights, model, trusted=cfg.trust_checkpoint)
         if self.sync_bn:
             model = D.convert_sync_batchnorm(model, self.device)
         self.fused_blocks = {"conv": "0/0", "norm_act": "0/0"}  # the fused kernels are 3D
