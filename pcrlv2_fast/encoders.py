@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, check_state_dict, extract_state_dict, read_checkpoint
+from .checkpoint import CheckpointError, check_state_dict, extract_state_dict, load_pretrained_2d, read_checkpoint
 from .models.unet3d import DownTransition
 from .nn.blocks import NORMS, double_conv
 from .utils.io import atomic_torch_save
@@ -256,19 +256,31 @@ def export_encoder(checkpoint: str | Path, out: str | Path, format: str | None =
 
     Either file loads wherever a checkpoint is accepted; the .pt with ``torch.load(out, weights_only=True)``, the
     .safetensors with ``safetensors.torch.load_file``, into ``PCRLv2Encoder3D(width=...)``, into ``NonSkipUNet3D``
-    with ``strict=False``, or into any network that reuses the official block names.
+    with ``strict=False``, or into any network that reuses the official block names. A 2D checkpoint gives its
+    ResNet-18 encoder under torchvision's names (120 tensors): ``ResNet18Encoder``, ``load_pretrained_2d``, or
+    torchvision's ``resnet18`` with ``strict=False`` (no ``fc``).
     """
     fmt = export_format(out, format)
-    state = {k: v.detach().clone().contiguous() for k, v in encoder_state_dict(checkpoint, trusted=trusted).items()}
+    raw = extract_state_dict(read_checkpoint(checkpoint, trusted=trusted), checkpoint)
+    two_d = is_2d_state(raw)
+    # 2D: the ResNet-18 encoder under torchvision's names (loads into torchvision's resnet18 with strict=False).
+    source = load_pretrained_2d(checkpoint, trusted=trusted).encoder.state_dict() if two_d else encoder_part(
+        raw, checkpoint)
+    state = {k: v.detach().clone().contiguous() for k, v in source.items()}
     out = Path(out)
     if out.resolve() == Path(checkpoint).resolve():
         raise ValueError(f"{out}: the export would overwrite its own source checkpoint; choose another --out")
     if fmt == "safetensors":
-        arch = {k: str(v) for k, v in encoder_arch(state).items()}
+        arch = {"dims": "2", "network": "resnet18"} if two_d else {k: str(v) for k, v in encoder_arch(state).items()}
         write_safetensors(out, state, {"format": "pcrlv2_fast-encoder", "source": Path(checkpoint).name, **arch})
     else:
         atomic_torch_save(state, out)
     return out
+
+
+def is_2d_state(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state_dict holds the 2D network's ResNet-18 encoder (any prefix)."""
+    return any(k.endswith("layer4.1.bn2.weight") for k in state)
 
 
 def pad_to_divisor(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:

@@ -208,9 +208,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export_encoder(args: argparse.Namespace) -> int:
-    from ..encoders import encoder_arch, encoder_state_dict, export_encoder, export_format
+    from ..checkpoint import extract_state_dict, read_checkpoint
+    from ..encoders import encoder_arch, encoder_state_dict, export_encoder, export_format, is_2d_state
 
     path = export_encoder(args.checkpoint, args.out, format=args.format, trusted=args.trust_checkpoint)
+    if is_2d_state(extract_state_dict(read_checkpoint(path), path)):
+        print(f"wrote {path}: the 2D network's ResNet-18 encoder, 120 tensors under torchvision's names; load with "
+              "pcrlv2_fast.models.ResNet18Encoder().load_state_dict(state) or torchvision.models.resnet18()"
+              ".load_state_dict(state, strict=False)")
+        return 0
     state = encoder_state_dict(path)
     arch = encoder_arch(state)
     how = ("safetensors.torch.load_file(path)" if export_format(path, args.format) == "safetensors"

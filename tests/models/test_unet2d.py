@@ -119,3 +119,33 @@ def test_whole_2d_model_round_trip(tmp_path):
     torch.save({"state_dict": state}, tmp_path / "partial.pt")
     with pytest.raises(CheckpointError, match="A whole PCRLv2 2D model"):
         load_pretrained_2d(tmp_path / "partial.pt")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_export_encoder_writes_the_resnet18_under_torchvision_names(tmp_path, suffix, capsys):
+    from pcrlv2_fast.checkpoint import CheckpointError
+    from pcrlv2_fast.cli import main
+    from pcrlv2_fast.encoders import encoder_state_dict
+    from pcrlv2_fast.models import Classifier2D
+
+    model = NonSkipUNet2D()
+    torch.nn.init.normal_(model.encoder.layer4[1].conv2.weight)
+    torch.save({"state_dict": model.state_dict(), "step": 3}, tmp_path / "checkpoint.pt")
+    out = tmp_path / f"encoder{suffix}"
+    assert main(["export-encoder", str(tmp_path / "checkpoint.pt"), "--out", str(out)]) == 0
+    assert "ResNet-18 encoder, 120 tensors" in capsys.readouterr().out
+    from pcrlv2_fast.checkpoint import extract_state_dict, read_checkpoint
+
+    state = extract_state_dict(read_checkpoint(out), out)
+    assert len(state) == 120 and all(not k.startswith(("model.", "encoder.", "fc.")) for k in state)
+    encoder = ResNet18Encoder()
+    encoder.load_state_dict(state, strict=True)
+    assert torch.equal(encoder.layer4[1].conv2.weight, model.encoder.layer4[1].conv2.weight)
+    # A fine-tuned classifier exports its encoder too; a 3D reader refuses a 2D file with its own error.
+    classifier = Classifier2D(2)
+    classifier.encoder.load_state_dict(model.encoder.state_dict())
+    torch.save({"state_dict": classifier.state_dict()}, tmp_path / "best.pt")
+    assert main(["export-encoder", str(tmp_path / "best.pt"), "--out", str(tmp_path / "e2.pt")]) == 0
+    assert torch.equal(torch.load(tmp_path / "e2.pt", weights_only=True)["conv1.weight"], model.encoder.conv1.weight)
+    with pytest.raises(CheckpointError, match="no PCRLv2 encoder"):
+        encoder_state_dict(out)
