@@ -1,4 +1,4 @@
-"""Synthetic scans for profiling and benchmarks: random CT-like volumes of a realistic size, no files needed."""
+"""Synthetic scans and X-rays for profiling and benchmarks: random data of a realistic size, no files needed."""
 
 from __future__ import annotations
 
@@ -22,3 +22,12 @@ def synthetic_volumes(seed: int = 0, shapes=SHAPES) -> list[Volume]:
         volumes.append(Volume(name=f"synthetic_{i}", source=Path(f"synthetic_{i}"), array=hu, spacing=(1.0, 1.0, 1.0),
                               modality="ct", window=(-1000.0, 1000.0)))
     return volumes
+
+
+def synthetic_images(seed: int = 0, n: int = 16, size: int = 512):
+    """An ImageBank of ``n`` random 8-bit ``size`` x ``size`` images (the NIH X-rays' stored size here)."""
+    from .images2d import ImageBank
+
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (size, size), dtype=np.uint8) for _ in range(n)]
+    return ImageBank.from_arrays(images, [f"synthetic_{i}.png" for i in range(n)])

@@ -10,7 +10,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="a preprocessing cache, or scans (preprocessed into OUT/cache first)")
-    source.add_argument("--synthetic", action="store_true", help="two random CT-sized volumes: no files needed")
+    source.add_argument("--synthetic", action="store_true", help="two random CT-sized volumes (--dims 2: sixteen "
+                        "512 x 512 images): no files needed")
+    p.add_argument("--dims", type=int, choices=(2, 3), help="3 (default) or 2: the chest X-ray network and views")
     p.add_argument("--out", required=True, help="folder for profile.json, profile.png, trace.pt.trace.json "
                    "(compare.png)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")

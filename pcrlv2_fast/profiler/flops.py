@@ -17,25 +17,37 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models import NonSkipUNet3D
+from ..models import NonSkipUNet2D, NonSkipUNet3D
 
 # (input shape, local) of the forward passes of one step.
 Passes = Sequence[tuple[tuple[int, ...], bool]]
 
 
-def step_passes(batch: int, global_out: Sequence[int], local_out: Sequence[int], n_local: int) -> list:
+def step_passes(batch: int, global_out: Sequence[int], local_out: Sequence[int], n_local: int,
+                channels: int = 1) -> list:
     """The three forward passes of a step of ``batch`` samples: x1, x2, and the local views batched."""
-    return [((batch, 1, *global_out), False), ((batch, 1, *global_out), False),
-            ((batch * n_local, 1, *local_out), True)]
+    return [((batch, channels, *global_out), False), ((batch, channels, *global_out), False),
+            ((batch * n_local, channels, *local_out), True)]
 
 
 def reported_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The blocks the profiler reports: each conv block (convolution + norm + activation: the encoder's and
     decoder's, and the deep-supervision heads), each up-convolution, each predictor head and the output
     convolution. They do not nest, and together they hold every convolution and linear layer of the network."""
+    if isinstance(model, NonSkipUNet2D):
+        # The encoder's stem and basic blocks; per decoder block its two conv layers and three heads; the output.
+        return [(name, m) for name, m in model.named_modules()
+                if name == "model.encoder.conv1" or _is_basic_block(name)
+                or name.rsplit(".", 1)[-1] in ("conv1", "conv2", "deep_supervision_head", "predictor_head")
+                and name.startswith("model.decoder.") or name == "model.segmentation_head"]
     return [(name, m) for name, m in model.named_modules()
             if isinstance(getattr(m, "conv1", None), nn.Conv3d) or name.endswith("up_conv")
             or name.endswith("predictor_head") or name == "out_tr"]
+
+
+def _is_basic_block(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) == 4 and parts[:2] == ["model", "encoder"] and parts[2].startswith("layer")
 
 
 def _forward_flops(op: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -46,9 +58,11 @@ def _forward_flops(op: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     return 2 * x.shape[0] * math.prod(spatial) * math.prod(op.weight.shape)
 
 
-def _plain_copy(model: nn.Module) -> NonSkipUNet3D:
+def _plain_copy(model: nn.Module) -> nn.Module:
     """The same architecture on the meta device, unfused (shapes only: nothing is allocated or computed)."""
     with torch.device("meta"):
+        if isinstance(model, NonSkipUNet2D):
+            return NonSkipUNet2D(n_class=model.n_class, in_channels=model.in_channels).eval()
         plain = NonSkipUNet3D(n_class=model.n_class, act=model.act, norm=model.norm, in_channels=model.in_channels,
                               width=model.width)
     return plain.eval()  # batch norm then takes any batch size; the FLOPs are the same
@@ -57,7 +71,7 @@ def _plain_copy(model: nn.Module) -> NonSkipUNet3D:
 def _run_passes(model: nn.Module, passes: Passes) -> None:
     for shape, local in passes:
         restoration, feats, masks = model(torch.randn(*shape, device="meta"), local=local)
-        outputs = [restoration, *masks, *(t for pair in feats for t in pair)]
+        outputs = [t for t in (restoration, *masks, *(t for pair in feats for t in pair)) if t is not None]
         sum(t.sum() for t in outputs).backward()
 
 
@@ -80,7 +94,7 @@ def layer_flops(model: nn.Module, passes: Passes) -> dict[str, int]:
 
     for name, layer in reported_layers(plain):
         for op in layer.modules():
-            if isinstance(op, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
+            if isinstance(op, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
                 handles.append(op.register_forward_hook(count(name)))
     try:
         _run_passes(plain, passes)

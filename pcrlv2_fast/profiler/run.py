@@ -1,5 +1,5 @@
 """``pcrlv2-fast profile``: where a training step's time goes, how far it is from the device's peak, and which
-settings are fastest (see README, Profiling).
+settings are fastest (see README, Profiling); 3D, or the 2D network with ``--dims 2``.
 
 The profile builds the trainer's own run (:class:`~pcrlv2_fast.train.loop.Pretrainer`: data, loader, model,
 step) and times its step (:func:`~pcrlv2_fast.train.step.pretrain_step`) phase by phase (train/phases.py),
@@ -20,8 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import resolve_loader
-from ..data.synthetic import synthetic_volumes
-from ..train import PretrainConfig, Pretrainer
+from ..data.synthetic import synthetic_images, synthetic_volumes
+from ..train import PretrainConfig, Pretrainer, Pretrainer2D
 from ..train.config import CHOICES
 from ..train.phases import PHASES, PhaseTimer
 from ..train.prefetch import Prefetcher
@@ -134,7 +134,7 @@ class TimedRun:
     is inside it, so there is no ``h2d`` phase)."""
 
     def __init__(self, cfg: PretrainConfig, volumes):
-        self.trainer = Pretrainer(cfg, volumes)
+        self.trainer = (Pretrainer2D if cfg.dims == 2 else Pretrainer)(cfg, volumes)
         self.timer = PhaseTimer(self.trainer.device)
         self.trainer.step_module.phase = self.timer
         self.feed = None
@@ -218,8 +218,12 @@ def _memory(device: torch.device) -> dict:
 
 def _flops(run: TimedRun) -> tuple[int, dict[str, int]]:
     trainer = run.trainer
-    crop = trainer.dataset.crop
-    passes = step_passes(trainer.micro_batch, crop.global_out, crop.local_out, crop.n_local)
+    if trainer.cfg.dims == 2:
+        v = trainer.dataset.views
+        passes = step_passes(trainer.micro_batch, (v.global_size,) * 2, (v.local_size,) * 2, v.n_local, channels=3)
+    else:
+        crop = trainer.dataset.crop
+        passes = step_passes(trainer.micro_batch, crop.global_out, crop.local_out, crop.n_local)
     scale = trainer.cfg.accumulate
     return (model_flops(trainer.model, passes) * scale,
             {k: v * scale for k, v in layer_flops(trainer.model, passes).items()})
@@ -279,7 +283,9 @@ def profile_one(run: TimedRun, cfg: ProfileConfig, out: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------- the command
 def _volumes(cfg: ProfileConfig):
-    return synthetic_volumes() if cfg.synthetic else None
+    if not cfg.synthetic:
+        return None
+    return synthetic_images() if cfg.train.dims == 2 else synthetic_volumes()
 
 
 def _compare(cfg: ProfileConfig, out: Path) -> dict:

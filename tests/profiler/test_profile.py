@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pcrlv2_fast.cli import main as cli_main
-from pcrlv2_fast.models import NonSkipUNet3D
+from pcrlv2_fast.models import NonSkipUNet2D, NonSkipUNet3D
 from pcrlv2_fast.profiler import parse_compare
 from pcrlv2_fast.profiler.flops import layer_flops, model_flops, reported_layers, step_passes
 from pcrlv2_fast.profiler.peaks import cpu_peak, gpu_peak
@@ -208,3 +208,26 @@ def test_pretrain_profile_steps_writes_a_trace(tmp_path, phantom_cache):
     assert json.loads((out / "summary.json").read_text())["files"]["trace"] == str(out / "trace.pt.trace.json")
     assert cli_main(["pretrain", "--data", str(phantom_cache), "--out", str(out), "--preset", "tiny",
                      "--profile-steps", "3:2"]) == 2
+
+
+def test_2d_layer_flops_add_up_and_cover_every_layer():
+    model = NonSkipUNet2D()
+    passes = step_passes(2, (64, 64), (32, 32), 2, channels=3)
+    layers = layer_flops(model, passes)
+    assert sum(layers.values()) == model_flops(model, passes) > 0
+    names = [name for name, _ in reported_layers(model)]
+    assert len(names) == 1 + 8 + 5 * 4 + 1  # stem, 8 basic blocks, 4 parts per decoder block, output conv
+    assert all(layers[n] > 0 for n in names)
+    # The local views skip the deep-supervision heads: a local pass counts none of their FLOPs.
+    local = layer_flops(model, [((4, 3, 32, 32), True)])
+    assert all(local[n] == 0 for n in names if n.endswith("deep_supervision_head") or n == "model.segmentation_head")
+
+
+def test_profile_2d_synthetic(tmp_path):
+    out = tmp_path / "p2"
+    assert cli_main(["profile", "--synthetic", "--dims", "2", "--out", str(out), "--steps", "1", "--warmup", "0",
+                     "--layer-steps", "1", "--batch-size", "2", "--device", "cpu", "--no-progress"]) == 0
+    result = json.loads((out / "profile.json").read_text())
+    assert result["phase_check"]["ok"]
+    assert sum(r["flops"] for r in result["layers"]) == result["throughput"]["model_flops_per_step"]
+    assert result["layers"][0]["layer"].startswith("model.")
