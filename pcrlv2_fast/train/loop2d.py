@@ -53,7 +53,7 @@ class Pretrainer2D(Pretrainer):
 
             self.batch_loader = DaliLoader2D(self.dataset, device=self.device, batch_size=self.micro_batch)
         elif self.loader_name == "torch":
-            self.batch_loader = BatchLoader2D(self.dataset, self.device)
+            self.batch_loader = BatchLoader2D(self.dataset, self._bank_device(images))
         else:
             self.batch_loader = None  # the per-sample dataset through a DataLoader
         if self.dist.is_main:
@@ -61,6 +61,22 @@ class Pretrainer2D(Pretrainer):
                   f"{images.pixels.shape[1]} pixels ({images.pixels.dtype}), loader {self.loader_name}",
                   file=sys.stderr)
         self._set_length(f"{len(images)} images x {cfg.samples_per_image}", "--samples-per-image")
+
+    def _bank_device(self, images: ImageBank) -> torch.device:
+        """The torch loader keeps the images on the GPU when they fit --gpu-cache-gb (default a quarter of the free
+        memory); otherwise it builds the views on the CPU and the trainer copies them over. The choice is printed."""
+        if self.device.type != "cuda":
+            return self.device
+        cfg = self.cfg
+        budget = (cfg.gpu_cache_gb * 2**30 if cfg.gpu_cache_gb is not None
+                  else torch.cuda.mem_get_info(self.device)[0] / 4)
+        need = images.pixels.nbytes
+        fits = need <= budget
+        if self.dist.is_main:
+            print(f"2D images: {need / 2**30:.2f} GiB, GPU cache budget {budget / 2**30:.2f} GiB: views built on "
+                  f"{'the GPU' if fits else 'the CPU (raise --gpu-cache-gb to build them on the GPU)'}",
+                  file=sys.stderr)
+        return self.device if fits else torch.device("cpu")
 
     def _build_model(self) -> None:
         cfg = self.cfg

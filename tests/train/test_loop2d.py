@@ -169,3 +169,15 @@ def test_two_gloo_processes_match_one_process(tmp_path, xray_dir, bank, one_thre
         # Batch norm over 4 samples at 2 x 2 pixels amplifies the rounding of summing statistics and gradients over
         # two ranks to ~7.5e-3 after two steps; per-rank batch norm (a wrong split) differs by ~300.
         torch.testing.assert_close(ranks[0][k].float(), v.float(), atol=2e-2, rtol=0, msg=k)
+
+
+def test_images_stay_on_the_cpu_when_they_exceed_the_gpu_cache_budget(bank, capsys):
+    from types import SimpleNamespace
+
+    def fake(gb):  # the trainer's state the choice reads; no GPU is touched with --gpu-cache-gb given
+        return SimpleNamespace(device=torch.device("cuda", 0), cfg=SimpleNamespace(gpu_cache_gb=gb),
+                               dist=SimpleNamespace(is_main=True))
+
+    assert Pretrainer2D._bank_device(fake(1.0), bank) == torch.device("cuda", 0)
+    assert Pretrainer2D._bank_device(fake(bank.pixels.nbytes / 2**30 / 2), bank) == torch.device("cpu")
+    assert "views built on the CPU (raise --gpu-cache-gb" in capsys.readouterr().err
