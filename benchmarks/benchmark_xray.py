@@ -6,7 +6,8 @@ images of ../shared/data/nih-chestxray-1000 (682 patients), on one patient-level
 2. PCRLv2 2D pretraining (``pretrain --dims 2``: official views, SGD lr 1e-2, bf16, channels-last) on the training
    patients' images only, no labels; the test and validation images are never seen.
 3. Fine-tuning (``finetune --task cls --dims 2 --findings Pneumonia``) from random and from the PCRLv2 encoder, with
-   10% and 100% of the training patients' labels, seeds 0-2; the same number of steps in every run. Test ROC AUC of
+   10% and 100% of the training patients' labels, seeds 0-2; the same number of steps in every run; and the linear
+   probe (``--mode linear``: the encoder frozen, the head alone trained) with 100% of the labels. Test ROC AUC of
    the epoch with the best validation AUC.
 
 Resumable: a finished stage (the pretraining checkpoint at its last step, a fine-tuning run's summary.json) is reused.
@@ -72,29 +73,33 @@ def pretrain_stage(args, table, split, out: Path, views: ViewConfig2D) -> dict:
             "checkpoint": str(folder / "checkpoint.pt")}
 
 
-def finetune_stage(args, init: str, init_name: str, fraction: float, seed: int, out: Path) -> dict:
-    folder = out / f"ft-{init_name}-{fraction:g}-{seed}"
+def finetune_stage(args, init: str, init_name: str, fraction: float, seed: int, out: Path, mode: str = "full") -> dict:
+    folder = out / (f"ft-{init_name}-{fraction:g}-{seed}" if mode == "full" else f"ft-{mode}-{init_name}-{fraction:g}-"
+                    f"{seed}")
     if not (folder / "summary.json").exists():
         finetune_cls2d(Cls2DConfig(data=str(_csv(args.data)), out=str(folder), init=init, findings=FINDINGS,
+                                   mode=mode, lr=args.lr if mode == "full" else args.linear_lr,
                                    label_fraction=fraction, seed=seed, split_seed=0, epochs=args.epochs,
                                    iters_per_epoch=args.iters_per_epoch, batch_size=args.batch_size,
                                    image_size=args.image_size, precision="bf16", device=args.device,
                                    progress=not args.no_progress, overwrite=True))
     s = json.loads((folder / "summary.json").read_text())
-    return {"init": init_name, "label_fraction": fraction, "seed": seed, "test_auc": s["test"]["mean_auc"],
+    return {"init": init_name, "mode": mode, "lr": s["config"]["lr"], "label_fraction": fraction, "seed": seed,
+            "test_auc": s["test"]["mean_auc"],
             "val_auc": s["best_metric"], "best_epoch": s["best_epoch"], "labelled_images": s["images"]["train"],
             "test_images": s["images"]["test"], "wall_s": s["wall_time_s"], "epochs": args.epochs,
             "iters_per_epoch": args.iters_per_epoch, "batch_size": args.batch_size, "image_size": args.image_size}
 
 
 def summarize(rows: list[dict]) -> dict:
+    """{"<mode> <fraction>": random and PCRLv2 mean/std over seeds, and their paired difference}."""
     out = {}
-    for fraction in sorted({r["label_fraction"] for r in rows}):
-        by = {init: {r["seed"]: r["test_auc"] for r in rows if r["init"] == init and r["label_fraction"] == fraction}
-              for init in ("random", "pcrlv2")}
+    for mode, fraction in sorted({(r.get("mode", "full"), r["label_fraction"]) for r in rows}):
+        same = [r for r in rows if r.get("mode", "full") == mode and r["label_fraction"] == fraction]
+        by = {init: {r["seed"]: r["test_auc"] for r in same if r["init"] == init} for init in ("random", "pcrlv2")}
         seeds = sorted(set(by["random"]) & set(by["pcrlv2"]))
         diff = np.array([by["pcrlv2"][s] - by["random"][s] for s in seeds])
-        out[f"{fraction:g}"] = {
+        out[f"{mode} {fraction:g}"] = {"mode": mode, "label_fraction": fraction,
             **{init: {"mean": float(np.mean(list(v.values()))), "std": float(np.std(list(v.values())))}
                for init, v in by.items()},
             "paired": {"mean": float(diff.mean()), "std": float(diff.std()), "wins": int((diff > 0).sum()),
@@ -115,6 +120,10 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--fractions", default="0.1,1")
+    p.add_argument("--linear-fractions", default="1", help="label fractions of the linear-probe runs (frozen encoder, "
+                   "the head alone trained); empty: none")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning lr (Adam; official 1e-4)")
+    p.add_argument("--linear-lr", type=float, default=1e-3, help="linear-probe lr (Adam)")
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="a minute-long check: 64-pixel views, a few steps, 1 seed")
     p.add_argument("--no-progress", action="store_true")
@@ -125,6 +134,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.pretrain_steps, args.pretrain_batch, args.epochs, args.iters_per_epoch = 3, 4, 1, 2
         args.batch_size, args.image_size, args.seeds, args.fractions = 4, 64, "0", "1"
+        args.linear_fractions = "1"
         views = ViewConfig2D(global_size=64, local_size=32)
     device = torch.device(resolve_device(args.device))
     env = environment(device)  # the commit that runs, before any later change to the tree
@@ -135,14 +145,17 @@ def main(argv=None) -> int:
     print(f"pretraining: {pre['steps']} steps on {pre['images']} images, loss {pre['first_loss']:.3f} -> "
           f"{pre['last_loss']:.3f}")
     rows = []
-    for fraction in (float(f) for f in args.fractions.split(",")):
+    plan = [("full", float(f)) for f in args.fractions.split(",") if f] + [
+        ("linear", float(f)) for f in args.linear_fractions.split(",") if f]
+    for mode, fraction in plan:
         for seed in (int(s) for s in args.seeds.split(",")):
             for init, name in (("random", "random"), (pre["checkpoint"], "pcrlv2")):
-                rows.append(finetune_stage(args, init, name, fraction, seed, args.out))
-                print(f"{name:<7} {fraction:>4g} seed {seed}: test AUC {rows[-1]['test_auc']:.3f}", flush=True)
+                rows.append(finetune_stage(args, init, name, fraction, seed, args.out, mode))
+                print(f"{mode:<6} {name:<7} {fraction:>4g} seed {seed}: test AUC {rows[-1]['test_auc']:.3f}",
+                      flush=True)
     summary = summarize(rows)
-    for fraction, s in summary.items():
-        print(f"labels {fraction}: random {s['random']['mean']:.3f} ± {s['random']['std']:.3f}, PCRLv2 "
+    for key, s in summary.items():
+        print(f"{key}: random {s['random']['mean']:.3f} ± {s['random']['std']:.3f}, PCRLv2 "
               f"{s['pcrlv2']['mean']:.3f} ± {s['pcrlv2']['std']:.3f}, paired {s['paired']['mean']:+.3f} "
               f"({s['paired']['wins']}/{s['paired']['n']} seeds better)")
     if args.results or not args.quick:

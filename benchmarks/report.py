@@ -244,21 +244,23 @@ def render_xray(rows: list[dict], path: Path) -> str:
     summary = next(r for r in rows if r["kind"] == "summary")
     runs = [r for r in rows if r["kind"] == "finetune"]
     out = []
-    for fraction, s in summary["by_fraction"].items():
-        labelled = next(r["labelled_images"] for r in runs if f"{r['label_fraction']:g}" == fraction)
+    for s in summary["by_fraction"].values():
+        mode, fraction = s.get("mode", "full"), s.get("label_fraction")
+        labelled = next(r["labelled_images"] for r in runs if r["label_fraction"] == fraction)
         d = s["paired"]
-        out.append([f"{float(fraction):.0%} ({labelled} images)",
+        out.append([mode, f"{fraction:.0%} ({labelled} images)",
                     f"{s['random']['mean']:.3f} ± {s['random']['std']:.3f}",
                     f"{s['pcrlv2']['mean']:.3f} ± {s['pcrlv2']['std']:.3f}", f"{d['mean']:+.3f} ± {d['std']:.3f}",
                     f"{d['wins']}/{d['n']}"])
     r0 = runs[0]
+    lrs = " / ".join(sorted({"{:g} ({})".format(r.get("lr", 1e-4), r.get("mode", "full")) for r in runs}))
     note = (f"Test ROC AUC of {'/'.join(summary['findings'])} vs no finding on {r0['test_images']} test images "
             f"(patients split 60/20/20, seed 0), mean ± standard deviation over {d['n']} seeds, the epoch of the "
             f"best validation AUC. PCRLv2: {pre['steps']} steps, batch {pre['batch_size']}, SGD lr {pre['lr']:g}, "
             f"bf16, on the {pre['images']} training-patient images (no labels), loss {pre['first_loss']:.3f} -> "
             f"{pre['last_loss']:.3f}. Fine-tuning: {r0['epochs']} x {r0['iters_per_epoch']} steps, batch "
-            f"{r0['batch_size']}, {r0['image_size']}-pixel input, Adam 1e-4. Command: `{summary['command']}`.")
-    header = ["labels", "random init", "PCRLv2 init", "PCRLv2 - random (paired)", "seeds better"]
+            f"{r0['batch_size']}, {r0['image_size']}-pixel input, Adam, lr {lrs}. Command: `{summary['command']}`.")
+    header = ["fine-tuning", "labels", "random init", "PCRLv2 init", "PCRLv2 - random (paired)", "seeds better"]
     return "\n\n".join([_table(header, out), note, _provenance(path, pre)])
 
 

@@ -130,7 +130,9 @@ def test_xray_benchmark_quick_writes_rows_the_readme_renders(tmp_path, shared_da
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [r["kind"] for r in rows] == ["pretrain", "finetune", "finetune", "summary"]
+    assert [r["kind"] for r in rows] == ["pretrain", *["finetune"] * 4, "summary"]
     assert rows[0]["images"] + rows[0]["split"]["val"] > 0 and rows[0]["split"]["test"] > 100
-    assert {r["init"] for r in rows[1:3]} == {"random", "pcrlv2"}
+    assert [(r["mode"], r["init"]) for r in rows[1:5]] == [("full", "random"), ("full", "pcrlv2"),
+                                                          ("linear", "random"), ("linear", "pcrlv2")]
+    assert set(rows[-1]["by_fraction"]) == {"full 1", "linear 1"}
     assert "PCRLv2 init" in _report().render_xray(rows, out)
