@@ -15,6 +15,7 @@ to the largest height and width, with each image's own size; views never read th
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,11 +206,55 @@ class ImageBank:
         return cls(pixels, sizes, list(names), None if paths is None else [str(p) for p in paths])
 
 
+def _header_shape(path: Path) -> tuple[int, int, int] | None:
+    """(height, width, bytes per stored pixel) from the file's header, without decoding; None when unreadable here
+    (the decoding step then names the problem)."""
+    try:
+        if path.suffix.lower() in (".dcm", ".dicom"):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            w, h = reader.GetSize()[:2]
+            return h, w, 2
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.height, im.width, 2 if im.mode in ("I;16", "I;16B", "I;16L", "I", "F") else 1
+    except Exception:
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes of physical memory free now (Linux/macOS sysconf), or None where the system does not say."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(files: list[Path], source) -> None:
+    """An ImageError before any decoding when the bank of ``files`` (padded to the largest image; float16 as soon as
+    one image is not 8-bit) would not fit in the free memory."""
+    shapes = [s for s in map(_header_shape, files) if s is not None]
+    free = available_memory()
+    if not shapes or free is None:
+        return
+    h, w = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    need = len(files) * h * w * max(s[2] for s in shapes)
+    if need > 0.8 * free:
+        raise ImageError(f"{source}: its {len(files)} images need {need / 2**30:.1f} GiB decoded in memory (up to "
+                         f"{w} x {h} pixels each), more than the {free / 2**30:.1f} GiB free; pretrain on fewer images "
+                         "(a CSV listing a subset), downscale them, or use a machine with more memory")
+
+
 def load_images(source: str | Path, progress: bool = True) -> ImageBank:
     """Read every image of a folder or NIH CSV into an :class:`ImageBank`; the first bad file ends it with one
-    ImageError naming that file."""
+    ImageError naming that file, and a bank too large for the free memory is refused before decoding."""
     from tqdm.auto import tqdm
 
     files = find_images(source)
+    check_fits_in_memory(files, source)
     images = [read_image(p) for p in tqdm(files, desc="images", unit="img", disable=not progress or len(files) < 50)]
     return ImageBank.from_arrays(images, [p.name for p in files], files)

@@ -40,7 +40,7 @@ from ..checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from ..data.images2d import ImageBank, ImageError, read_csv_rows, read_image
+from ..data.images2d import ImageBank, ImageError, check_fits_in_memory, read_csv_rows, read_image
 from ..data.views2d import ViewConfig2D, batched_views, draw_view, stack_params
 from ..models import Classifier2D
 from ..utils.device import resolve_device
@@ -162,6 +162,7 @@ def load_table_images(table: LabelTable, index: list[int], progress: bool) -> Im
     if missing:
         raise ImageError(f"{table.csv}: {len(missing)} listed images are not under {table.csv.parent} (first: "
                          f"{missing[:3]}); put the image folders beside the CSV")
+    check_fits_in_memory([by_name[table.names[i]] for i in index], table.csv)
     images = [read_image(by_name[table.names[i]])
               for i in tqdm(index, desc="images", unit="img", disable=not progress, leave=False)]
     return ImageBank.from_arrays(images, [table.names[i] for i in index], [by_name[table.names[i]] for i in index])

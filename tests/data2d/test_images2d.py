@@ -107,3 +107,16 @@ def test_bank_pads_and_keeps_sizes(xray_dir):
     np.testing.assert_allclose(bank.image(1), xray_like(96, 128, 1) / 255.0, atol=1e-7)
     mixed = ImageBank.from_arrays([np.full((40, 40), 255, np.uint8), np.full((32, 48), 0.5, np.float32)], ["a", "b"])
     assert mixed.pixels.dtype == np.float16 and mixed.image(0).max() == 1.0 and mixed.image(1).shape == (32, 48)
+
+
+def test_a_bank_larger_than_the_free_memory_is_refused_before_decoding(xray_dir, monkeypatch):
+    import pcrlv2_fast.data.images2d as images2d
+
+    decoded = []
+    monkeypatch.setattr(images2d, "read_image", lambda p: decoded.append(p))
+    monkeypatch.setattr(images2d, "available_memory", lambda: 100_000)  # 6 images of 128 x 128 need 98,304 bytes
+    with pytest.raises(ImageError, match=r"6 images need 0\.0 GiB decoded in memory \(up to 128 x 128"):
+        load_images(xray_dir, progress=False)
+    assert decoded == []
+    monkeypatch.setattr(images2d, "available_memory", lambda: 10**9)
+    images2d.check_fits_in_memory(find_images(xray_dir), xray_dir)  # fits: no error
