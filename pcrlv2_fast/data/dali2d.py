@@ -28,11 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .batch import batch_dict
 from .dali import _dali
-from .dataset2d import PretrainDataset2D
+from .dataset2d import PretrainDataset2D, draw_batch_2d
 from .loader import Batch
-from .views2d import normalize, stack_params, views_from_resized
+from .views2d import views_from_resized
 
 __all__ = ["DaliLoader2D"]
 
@@ -76,6 +75,10 @@ class _Pipeline2D:
         return result
 
 
+def _to(params: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in params.items()}
+
+
 class DaliLoader2D:
     """Batches of ``dataset``'s items (the dict of ``BatchLoader2D.batch``) built from ``files`` (the dataset's
     images, in its order; default the bank's paths) by a DALI pipeline on ``device`` ("cpu" or "cuda[:N]") and
@@ -112,26 +115,18 @@ class DaliLoader2D:
         return self._pipe
 
     def batch(self, indices: Sequence[int]) -> Batch:
-        if len(indices) == 0:
-            raise ValueError("a batch needs at least one index")
-        ds, cfg = self.dataset, self.dataset.views
-        draws = [ds.sample_params(int(i)) for i in indices]
-        image_index = np.array([d[0] for d in draws], dtype=np.int64)
-        b = len(indices)
-        boxes = np.stack([[p["box"] for p in (*d[1], *d[2])] for d in draws])  # (B, 2 + n_local, 4)
-        encoded = [np.fromfile(self.files[i], dtype=np.uint8) for i in image_index]
-        resized = [t.mul_(1.0 / 255.0) for t in self._pipeline(b).run(encoded, boxes, self.device)]
-        # Global views view-major (all first views, then all second views), local views sample-major.
-        g_params = stack_params([d[1][k] for k in range(2) for d in draws])
-        spatial, x = views_from_resized(torch.cat(resized[:2]), {k: v.to(self.device) for k, v in g_params.items()})
+        cfg = self.dataset.views
+        d = draw_batch_2d(self.dataset, indices)
+        b = len(d.image_index)
+        encoded = [np.fromfile(self.files[i], dtype=np.uint8) for i in d.image_index]
+        resized = [t.mul_(1.0 / 255.0) for t in self._pipeline(b).run(encoded, d.boxes, self.device)]
+        spatial, x = views_from_resized(torch.cat(resized[:2]), _to(d.global_params, self.device))
         if cfg.n_local:
-            l_params = stack_params([p for d in draws for p in d[2]])
             local = torch.stack(resized[2:], dim=1).reshape(b * cfg.n_local, cfg.local_size, cfg.local_size)
-            loc = views_from_resized(local, {k: v.to(self.device) for k, v in l_params.items()})[1]
+            loc = views_from_resized(local, _to(d.local_params, self.device))[1]
         else:
             loc = torch.empty((0, 3, cfg.local_size, cfg.local_size), device=self.device)
-        return Batch(batch_dict(x[:b], x[b:], normalize(spatial[:b]), loc, image_index, boxes[:, :2],
-                                boxes[:, 2:]))
+        return d.batch(spatial, x, loc)
 
     def batches(self, batch_indices: Iterable[Sequence[int]]) -> Iterator[Batch]:
         for indices in batch_indices:

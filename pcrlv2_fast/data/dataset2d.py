@@ -12,6 +12,7 @@ loader builds it. :class:`PretrainDataset2D` builds an item op after op (``views
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from .images2d import ImageBank
 from .loader import Batch
 from .views2d import ViewConfig2D, batched_views, draw_views, normalize, reference_view, stack_params
 
-__all__ = ["BatchLoader2D", "PretrainDataset2D"]
+__all__ = ["BatchLoader2D", "Draws2D", "PretrainDataset2D", "draw_batch_2d"]
 
 
 class PretrainDataset2D(Dataset):
@@ -70,6 +71,35 @@ class PretrainDataset2D(Dataset):
                 "volume_index": image_index}
 
 
+@dataclass
+class Draws2D:
+    """The draws of a batch's items, as every 2D batch loader uses them: ``image_index`` (B,), the global views'
+    stacked parameters view-major (every first view, then every second: x1 and x2 are slices of one tensor), the
+    local views' sample-major (None without local views), ``boxes`` (B, 2 + n_local, 4)."""
+
+    image_index: np.ndarray
+    global_params: dict
+    local_params: dict | None
+    boxes: np.ndarray
+
+    def batch(self, spatial: torch.Tensor, x: torch.Tensor, loc: torch.Tensor) -> Batch:
+        """The batch dict from the global views' spatial results and inputs (view-major) and the local inputs."""
+        b = len(self.image_index)
+        return Batch(batch_dict(x[:b], x[b:], normalize(spatial[:b]), loc, self.image_index, self.boxes[:, :2],
+                                self.boxes[:, 2:]))
+
+
+def draw_batch_2d(dataset: PretrainDataset2D, indices: Sequence[int]) -> Draws2D:
+    if len(indices) == 0:
+        raise ValueError("a batch needs at least one index")
+    draws = [dataset.sample_params(int(i)) for i in indices]
+    local = [p for d in draws for p in d[2]]
+    return Draws2D(np.array([d[0] for d in draws], dtype=np.int64),
+                   stack_params([d[1][k] for k in range(2) for d in draws]),
+                   stack_params(local) if local else None,
+                   np.stack([np.stack([p["box"] for p in (*d[1], *d[2])]) for d in draws]))
+
+
 class BatchLoader2D:
     """Batches of ``dataset``'s items built at once on ``device`` (the images are copied there once)."""
 
@@ -81,26 +111,16 @@ class BatchLoader2D:
         self.scale = bank.scale
 
     def batch(self, indices: Sequence[int]) -> Batch:
-        if len(indices) == 0:
-            raise ValueError("a batch needs at least one index")
-        ds, cfg = self.dataset, self.dataset.views
-        draws = [ds.sample_params(int(i)) for i in indices]
-        image_index = torch.tensor([d[0] for d in draws], dtype=torch.int64)
-        b = len(indices)
-        # Global views view-major (every first view, then every second): x1 and x2 are slices of one tensor.
-        g_params = [d[1][k] for k in range(2) for d in draws]
-        spatial, x = batched_views(self.pixels, self.scale, image_index.repeat(2), stack_params(g_params),
-                                   cfg.global_size)
+        cfg = self.dataset.views
+        d = draw_batch_2d(self.dataset, indices)
+        image_index = torch.from_numpy(d.image_index)
+        spatial, x = batched_views(self.pixels, self.scale, image_index.repeat(2), d.global_params, cfg.global_size)
         if cfg.n_local:
-            l_params = [p for d in draws for p in d[2]]
-            loc = batched_views(self.pixels, self.scale, image_index.repeat_interleave(cfg.n_local),
-                                stack_params(l_params), cfg.local_size)[1]
-            l_boxes = np.stack([np.stack([p["box"] for p in d[2]]) for d in draws])
+            loc = batched_views(self.pixels, self.scale, image_index.repeat_interleave(cfg.n_local), d.local_params,
+                                cfg.local_size)[1]
         else:
             loc = torch.empty((0, 3, cfg.local_size, cfg.local_size), device=self.device)
-            l_boxes = np.zeros((b, 0, 4), np.int64)
-        g_boxes = np.stack([np.stack([p["box"] for p in d[1]]) for d in draws])
-        return Batch(batch_dict(x[:b], x[b:], normalize(spatial[:b]), loc, image_index.numpy(), g_boxes, l_boxes))
+        return d.batch(spatial, x, loc)
 
     def batches(self, batch_indices: Iterable[Sequence[int]]) -> Iterator[Batch]:
         for indices in batch_indices:

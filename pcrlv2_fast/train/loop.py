@@ -220,13 +220,16 @@ class Pretrainer(RunFolder, RunLog):
     def _fit_gpu_cache(self, volumes: list[Volume]) -> str:
         """The torch loader keeps every volume on the GPU: only within --gpu-cache-gb (default a quarter of the
         free memory); above it the native loader. The choice is printed."""
-        cfg = self.cfg
-        budget = (cfg.gpu_cache_gb * 2**30 if cfg.gpu_cache_gb is not None
-                  else torch.cuda.mem_get_info(self.device)[0] / 4)
-        loader, message = gpu_cache_choice(bank_bytes(volumes), budget, native_available())
+        loader, message = gpu_cache_choice(bank_bytes(volumes), self._gpu_cache_budget(), native_available())
         if self.dist.is_main:
             print(message, file=sys.stderr)
         return loader
+
+    def _gpu_cache_budget(self) -> float:
+        """Bytes of GPU memory the data may fill: --gpu-cache-gb, by default a quarter of the free memory."""
+        if self.cfg.gpu_cache_gb is not None:
+            return self.cfg.gpu_cache_gb * 2**30
+        return torch.cuda.mem_get_info(self.device)[0] / 4
 
     def _load_volumes(self) -> list[Volume]:
         """Raw scans are preprocessed into OUT/cache first (resumable); with several processes rank 0 does it and

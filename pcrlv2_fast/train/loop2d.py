@@ -67,9 +67,7 @@ class Pretrainer2D(Pretrainer):
         memory); otherwise it builds the views on the CPU and the trainer copies them over. The choice is printed."""
         if self.device.type != "cuda":
             return self.device
-        cfg = self.cfg
-        budget = (cfg.gpu_cache_gb * 2**30 if cfg.gpu_cache_gb is not None
-                  else torch.cuda.mem_get_info(self.device)[0] / 4)
+        budget = self._gpu_cache_budget()
         need = images.pixels.nbytes
         fits = need <= budget
         if self.dist.is_main:

@@ -175,8 +175,10 @@ def test_images_stay_on_the_cpu_when_they_exceed_the_gpu_cache_budget(bank, caps
     from types import SimpleNamespace
 
     def fake(gb):  # the trainer's state the choice reads; no GPU is touched with --gpu-cache-gb given
-        return SimpleNamespace(device=torch.device("cuda", 0), cfg=SimpleNamespace(gpu_cache_gb=gb),
-                               dist=SimpleNamespace(is_main=True))
+        state = SimpleNamespace(device=torch.device("cuda", 0), cfg=SimpleNamespace(gpu_cache_gb=gb),
+                                dist=SimpleNamespace(is_main=True))
+        state._gpu_cache_budget = lambda: Pretrainer2D._gpu_cache_budget(state)
+        return state
 
     assert Pretrainer2D._bank_device(fake(1.0), bank) == torch.device("cuda", 0)
     assert Pretrainer2D._bank_device(fake(bank.pixels.nbytes / 2**30 / 2), bank) == torch.device("cpu")
